@@ -1,0 +1,166 @@
+"""Learner base: the per-task protocol (tune, then update the head), feature extraction and prediction."""
+
+from __future__ import annotations
+
+import abc
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from utils.config import ExperimentConfig
+from utils.runtime import make_generator, make_loader
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskData:
+    """What a learner sees of one task.
+
+    Attributes:
+        task_id: 0-based task index.
+        known: classes learned before this task (remapped labels ``[0, known)``).
+        seen: classes learned after this task; the task's classes are ``[known, seen)``.
+        n_classes: classes in the whole data set.
+        train: the task's training images with train transforms.
+        train_eval: the same images with test transforms (prototypes, ridge features).
+        test: test images of every class ``< seen``, test transforms.
+    """
+
+    task_id: int
+    known: int
+    seen: int
+    n_classes: int
+    train: Dataset
+    train_eval: Dataset
+    test: Dataset
+
+
+class Learner(abc.ABC):
+    """A class-incremental learner = frozen-or-tuned backbone + a classifier rule + an optional tuning phase.
+
+    Subclasses implement ``update_head`` (features of the tuned backbone -> classifier) and ``logits``.
+    The tuning phase (``spr``, SPEC 4-5) runs in ``learn_task`` before the head update; it is the
+    only place where the backbone changes.
+
+    Args:
+        cfg: the experiment config.
+        backbone: feature extractor, ``backbone(x)`` -> (B, D), with ``out_dim`` = D.
+        device: where the backbone and heads live.
+        seed: the run seed (loader shuffling, the tuner's random streams).
+    """
+
+    #: learner-specific constants of the official code (overridable by config keys where noted)
+    DEFAULTS: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, cfg: ExperimentConfig, backbone: nn.Module, device: torch.device, seed: int) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.backbone = backbone.to(device).eval()
+        self.feature_dim = int(backbone.out_dim)
+        self.loader_generator = make_generator(seed)
+        self.tuner = None
+        if cfg.tuning is not None:
+            from models.sparse import build_tuner  # the tuning phase (issue 3)
+
+            self.tuner = build_tuner(cfg, self.backbone, device, seed, self.DEFAULTS)
+
+    # ---- configuration -----------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        """Loader batch size: the JSON value, unless the learner's official code hard-codes one."""
+        return self.cfg.batch_size
+
+    def loader(self, dataset: Dataset, shuffle: bool):
+        """A seeded DataLoader over ``dataset`` with the learner's batch size."""
+        return make_loader(dataset, self.batch_size, shuffle, self.cfg.num_workers, self.loader_generator,
+                           pin_memory=self.device.type == "cuda")
+
+    # ---- protocol ----------------------------------------------------------------------------
+    def learn_task(self, task: TaskData) -> dict[str, Any]:
+        """Learn one task: run the tuning phase (if any, on the configured tasks), then update the head.
+
+        Returns:
+            A report for results.json (the tuning phase's sparsity accounting, if it ran).
+        """
+        report: dict[str, Any] = {}
+        for line in self.task_banner(task):
+            logger.info(line)
+        if self.tuner is not None and (self.cfg.mist_tasks == "all" or task.task_id == 0):
+            report["tuning"] = self.tuner.tune(self.loader(task.train, shuffle=True), task)
+        self.backbone.eval()
+        self.update_head(task)
+        return report
+
+    def task_banner(self, task: TaskData) -> list[str]:
+        """The official log lines that open a task."""
+        return [f"Learning on {task.known}-{task.seen}"]
+
+    @abc.abstractmethod
+    def update_head(self, task: TaskData) -> None:
+        """Update the classifier for ``task``'s classes from features of the current backbone."""
+
+    @abc.abstractmethod
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """features (B, D) float32 on ``device`` -> logits (B, seen) over every class seen so far."""
+
+    # ---- shared helpers ----------------------------------------------------------------------
+    @torch.no_grad()
+    def extract_features(self, dataset: Dataset, shuffle: bool = False, desc: str = "features"):
+        """Backbone features of a dataset, in loader order.
+
+        Returns:
+            (features (N, D) float32 on ``device``, labels (N,) int64 on ``device``).
+        """
+        self.backbone.eval()
+        feats, labels = [], []
+        for _, x, y in tqdm(self.loader(dataset, shuffle), desc=desc, leave=False, disable=not self.cfg.progress):
+            feats.append(self.backbone(x.to(self.device, non_blocking=True)).float())
+            labels.append(y.to(self.device))
+        return torch.cat(feats), torch.cat(labels).long()
+
+    @torch.no_grad()
+    def predict(self, dataset: Dataset, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k predictions on ``dataset`` (official ``_eval_cnn``: torch.topk, sorted).
+
+        Returns:
+            (y_topk (N, min(k, seen)) int64, y_true (N,) int64), numpy arrays.
+        """
+        self.backbone.eval()
+        preds, labels = [], []
+        for _, x, y in tqdm(self.loader(dataset, False), desc="evaluate", leave=False, disable=not self.cfg.progress):
+            out = self.logits(self.backbone(x.to(self.device, non_blocking=True)).float())
+            preds.append(torch.topk(out, k=min(k, out.shape[1]), dim=1, largest=True, sorted=True)[1].cpu())
+            labels.append(y)
+        return torch.cat(preds).numpy(), torch.cat(labels).numpy()
+
+    def modules(self) -> list[nn.Module]:
+        """Every module holding parameters (for the official parameter-count log lines)."""
+        mods: list[nn.Module] = [self.backbone]
+        if self.tuner is not None:
+            mods.extend(self.tuner.extra_modules())
+        return mods
+
+    def count_parameters(self) -> tuple[int, int]:
+        """(all, trainable) parameter counts of the network, as logged by the official trainer."""
+        params = {id(p): p for m in self.modules() for p in m.parameters()}.values()
+        return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def one_hot(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """labels (N,) int64 -> (N, n_classes) float32 one-hot."""
+    return torch.nn.functional.one_hot(labels, n_classes).float()
+
+
+def warn_ignored(key: str, value: Any, used: Any, reason: str) -> None:
+    """Log once that a JSON key is ignored in favour of the official constant (STYLE 3.2)."""
+    if value != used:
+        logger.warning("Config key '%s' = %r is ignored: %s uses %r, as the official code does. %s",
+                       key, value, "the learner", used, reason)
+

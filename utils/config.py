@@ -1,0 +1,325 @@
+"""Experiment configuration: one typed definition whose field names are the official JSON keys.
+
+The official MIST code (SPEC 1) merges a JSON file into a plain ``dict``. Here the same keys are
+fields of :class:`ExperimentConfig`; loading validates every key (unknown keys, types, ranges) in
+one place and raises :class:`ConfigError` with the file, the key, the value and what is expected.
+
+Keys that the official code accepts but never reads are kept as fields (marked "unused, as in the
+original") so that the official JSON files load unchanged. Fixes for official quirks are extra
+boolean or enum fields whose defaults reproduce the official behaviour (see docs/deviations.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+import warnings
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence, Union
+
+from utils.errors import ConfigError
+
+SPR_CHOICES = ("mist", "none", "rand", "l2", "grad", "run", "cerun")
+DATASETS = ("cifar224", "cub", "imagenetr", "imageneta", "cars", "fmnist")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a help text (mutable defaults are copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"help": help, **kw})
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+UNUSED = "Accepted for compatibility; unused, as in the original."
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    """Every key of an experiment JSON file (SPEC 1.2), plus the documented extras.
+
+    Field names are exactly the official JSON keys. Defaults are the official values of the
+    shipped configs where one exists. ``metadata["help"]`` documents each key; README.md lists them.
+    """
+
+    # ---- official keys: data and task split (SPEC 1.2, 2) ----
+    dataset: str = _f("cifar224", f"Dataset id, one of {', '.join(DATASETS)}.")
+    shuffle: bool = _f(True, "Permute the class order with numpy's legacy global seed (SPEC 2.2).")
+    init_cls: int = _f(10, "Number of classes in the first task.", min=1)
+    increment: int = _f(10, "Number of classes in each later task (the last task takes the remainder).", min=1)
+    seed: list[int] = _f([1993], "Class-order seeds; one full run per seed, run one after another.")
+    # ---- official keys: learner ----
+    model_name: str = _f("ranpac", "Learner: ranpac, simplecil (aliases ranpac_mist, simplecil_mist).")
+    convnet_type: str = _f(
+        "pretrained_vit_b16_224_in21k",
+        "Backbone: an official name (mapped to its exact timm name and tag), efficientnet_lite0, or any timm name.",
+    )
+    batch_size: int = _f(
+        56, "Loader batch size. RanPAC uses it; SimpleCIL uses 32 unless use_config_batch_size (SPEC 9.2).", min=1
+    )
+    device: list[str] = _f(["0"], 'Device: ["0"] (cuda:0), "cpu", -1 (cpu), "cuda:N" or "mps". Only the first entry is used.')
+    use_RP: bool = _f(True, 'RanPAC random projection on/off. Accepts true/false and the strings "True"/"False".')
+    M: int = _f(10000, "RanPAC random-projection width; M <= 0 means no projection (ridge on raw features).")
+    # ---- official keys: sparse tuning (SPEC 4, 5) ----
+    spr: str = _f("mist", f"Tuning phase before each head update: {', '.join(SPR_CHOICES)}. 'none' (or null) disables it.")
+    select_rate: float = _f(0.1, "Fraction of each maskable tensor selected by importance score (SPEC 4.5).", gt=0, le=1)
+    drop_rate: float = _f(0.9, "Probability of DROPPING a selected gradient entry at each step; keep prob = 1 - drop_rate.", ge=0, lt=1)
+    mi_epochs: int = _f(20, "MIST epochs per task, the scoring pass included (SPEC 4.4-4.6).", min=1)
+    # ---- official keys that the official code reads but ignores, or never reads ----
+    prefix: str = _f("exp", "Run label. " + UNUSED)
+    weight_decay: float = _f(0.0005, "Official constant 5e-4 is used instead. " + UNUSED, ge=0)
+    optimizer: str = _f("sgd", "SGD is hard-coded. " + UNUSED)
+    memory_size: int = _f(2000, "Exemplar budget (no rehearsal). " + UNUSED)
+    memory_per_class: int = _f(20, "Exemplar option. " + UNUSED)
+    fixed_memory: bool = _f(False, "Exemplar option. " + UNUSED)
+    prompt_token_num: int = _f(30, "VPT option. " + UNUSED)
+    ffn_num: int = _f(64, "Adapter option. " + UNUSED)
+    min_lr: float = _f(0.0, "Cosine-schedule floor in APER/RanPAC. " + UNUSED)
+    tuned_epoch: int = _f(20, "PETL epochs of upstream RanPAC (dead code in MIST). " + UNUSED)
+    vpt_type: str = _f("shallow", "VPT option. " + UNUSED)
+    config: Optional[str] = _f(None, "Path of the config file; set by main.py and logged only.")
+    # ---- extras: backbone ----
+    backbone_type: Optional[str] = _f(None, "Alias of convnet_type (LAMDA-PILOT spelling); if set it wins.")
+    pretrained: bool = _f(True, "Load pretrained weights; false gives a random init (tests, timing).")
+    weights_path: Optional[str] = _f(None, "Local weights file (.npz, .safetensors, .pth, .bin) instead of the model hub.")
+    backbone_kwargs: dict[str, Any] = _f({}, "Extra keyword arguments for timm.create_model (e.g. a tiny ViT for tests).")
+    # ---- extras: data ----
+    data_root: str = _f("./data", "Folder holding the data sets (layout in README.md).")
+    download: bool = _f(True, "Let torchvision download cifar224/fmnist when missing and the internet is reachable.")
+    input_size: int = _f(224, "Image side length fed to the backbone (official: 224).", min=8)
+    train_per_class: Optional[int] = _f(None, "Keep only the first N training images of each class (quick runs).", min=1)
+    test_per_class: Optional[int] = _f(None, "Keep only the first N test images of each class (quick runs).", min=1)
+    use_input_norm: Optional[bool] = _f(
+        None, "Normalise inputs with the backbone's mean/std; null = dataset default (only cars normalises, SPEC 2.1)."
+    )
+    num_workers: int = _f(8, "DataLoader worker processes (official: 8).", min=0)
+    # ---- extras: sparse tuning options and fixes (SPEC 4, 9) ----
+    mist_tasks: Literal["all", "first"] = _f("all", "Tasks that run the tuning phase: all (official) or first.")
+    use_config_batch_size: bool = _f(False, "SimpleCIL: use batch_size from the JSON instead of the official 32.")
+    freeze_quantile: Optional[float] = _f(
+        None, "Quantile of scores frozen at the end of a task; null = learner default (RanPAC 0.9995, SimpleCIL 1.0).",
+        ge=0, le=1,
+    )
+    exclude_self_positive: bool = _f(False, "NT-Xent: drop the anchor itself from its positive set (SPEC 9.5 fix).")
+    exempt_rule: Literal["name", "ndim"] = _f(
+        "name", "Always-trainable tensors: official name substrings, or structural (ndim < 2) for CNN backbones."
+    )
+    sparse_weight_decay: bool = _f(False, "Apply weight decay only to entries the step may move (SPEC 9.4 fix).")
+    hard_freeze: bool = _f(False, "Restore every entry with a zero gradient multiplier after each step (SPEC 9.4 fix).")
+    ablation_epochs: int = _f(20, "Epochs of the CE ablations rand/l2/grad/run/cerun (official module constant 20).", min=1)
+    ablation_random_init_rows: bool = _f(False, "Ablations: random instead of zero new cosine rows (SPEC 9.24 fix).")
+    # ---- extras: runtime ----
+    seed_torch_with_seed: bool = _f(False, "Seed torch with the run seed instead of the official constant 1 (SPEC 9.22).")
+    allow_tf32: bool = _f(True, "TF32 matmuls on Ampere+ GPUs (PyTorch 1.11, used by the original, had them on).")
+    ridge_device: Literal["cpu", "device"] = _f("cpu", "Where RanPAC's G, Q and ridge solves live (official: cpu, float32).")
+    progress: bool = _f(True, "Show tqdm progress bars.")
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def keep_prob(self) -> float:
+        """Per-step keep probability of a selected gradient entry, ``1 - drop_rate`` (SPEC 4.6)."""
+        return 1.0 - self.drop_rate
+
+    @property
+    def tuning(self) -> Optional[str]:
+        """The tuning-phase method, or None when ``spr`` is "none"."""
+        return None if self.spr == "none" else self.spr
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as a JSON-serialisable dict."""
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
+_HINTS = typing.get_type_hints(ExperimentConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# value coercion
+# ---------------------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "an object"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
+    def bad(extra: str = "") -> ConfigError:
+        return ConfigError(f"{where}: key '{key}' has value {value!r}; expected {_type_name(tp)}{extra}.")
+
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(key, value, inner[0], where)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad()
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        items = value if isinstance(value, list) else [value]
+        if key == "device":  # official forms: ["0"], ["0","1"], "cpu", -1
+            return [str(v) for v in items]
+        return [_coerce(key, v, item_tp, where) for v in items]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if value in ("True", "False", "true", "false"):
+            parsed = value in ("True", "true")
+            if key == "use_RP" and not parsed:
+                warnings.warn(
+                    f"{where}: use_RP is the string {value!r}. It is parsed as false here, but the official code "
+                    "tests only truthiness, so there any non-empty string, \"False\" included, enables RP.",
+                    stacklevel=2,
+                )
+            return parsed
+        raise bad()
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise bad()
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    raise TypeError(f"unsupported field type {tp!r} for {key}")
+
+
+def _check_range(key: str, value: Any, where: str) -> None:
+    meta = FIELDS[key].metadata
+    if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    checks = [("min", lambda v, b: v >= b, ">="), ("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+              ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")]
+    for name, ok, sym in checks:
+        if name in meta and not ok(value, meta[name]):
+            raise ConfigError(f"{where}: key '{key}' has value {value!r}; expected a value {sym} {meta[name]}.")
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(FIELDS), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else "; see README.md for the list of keys."
+    return ConfigError(f"{where}: unknown key '{key}'{hint}")
+
+
+def config_from_dict(raw: dict[str, Any], where: str = "<config>") -> ExperimentConfig:
+    """Validate a raw key/value mapping and build the config.
+
+    Args:
+        raw: keys and JSON values, e.g. a loaded experiment file.
+        where: the file name (or other origin) quoted in error messages.
+
+    Raises:
+        ConfigError: an unknown key (with the closest valid key), a value of the wrong type, a value
+            out of range, or an inconsistent combination.
+    """
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in FIELDS:
+            raise _unknown_key(key, where)
+        coerced = "none" if key == "spr" and value is None else _coerce(key, value, _HINTS[key], where)
+        if isinstance(coerced, list):
+            for item in coerced:
+                _check_range(key, item, where)
+        else:
+            _check_range(key, coerced, where)
+        values[key] = coerced
+    cfg = ExperimentConfig(**values)
+    if cfg.backbone_type:
+        cfg.convnet_type = cfg.backbone_type
+    _validate(cfg, where)
+    return cfg
+
+
+def _validate(cfg: ExperimentConfig, where: str) -> None:
+    if cfg.spr not in SPR_CHOICES:
+        raise ConfigError(f"{where}: key 'spr' has value {cfg.spr!r}; expected one of {', '.join(SPR_CHOICES)}.")
+    if cfg.dataset not in DATASETS:
+        close = difflib.get_close_matches(cfg.dataset, DATASETS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{where}: key 'dataset' has value {cfg.dataset!r}; expected one of {', '.join(DATASETS)}{hint}.")
+    if not cfg.seed:
+        raise ConfigError(f"{where}: key 'seed' is an empty list; expected at least one integer seed.")
+    if not cfg.device:
+        raise ConfigError(f"{where}: key 'device' is an empty list; expected e.g. [\"0\"] or \"cpu\".")
+    from models import LEARNERS  # local import: models depends on utils
+
+    if cfg.model_name not in LEARNERS:
+        close = difflib.get_close_matches(cfg.model_name, list(LEARNERS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(
+            f"{where}: key 'model_name' has value {cfg.model_name!r}; expected one of {', '.join(sorted(LEARNERS))}{hint}."
+        )
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split one ``--set key=value`` item; the value is JSON if it parses, else a plain string.
+
+    Raises:
+        ConfigError: the item has no '='.
+    """
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set mi_epochs=2")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    return key, value
+
+
+def load_config(path: Optional[Union[str, Path]], overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read an experiment JSON file, apply ``--set`` overrides and validate.
+
+    Args:
+        path: JSON file with official keys, or None for all defaults.
+        overrides: ``key=value`` strings, applied in order after the file; values are parsed against
+            the key's type (``--set use_RP=False``, ``--set seed=[1,2]``, ``--set device=cpu``).
+
+    Raises:
+        ConfigError: unreadable file, invalid JSON, or any validation error (see config_from_dict).
+    """
+    raw: dict[str, Any] = {}
+    where = "<defaults>"
+    if path is not None:
+        where = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {where!s} does not exist (expected a JSON file such as exps/ranpac/cifar.json).")
+        try:
+            raw = json.loads(p.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}.") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: expected a JSON object of key/value pairs at the top level.")
+        raw["config"] = where
+    for item in overrides:
+        key, value = parse_override(item)
+        if key not in FIELDS:
+            raise _unknown_key(key, f"--set {item}")
+        if not (key == "spr" and value is None):
+            value = _coerce(key, value, _HINTS[key], f"--set {item}")
+            _check_range(key, value, f"--set {item}") if not isinstance(value, list) else None
+        raw[key] = value
+    return config_from_dict(raw, where)
