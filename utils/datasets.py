@@ -261,7 +261,7 @@ def load_source(dataset: str, data_root: Union[str, Path], size: int,
     Raises:
         DataNotFoundError: see the per-data-set loaders.
     """
-    root = Path(data_root).expanduser()
+    root = Path(data_root).expanduser().resolve()
     if dataset == "cifar224":
         train, test = load_cifar224(root, download)
     elif dataset == "fmnist":

@@ -1,0 +1,326 @@
+"""Tuning phases run before each head update: MIST (SPEC 4) and the official CE ablations (SPEC 5).
+
+One :class:`SparseTuner` owns the network being tuned (backbone ``convnet`` + the 768->128 projection
+head ``simclr``, which persists across tasks), the across-task :class:`SparsityState`, the optimizer
+of SPEC 4.1 and the random streams. Subclasses differ only in the loss and in how each step's gradient
+is masked.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from models.heads import CosineLinear
+from models.sparse.importance import mi_fisher
+from models.sparse.losses import SecondViewAugment, supervised_nt_xent, two_views
+from models.sparse.masks import SparsityState
+from utils.runtime import make_generator
+
+logger = logging.getLogger(__name__)
+
+PROJECTION_DIM = 128  # simclr head: Linear(D, 128) with bias (SPEC 3.2)
+
+
+@dataclass(frozen=True)
+class SGDSettings:
+    """The optimizer of SPEC 4.1, rebuilt every task: SGD with three parameter groups and MultiStepLR.
+
+    The milestones are never reached in 20 epochs, so the learning rates are constant.
+    """
+
+    backbone_lr: float = 1e-4
+    head_lr: float = 1e-2  # fc and simclr groups
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # module constant; the JSON weight_decay is not read (SPEC 1.2)
+    milestones: tuple[int, ...] = (60, 100, 140)
+    gamma: float = 0.1
+
+
+class TunedNetwork(nn.Module):
+    """``convnet`` (the backbone) + ``simclr`` projection head; parameter names match the official network.
+
+    Args:
+        backbone: feature extractor with ``out_dim``.
+        proj_dim: projection width (official 128).
+        freeze_bn_stats: keep BatchNorm layers in eval mode when the network trains, so their running
+            statistics do not move (the official ``network.train()`` updates them; ViTs have none).
+    """
+
+    def __init__(self, backbone: nn.Module, proj_dim: int = PROJECTION_DIM, freeze_bn_stats: bool = False) -> None:
+        super().__init__()
+        self.convnet = backbone
+        self.simclr = nn.Linear(int(backbone.out_dim), proj_dim)
+        self.freeze_bn_stats = freeze_bn_stats
+
+    def train(self, mode: bool = True) -> "TunedNetwork":
+        super().train(mode)
+        if mode and self.freeze_bn_stats:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N,3,H,W) -> projections (N, proj_dim)."""
+        return self.simclr(self.convnet(x))
+
+
+class SparseTuner:
+    """Base of the tuning phases.
+
+    Args:
+        cfg: experiment config (``select_rate``, ``drop_rate``, ``mi_epochs``, fix keys).
+        backbone: the learner's backbone, tuned in place.
+        device: where the network lives.
+        seed: run seed; the drop mask and the augmentation draw from their own generators seeded from it.
+        learner_defaults: the learner's ``DEFAULTS`` (``freeze_quantile``).
+        sgd: optimizer settings (official by default; tests use momentum/weight decay 0).
+    """
+
+    def __init__(self, cfg, backbone: nn.Module, device: torch.device, seed: int,
+                 learner_defaults: dict[str, Any], sgd: SGDSettings = SGDSettings()) -> None:
+        self.cfg, self.device, self.sgd, self.seed = cfg, device, sgd, seed
+        self.network = TunedNetwork(backbone, freeze_bn_stats=cfg.freeze_bn_stats).to(device)
+        self.state = SparsityState(self.network.named_parameters(), cfg.exempt_rule)
+        self.drop_generator = make_generator(seed, device)
+        self.augment = SecondViewAugment(make_generator(seed + 1, device))
+        self.freeze_quantile = (cfg.freeze_quantile if cfg.freeze_quantile is not None
+                                else learner_defaults.get("freeze_quantile", 1.0))
+        if cfg.weight_decay != sgd.weight_decay:
+            logger.warning("Config key 'weight_decay' = %r is ignored: the tuning phase uses the official constant %r.",
+                           cfg.weight_decay, sgd.weight_decay)
+        self.backbone_names = [n for n, _ in self.network.named_parameters() if n.startswith("convnet.")]
+        self.backbone_numel = sum(p.numel() for n, p in self.network.named_parameters() if n.startswith("convnet."))
+
+    def extra_modules(self) -> list[nn.Module]:
+        """Modules besides the backbone whose parameters count in the logged network size."""
+        return [self.network.simclr]
+
+    # ---- optimisation ------------------------------------------------------------------------
+    def make_optimizer(self, head: Optional[nn.Module] = None):
+        """SGD with groups convnet (lr 1e-4), fc (the CE head, lr 1e-2), simclr (lr 1e-2), and MultiStepLR."""
+        wd = 0.0 if self.cfg.sparse_weight_decay else self.sgd.weight_decay
+        groups = [{"params": list(self.network.convnet.parameters()), "lr": self.sgd.backbone_lr, "weight_decay": wd}]
+        if head is not None:
+            groups.append({"params": list(head.parameters()), "lr": self.sgd.head_lr, "weight_decay": wd})
+        groups.append({"params": list(self.network.simclr.parameters()), "lr": self.sgd.head_lr, "weight_decay": wd})
+        optimizer = torch.optim.SGD(groups, lr=0.01, momentum=self.sgd.momentum)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(self.sgd.milestones), gamma=self.sgd.gamma)
+        return optimizer, scheduler
+
+    def named_trainables(self, head: Optional[nn.Module] = None) -> dict[str, nn.Parameter]:
+        """Official-style names -> parameters: ``convnet.*``, ``simclr.*`` and (ablations) ``fc.*``."""
+        params = dict(self.network.named_parameters())
+        if head is not None:
+            params.update({f"fc.{n}": p for n, p in head.named_parameters()})
+        return params
+
+    def step(self, optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter],
+             keep: dict[str, torch.Tensor]) -> int:
+        """Apply the per-entry gradient multipliers ``keep`` and take one optimizer step.
+
+        Args:
+            optimizer: the task's SGD.
+            params: name -> parameter.
+            keep: name -> float multiplier of the gradient's shape (0 drops an entry); names absent keep
+                their full gradient.
+
+        Returns:
+            Number of backbone gradient entries that are non-zero after masking (before the step).
+
+        With ``sparse_weight_decay`` the decay term is added only where the multiplier is non-zero; with
+        ``hard_freeze`` every entry whose multiplier is zero is restored after the step, so momentum and
+        weight decay cannot move it (fixes for SPEC 9.4).
+        """
+        nonzero = torch.zeros((), dtype=torch.int64, device=self.device)
+        saved = {}
+        for name, p in params.items():
+            g = p.grad
+            if g is None:
+                continue
+            if name in keep:
+                g.mul_(keep[name])
+                if self.cfg.sparse_weight_decay:
+                    g.add_(p.detach() * (keep[name] != 0), alpha=self.sgd.weight_decay)
+                if self.cfg.hard_freeze:
+                    saved[name] = (p.detach().clone(), keep[name] == 0)
+            elif self.cfg.sparse_weight_decay:
+                g.add_(p.detach(), alpha=self.sgd.weight_decay)
+            if name.startswith("convnet."):
+                nonzero += torch.count_nonzero(g)
+        optimizer.step()
+        with torch.no_grad():
+            for name, (old, frozen) in saved.items():
+                params[name].copy_(torch.where(frozen, old, params[name]))
+        return nonzero
+
+    def _scheduler_step(self, scheduler) -> None:
+        with warnings.catch_warnings():  # the scoring pass steps the scheduler without an optimizer step (SPEC 9.7)
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler.step()
+
+    def backbone_fraction(self, masks: dict[str, torch.Tensor], maskable_only: bool = False) -> float:
+        """Share of backbone entries that are True in ``masks`` (optionally over non-exempt tensors only)."""
+        names = [n for n in self.backbone_names if n in masks and not (maskable_only and self.state.exempt[n])]
+        total = sum(masks[n].numel() for n in names)
+        return float(sum(int(masks[n].sum()) for n in names) / max(total, 1))
+
+    def tune(self, loader, task) -> dict[str, Any]:
+        """Run the tuning phase of ``task`` on ``loader`` and return its accounting for results.json."""
+        raise NotImplementedError
+
+
+class MistTuner(SparseTuner):
+    """MIST (SPEC 4): scoring pass, per-tensor selection, sparse SGD with random gradient drop, end-of-task masks."""
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Supervised NT-Xent of the projections of (x, aug(x)) (SPEC 4.2-4.3)."""
+        proj = self.network(two_views(x, self.augment))
+        return supervised_nt_xent(proj, y, exclude_self_positive=self.cfg.exclude_self_positive)
+
+    def tune(self, loader, task) -> dict[str, Any]:
+        cfg, t = self.cfg, task.task_id
+        epochs = cfg.mi_epochs
+        optimizer, scheduler = self.make_optimizer()
+        scores, loss = mi_fisher(self.network, loader, len(loader), self.loss, self.state, self.device, cfg.progress)
+        self._scheduler_step(scheduler)
+        logger.info("Task %d, Epoch 1/%d => Loss %.3f", t, epochs, loss)
+        selected = self.state.select(scores, cfg.select_rate)
+        multipliers = self.state.multipliers(selected)
+        params = self.named_trainables()
+        losses, nonzero, steps = [loss], 0, 0
+        for epoch in range(2, epochs + 1):
+            self.network.train()
+            running = 0.0
+            for _, x, y in tqdm(loader, desc=f"MIST epoch {epoch}/{epochs}", leave=False, disable=not cfg.progress):
+                loss = self.loss(x.to(self.device, non_blocking=True), y.to(self.device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                keep = {n: m * self.random_keep(m) for n, m in multipliers.items()}
+                nonzero = nonzero + self.step(optimizer, params, keep)
+                running += loss.item()
+                steps += 1
+            self._scheduler_step(scheduler)
+            losses.append(running / max(len(loader), 1))
+            logger.info("Task %d, Epoch %d/%d => miLoss %.3f", t, epoch, epochs, losses[-1])
+        self.state.end_task(scores, selected, self.freeze_quantile)
+        self.network.eval()
+        report = {
+            "method": "mist",
+            "selected_fraction": self.backbone_fraction(selected),
+            "selected_fraction_maskable": self.backbone_fraction(selected, maskable_only=True),
+            "updated_fraction_per_step": float(nonzero) / max(steps, 1) / self.backbone_numel if steps else 0.0,
+            "frozen_entries": int(sum(int(self.state.frozen[n].sum()) for n in self.backbone_names)),
+            "backbone_entries": self.backbone_numel,
+            "steps": steps,
+            "epoch_losses": losses,
+        }
+        logger.info("Task %d sparsity: %.4f%% of backbone selected, %.4f%% updated per step, %d frozen entries",
+                    t, 100 * report["selected_fraction"], 100 * report["updated_fraction_per_step"],
+                    report["frozen_entries"])
+        return report
+
+    def random_keep(self, like: torch.Tensor) -> torch.Tensor:
+        """0/1 float mask, each entry 1 with probability keep_prob = 1 - drop_rate; no 1/p rescaling (SPEC 4.6)."""
+        return (torch.rand(like.shape, generator=self.drop_generator, device=like.device) < self.cfg.keep_prob).float()
+
+
+class CEAblationTuner(SparseTuner):
+    """The official CE ablations, on SimpleCIL-MIST's working pattern for both learners (SPEC 5, 9.16, 9.24).
+
+    ``ablation_epochs`` epochs of cross-entropy on a cosine head over the task's new classes (targets
+    y - known; the head's rows start at zero from task 1 on, random on task 0; its sigma persists), with
+    per-step gradient masks:
+    - ``run``/``cerun``: dense fine-tuning;
+    - ``rand``: per tensor, a fresh uniformly random max(1, int(0.05 n)) entries;
+    - ``l2``: per tensor, the int(0.005 n) entries of largest |theta| (none if that is 0);
+    - ``grad``: globally, the int(0.005 N) entries of largest |g| (none if that is 0).
+    """
+
+    KEEP_RATIO = {"rand": 0.05, "l2": 0.005, "grad": 0.005}  # simplecil_mist.py constants
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.policy = self.cfg.spr
+        self.sigma = 1.0
+        self.mask_generator = make_generator(self.seed + 2, self.device)
+
+    def make_head(self, task) -> CosineLinear:
+        head = CosineLinear(int(self.network.convnet.out_dim), task.seen - task.known).to(self.device)
+        with torch.no_grad():
+            if task.task_id > 0 and not self.cfg.ablation_random_init_rows:
+                head.weight.zero_()  # official update_fc: new rows are zeros (SPEC 9.24)
+            head.sigma.fill_(self.sigma)
+        return head
+
+    def masks(self, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+        """This step's 0/1 gradient multipliers for the policy (empty dict for dense fine-tuning)."""
+        with_grad = {n: p for n, p in params.items() if p.grad is not None}
+        if self.policy == "rand":
+            out = {}
+            for n, p in with_grad.items():
+                k = max(1, int(self.KEEP_RATIO["rand"] * p.numel()))
+                idx = torch.randperm(p.numel(), generator=self.mask_generator, device=self.device)[:k]
+                out[n] = torch.zeros(p.numel(), device=self.device).index_fill_(0, idx, 1.0).view_as(p)
+            return out
+        if self.policy == "l2":
+            out = {}
+            for n, p in with_grad.items():
+                k = int(self.KEEP_RATIO["l2"] * p.numel())
+                if k == 0:
+                    out[n] = torch.zeros_like(p)
+                else:
+                    thr = torch.topk(p.detach().abs().flatten(), k).values[-1]
+                    out[n] = (p.detach().abs() >= thr).float()
+            return out
+        if self.policy == "grad":
+            flat = torch.cat([p.grad.abs().flatten() for p in with_grad.values()])
+            k = int(self.KEEP_RATIO["grad"] * flat.numel())
+            if k == 0:
+                return {n: torch.zeros_like(p) for n, p in with_grad.items()}
+            thr = torch.topk(flat, k).values[-1]
+            return {n: (p.grad.abs() >= thr).float() for n, p in with_grad.items()}
+        return {}
+
+    def tune(self, loader, task) -> dict[str, Any]:
+        cfg, t, epochs = self.cfg, task.task_id, self.cfg.ablation_epochs
+        head = self.make_head(task)
+        optimizer, scheduler = self.make_optimizer(head)
+        params = self.named_trainables(head)
+        losses, nonzero, steps = [], 0, 0
+        for epoch in range(1, epochs + 1):
+            self.network.train()
+            running, correct, seen = 0.0, 0, 0
+            for _, x, y in tqdm(loader, desc=f"{self.policy} epoch {epoch}/{epochs}", leave=False,
+                                disable=not cfg.progress):
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device) - task.known
+                logits = head(self.network.convnet(x))
+                loss = F.cross_entropy(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nonzero = nonzero + self.step(optimizer, params, self.masks(params))
+                running += loss.item()
+                correct += int((logits.argmax(1) == y).sum())
+                seen += len(y)
+                steps += 1
+            self._scheduler_step(scheduler)
+            losses.append(running / max(len(loader), 1))
+            logger.info("Task %d, Epoch %d/%d => Loss %.3f, Train_accy %.2f", t, epoch, epochs, losses[-1],
+                        100.0 * correct / max(seen, 1))
+        self.sigma = float(head.sigma.detach())
+        self.network.eval()
+        return {"method": self.policy,
+                "updated_fraction_per_step": float(nonzero) / max(steps, 1) / self.backbone_numel if steps else 0.0,
+                "backbone_entries": self.backbone_numel, "steps": steps, "epoch_losses": losses}
+
+
+TUNERS = {"mist": MistTuner, "rand": CEAblationTuner, "l2": CEAblationTuner, "grad": CEAblationTuner,
+          "run": CEAblationTuner, "cerun": CEAblationTuner}
