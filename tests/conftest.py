@@ -135,8 +135,10 @@ def image_folder(tmp_path: Path) -> Callable[..., Path]:
     """Factory writing real PNGs in ImageFolder layout; returns the data root.
 
     ``image_folder(folder="cub", test_folder="test", n_classes=6, train_per_class=4, test_per_class=2,
-    size=16)`` writes ``<root>/<folder>/train/class_XX/NN.png`` and ``<root>/<folder>/<test_folder>/...``.
-    Each class has its own colour plus small per-image noise, so a prototype classifier separates them.
+    size=16, noise=8.0, n_colours=None)`` writes ``<root>/<folder>/train/class_XX/NN.png`` and
+    ``<root>/<folder>/<test_folder>/...``. Class c has colour number ``c % n_colours`` (default: one colour
+    per class) plus Gaussian pixel noise of std ``noise``. With the defaults a prototype classifier
+    separates the classes; with fewer colours than classes, classes sharing a colour get confused.
     Repeated calls with other folder names share one root.
     """
     from PIL import Image
@@ -144,15 +146,16 @@ def image_folder(tmp_path: Path) -> Callable[..., Path]:
     root = tmp_path / "images"
 
     def make(folder: str = "cub", test_folder: str = "test", n_classes: int = 6, train_per_class: int = 4,
-             test_per_class: int = 2, size: int = 16) -> Path:
+             test_per_class: int = 2, size: int = 16, noise: float = 8.0, n_colours: int | None = None) -> Path:
+        n_colours = n_colours or n_classes
         rng = np.random.default_rng(1)
         for split, per_class in (("train", train_per_class), (test_folder, test_per_class)):
             for c in range(n_classes):
                 class_dir = root / folder / split / f"class_{c:02d}"
                 class_dir.mkdir(parents=True, exist_ok=True)
                 for i in range(per_class):
-                    noise = rng.normal(0.0, 8.0, size=(size, size, 3))
-                    pixels = np.clip(class_colour(c, n_classes) + noise, 0, 255).astype(np.uint8)
+                    jitter = rng.normal(0.0, noise, size=(size, size, 3))
+                    pixels = np.clip(class_colour(c % n_colours, n_colours) + jitter, 0, 255).astype(np.uint8)
                     Image.fromarray(pixels, mode="RGB").save(class_dir / f"{i:02d}.png")
         return root
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import utils.datasets as datasets
 from utils.data_manager import DataManager, class_order, task_sizes
@@ -191,6 +192,23 @@ def test_image_folder_data_manager_on_cub(image_folder):
     for i in range(len(ds)):
         path = Path(ds.split.items[int(ds.indices[i])])
         assert int(path.parent.name.split("_")[1]) == dm.class_order[int(ds.labels[i])]
+
+
+def test_only_cars_is_normalised_by_default(image_folder):
+    """Official transforms: no Normalize except for cars, which gets ImageNet mean/std (SPEC 2.1)."""
+    root = image_folder("cars196", "val", n_classes=2, train_per_class=1, test_per_class=1)
+    image_folder("cub", "test", n_classes=2, train_per_class=1, test_per_class=1)
+    assert datasets.default_norm("cub") is None
+    cars = load_source("cars", root, SIZE, datasets.default_norm("cars"))
+    cub = load_source("cub", root, SIZE, datasets.default_norm("cub"))
+    black = Image.new("RGB", (20, 20))
+    for transform in (cars.train_transform, cars.test_transform):
+        x = transform(black)
+        assert x.shape == (3, SIZE, SIZE)
+        expected = torch.tensor([-m / s for m, s in zip(datasets.IMAGENET_MEAN, datasets.IMAGENET_STD)])
+        torch.testing.assert_close(x.mean(dim=(1, 2)), expected)
+    for transform in (cub.train_transform, cub.test_transform):
+        assert transform(black).abs().max() == 0
 
 
 # ---------------------------------------------------------------------------------------------

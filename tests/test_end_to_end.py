@@ -23,8 +23,8 @@ def cub_root(image_folder) -> Path:
     return image_folder("cub", "test", n_classes=6, train_per_class=4, test_per_class=2)
 
 
-def run_once(make_config, root: Path, out: Path, model_name: str) -> dict:
-    cfg = make_config(root, model_name=model_name)
+def run_once(make_config, root: Path, out: Path, model_name: str, **overrides) -> tuple[dict, Path]:
+    cfg = make_config(root, model_name=model_name, **overrides)
     paths = trainer.run(cfg, out)
     assert len(paths) == 1 and paths[0].is_file()
     return json.loads(paths[0].read_text()), paths[0]
@@ -52,6 +52,7 @@ def test_tiny_run_writes_results_and_log(make_config, cub_root, tmp_path, model_
     assert tasks[0]["old"] == 0  # no old classes in task 0
     assert 0.0 <= tasks[1]["old"] <= 100.0
     assert tasks[0]["top5"] == 100.0  # 3 classes seen: top-5 holds every label
+    assert results["top1_curve"][-1] > 50.0  # one colour per class: far above chance (1/6)
 
     assert results["top1_curve"] == [t["top1"] for t in tasks]
     assert results["top5_curve"] == [t["top5"] for t in tasks]
@@ -80,14 +81,20 @@ def test_tiny_run_writes_results_and_log(make_config, cub_root, tmp_path, model_
 
 
 @pytest.mark.parametrize("model_name", LEARNERS)
-def test_same_seed_gives_identical_results(make_config, cub_root, tmp_path, model_name):
-    first, _ = run_once(make_config, cub_root, tmp_path / "a", model_name)
-    second, _ = run_once(make_config, cub_root, tmp_path / "b", model_name)
+def test_same_seed_gives_identical_results(make_config, image_folder, tmp_path, model_name):
+    # two colours for six classes plus strong noise: accuracies are not saturated, so they depend on
+    # the random projection, the initialisation and the loader order
+    root = image_folder("cub", "test", n_classes=6, train_per_class=4, test_per_class=4, noise=40.0, n_colours=2)
+    first, _ = run_once(make_config, root, tmp_path / "a", model_name)
+    second, _ = run_once(make_config, root, tmp_path / "b", model_name)
+    assert any(0.0 < v < 100.0 for row in first["accuracy_matrix"] for v in row)
     assert first["accuracy_matrix"] == second["accuracy_matrix"]
     assert first["top1_curve"] == second["top1_curve"]
     assert first["top5_curve"] == second["top5_curve"]
     assert [t["grouped"] for t in first["tasks"]] == [t["grouped"] for t in second["tasks"]]
     assert first["class_order"] == second["class_order"]
+    other, _ = run_once(make_config, root, tmp_path / "c", model_name, seed=[1994])
+    assert other["class_order"] != first["class_order"]  # the seed drives the class order
 
 
 def test_main_prints_results_path_last(cub_root, tmp_path, capsys):
@@ -111,3 +118,17 @@ def test_main_returns_2_on_config_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "select_rate" in err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.xfail(
+    reason="BUG: input_size is not passed to (or checked against) the ViT backbone; a ViT built for 32x32 fed "
+           "48x48 images raises a bare AssertionError from timm instead of a UserError (exit code 2).",
+    strict=True,
+)
+def test_input_size_mismatch_with_vit_is_a_clear_error_or_works(cub_root, tmp_path, capsys):
+    config = tmp_path / "mismatch.json"
+    config.write_text(json.dumps(tiny_run_dict(cub_root, input_size=48)))  # tiny ViT has img_size=32
+    code = main.main(["--config", str(config), "--output-dir", str(tmp_path / "runs")])
+    assert code in (0, 2)
+    if code == 2:
+        assert "input_size" in capsys.readouterr().err
