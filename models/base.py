@@ -90,17 +90,16 @@ class Learner(abc.ABC):
             A report for results.json (the tuning phase's sparsity accounting, if it ran).
         """
         report: dict[str, Any] = {}
-        for line in self.task_banner(task):
-            logger.info(line)
+        self.announce(task)
         if self.tuner is not None and (self.cfg.mist_tasks == "all" or task.task_id == 0):
             report["tuning"] = self.tuner.tune(self.loader(task.train, shuffle=True), task)
         self.backbone.eval()
         self.update_head(task)
         return report
 
-    def task_banner(self, task: TaskData) -> list[str]:
-        """The official log lines that open a task."""
-        return [f"Learning on {task.known}-{task.seen}"]
+    @abc.abstractmethod
+    def announce(self, task: TaskData) -> None:
+        """Log the official lines that open a task (from the learner's own module, as the original)."""
 
     @abc.abstractmethod
     def update_head(self, task: TaskData) -> None:

@@ -110,8 +110,9 @@ class RanPAC(Learner):
             return features
         return torch.relu(features @ self.W_rand.to(features.device))
 
-    def task_banner(self, task: TaskData) -> list[str]:
-        return [f"Starting CIL Task {task.task_id + 1}", f"Learning on classes {task.known}-{task.seen - 1}"]
+    def announce(self, task: TaskData) -> None:
+        logger.info("Starting CIL Task %d", task.task_id + 1)
+        logger.info("Learning on classes %d-%d", task.known, task.seen - 1)
 
     def update_head(self, task: TaskData) -> None:
         if task.task_id == 0:

@@ -46,6 +46,9 @@ class SimpleCIL(Learner):
     def batch_size(self) -> int:
         return self.cfg.batch_size if self.cfg.use_config_batch_size else OFFICIAL_BATCH_SIZE
 
+    def announce(self, task: TaskData) -> None:
+        logger.info("Learning on %d-%d", task.known, task.seen)
+
     def update_head(self, task: TaskData) -> None:
         feats, labels = self.extract_features(task.train_eval, shuffle=True, desc="prototypes")
         grown = torch.zeros(task.seen, self.feature_dim, device=self.device)

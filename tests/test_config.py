@@ -98,7 +98,7 @@ def test_use_rp_rejects_other_strings():
 
 def test_set_overrides_parse_against_field_types():
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # use_RP=False arrives as the string "False" (see the test above)
+        warnings.simplefilter("error")  # a command-line False is a plain bool: no warning about the JSON quirk
         cfg = load_config(None, ["seed=[1,2]", "device=cpu", "use_RP=False", "mi_epochs=2", "spr=none",
                                  "select_rate=0.5", "backbone_kwargs={\"depth\": 2}"])
     assert cfg.seed == [1, 2]
@@ -108,6 +108,11 @@ def test_set_overrides_parse_against_field_types():
     assert cfg.spr == "none" and cfg.tuning is None
     assert cfg.select_rate == 0.5
     assert cfg.backbone_kwargs == {"depth": 2}
+
+
+def test_weights_path_with_pretrained_false_is_an_error():
+    with pytest.raises(ConfigError, match="weights_path.*pretrained"):
+        config_from_dict({"weights_path": "/tmp/w.pth", "pretrained": False})
 
 
 def test_set_overrides_win_over_the_file(tmp_path):

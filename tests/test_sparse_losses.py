@@ -26,13 +26,6 @@ EPS = 1e-8
 SELF_TERM = -math.log(EPS)  # l_aa = -log(0 / (D_a + eps) + eps) = -log(1e-8) ~ 18.4207
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded torch: tiny ops are much faster without thread hand-offs on a shared 2-core box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,13 +16,6 @@ from models.sparse import masks
 from models.sparse.masks import SparsityState, is_always_trainable, quantile, select_top
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded torch: tiny ops are much faster without thread hand-offs on a shared 2-core box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _meta_model(name: str) -> nn.Module:

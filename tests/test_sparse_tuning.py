@@ -54,13 +54,6 @@ RANPAC_FROZEN_PER_TASK = 1 + 1 + 4 + 2 * (2 + 1 + 3 + 3)
 SIMPLECIL_FROZEN_PER_TASK = TINY_MASKABLE
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded torch: tiny ops are much faster without thread hand-offs on a shared 2-core box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(autouse=True)

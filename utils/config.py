@@ -263,6 +263,8 @@ def _validate(cfg: ExperimentConfig, where: str) -> None:
         raise ConfigError(f"{where}: key 'seed' is an empty list; expected at least one integer seed.")
     if not cfg.device:
         raise ConfigError(f"{where}: key 'device' is an empty list; expected e.g. [\"0\"] or \"cpu\".")
+    if cfg.weights_path is not None and not cfg.pretrained:
+        raise ConfigError(f"{where}: key 'weights_path' is set but key 'pretrained' is false; remove one of them.")
     from models import LEARNERS  # local import: models depends on utils
 
     if cfg.model_name not in LEARNERS:
@@ -319,6 +321,8 @@ def load_config(path: Optional[Union[str, Path]], overrides: Sequence[str] = ())
         key, value = parse_override(item)
         if key not in FIELDS:
             raise _unknown_key(key, f"--set {item}")
+        if _HINTS[key] in (bool, Optional[bool]) and value in ("True", "False"):
+            value = value == "True"  # a command-line word, not the official JSON string quirk
         if not (key == "spr" and value is None):
             value = _coerce(key, value, _HINTS[key], f"--set {item}")
             _check_range(key, value, f"--set {item}") if not isinstance(value, list) else None
