@@ -184,9 +184,9 @@ def build_backbone(convnet_type: str, pretrained: bool = True, weights_path: Opt
             model = timm.create_model(name, pretrained=False, **kwargs)
             load_efficientnet_lite0_package(model, path)
         else:
-            overlay: dict[str, Any] = {"file": str(path)}
-            if path.suffix != ".npz":
-                overlay["custom_load"] = False  # AugReg cfgs route files to the npz loader otherwise (SPEC 15.3)
+            # an npz goes through the ViT's Google-checkpoint loader, anything else through timm's state_dict
+            # loader; timm >= 1.0 resets custom_load for a given file unless it is set explicitly (SPEC 15.3)
+            overlay: dict[str, Any] = {"file": str(path), "custom_load": path.suffix == ".npz"}
             model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
         logger.info("Backbone weights loaded from %s", path)
     elif is_lite0:

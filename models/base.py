@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from utils.config import ExperimentConfig
-from utils.runtime import make_generator, make_loader
+from utils.runtime import autocast, make_generator, make_loader
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ class Learner(abc.ABC):
         self.device = device
         self.backbone = backbone.to(device).eval()
         self.feature_dim = int(backbone.out_dim)
-        self.loader_generator = make_generator(seed)
+        self.loader_generator = make_generator(seed, stream="loader")
+        self.seed = seed
         self.tuner = None
         if cfg.tuning is not None:
             from models.sparse import build_tuner  # the tuning phase (issue 3)
@@ -120,7 +121,8 @@ class Learner(abc.ABC):
         self.backbone.eval()
         feats, labels = [], []
         for _, x, y in tqdm(self.loader(dataset, shuffle), desc=desc, leave=False, disable=not self.cfg.progress):
-            feats.append(self.backbone(x.to(self.device, non_blocking=True)).float())
+            with autocast(self.device, self.cfg.precision):
+                feats.append(self.backbone(x.to(self.device, non_blocking=True)).float())
             labels.append(y.to(self.device))
         return torch.cat(feats), torch.cat(labels).long()
 
@@ -134,7 +136,9 @@ class Learner(abc.ABC):
         self.backbone.eval()
         preds, labels = [], []
         for _, x, y in tqdm(self.loader(dataset, False), desc="evaluate", leave=False, disable=not self.cfg.progress):
-            out = self.logits(self.backbone(x.to(self.device, non_blocking=True)).float())
+            with autocast(self.device, self.cfg.precision):
+                features = self.backbone(x.to(self.device, non_blocking=True)).float()
+            out = self.logits(features)
             preds.append(torch.topk(out, k=min(k, out.shape[1]), dim=1, largest=True, sorted=True)[1].cpu())
             labels.append(y)
         return torch.cat(preds).numpy(), torch.cat(labels).numpy()

@@ -19,6 +19,7 @@ import torch
 
 from models import register_learner
 from models.base import Learner, TaskData, one_hot
+from utils.runtime import make_generator
 
 logger = logging.getLogger(__name__)
 
@@ -99,9 +100,14 @@ class RanPAC(Learner):
         self.accumulator: Optional[RidgeAccumulator] = None
 
     def setup_random_projection(self, n_classes: int) -> None:
-        """Draw W_rand ~ N(0,1)^(D x M) with the global CPU generator and reset G, Q (official ``setup_RP``)."""
+        """Draw W_rand ~ N(0,1)^(D x M) on the CPU and reset G, Q (official ``setup_RP``).
+
+        The original draws from the global CPU generator; here it is the run's "projection" stream, so the
+        same seed gives the same W_rand with or without a tuning phase (a fair MIST vs baseline comparison).
+        """
         if self.use_projection:
-            self.W_rand = torch.randn(self.feature_dim, self.proj_dim).to(self.device)
+            gen = make_generator(self.seed, stream="projection")
+            self.W_rand = torch.randn(self.feature_dim, self.proj_dim, generator=gen).to(self.device)
         self.accumulator = RidgeAccumulator(self.proj_dim, n_classes, self.ridge_device)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:

@@ -56,19 +56,6 @@ SIMPLECIL_FROZEN_PER_TASK = TINY_MASKABLE
 
 
 
-@pytest.fixture(autouse=True)
-def _drop_run_handlers():
-    """Remove the log handlers trainer.run installs (they hold this test's stdout and log file)."""
-    import logging
-
-    yield
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_mist_cl", False):
-            root.removeHandler(handler)
-            handler.close()
-
-
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------

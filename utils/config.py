@@ -114,6 +114,9 @@ class ExperimentConfig:
     # ---- extras: runtime ----
     seed_torch_with_seed: bool = _f(False, "Seed torch with the run seed instead of the official constant 1 (SPEC 9.22).")
     allow_tf32: bool = _f(True, "TF32 matmuls on Ampere+ GPUs (PyTorch 1.11, used by the original, had them on).")
+    precision: Literal["fp32", "bf16"] = _f(
+        "fp32", "Backbone forwards in fp32 (official, TF32 per allow_tf32) or bfloat16 autocast (faster, not faithful)."
+    )
     ridge_device: Literal["cpu", "device"] = _f("cpu", "Where RanPAC's G, Q and ridge solves live (official: cpu, float32).")
     progress: bool = _f(True, "Show tqdm progress bars.")
 

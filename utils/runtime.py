@@ -74,10 +74,31 @@ def seed_torch(seed: int, allow_tf32: bool = True) -> None:
     torch.backends.cudnn.allow_tf32 = allow_tf32
 
 
-def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A torch generator on ``device`` seeded with ``seed`` (independent of the global RNG)."""
+def autocast(device: torch.device, precision: str):
+    """Autocast context for backbone forwards: ``"bf16"`` runs them in bfloat16, ``"fp32"`` (official) is a no-op.
+
+    Losses, scores, ridge statistics and prototypes stay float32 (callers cast the outputs).
+    """
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+# Independent random streams of a run, each from its own generator seeded with (seed, stream).
+STREAMS = ("loader", "drop", "augment", "ablation_mask", "projection")
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu", stream: str = "loader") -> torch.Generator:
+    """A torch generator on ``device`` for one named random stream of the run seeded with ``seed``.
+
+    Streams (``STREAMS``) never share a sequence, and none touches the global RNG, so e.g. RanPAC's
+    W_rand is the same whether or not a tuning phase ran before it.
+
+    Raises:
+        ValueError: unknown stream name.
+    """
+    if stream not in STREAMS:
+        raise ValueError(f"unknown random stream {stream!r}; expected one of {STREAMS}")
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
+    gen.manual_seed(seed * len(STREAMS) + STREAMS.index(stream))
     return gen
 
 

@@ -22,7 +22,7 @@ from models.heads import CosineLinear
 from models.sparse.importance import mi_fisher
 from models.sparse.losses import SecondViewAugment, supervised_nt_xent, two_views
 from models.sparse.masks import SparsityState
-from utils.runtime import make_generator
+from utils.runtime import autocast, make_generator
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +90,8 @@ class SparseTuner:
         self.cfg, self.device, self.sgd, self.seed = cfg, device, sgd, seed
         self.network = TunedNetwork(backbone, freeze_bn_stats=cfg.freeze_bn_stats).to(device)
         self.state = SparsityState(self.network.named_parameters(), cfg.exempt_rule)
-        self.drop_generator = make_generator(seed, device)
-        self.augment = SecondViewAugment(make_generator(seed + 1, device))
+        self.drop_generator = make_generator(seed, device, "drop")
+        self.augment = SecondViewAugment(make_generator(seed, device, "augment"))
         self.freeze_quantile = (cfg.freeze_quantile if cfg.freeze_quantile is not None
                                 else learner_defaults.get("freeze_quantile", 1.0))
         if cfg.weight_decay != sgd.weight_decay:
@@ -183,7 +183,9 @@ class MistTuner(SparseTuner):
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Supervised NT-Xent of the projections of (x, aug(x)) (SPEC 4.2-4.3)."""
-        proj = self.network(two_views(x, self.augment))
+        views = two_views(x, self.augment)
+        with autocast(self.device, self.cfg.precision):
+            proj = self.network(views).float()
         return supervised_nt_xent(proj, y, exclude_self_positive=self.cfg.exclude_self_positive)
 
     def tune(self, loader, task) -> dict[str, Any]:
@@ -251,7 +253,7 @@ class CEAblationTuner(SparseTuner):
         super().__init__(*args, **kwargs)
         self.policy = self.cfg.spr
         self.sigma = 1.0
-        self.mask_generator = make_generator(self.seed + 2, self.device)
+        self.mask_generator = make_generator(self.seed, self.device, "ablation_mask")
 
     def make_head(self, task) -> CosineLinear:
         head = CosineLinear(int(self.network.convnet.out_dim), task.seen - task.known).to(self.device)
@@ -302,7 +304,9 @@ class CEAblationTuner(SparseTuner):
             for _, x, y in tqdm(loader, desc=f"{self.policy} epoch {epoch}/{epochs}", leave=False,
                                 disable=not cfg.progress):
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device) - task.known
-                logits = head(self.network.convnet(x))
+                with autocast(self.device, self.cfg.precision):
+                    features = self.network.convnet(x).float()
+                logits = head(features)
                 loss = F.cross_entropy(logits, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
