@@ -259,3 +259,18 @@ def test_ranpac_without_projection_uses_raw_features(make_config, tmp_path):
     x = data.features
     torch.testing.assert_close(learner.logits(x), x @ learner.W_o.T)
     torch.testing.assert_close(learner.accumulator.G, x.T @ x, rtol=1e-5, atol=1e-4)
+
+
+def test_ranpac_w_rand_is_standard_normal_and_independent_of_the_global_rng(make_config, tmp_path):
+    cfg = make_config(tmp_path, model_name="ranpac", M=4000)
+    first = RanPAC(cfg, IdentityBackbone(8), torch.device("cpu"), seed=1993)
+    first.setup_random_projection(4)
+    torch.rand(1000)  # whatever else consumed the global RNG (e.g. a tuning phase) does not matter
+    second = RanPAC(cfg, IdentityBackbone(8), torch.device("cpu"), seed=1993)
+    second.setup_random_projection(4)
+    assert torch.equal(first.W_rand, second.W_rand)
+    w = first.W_rand.double()
+    assert abs(w.mean().item()) < 0.01 and abs(w.std().item() - 1.0) < 0.01  # 32,000 N(0,1) draws
+    other = RanPAC(cfg, IdentityBackbone(8), torch.device("cpu"), seed=7)
+    other.setup_random_projection(4)
+    assert not torch.equal(first.W_rand, other.W_rand)

@@ -124,7 +124,7 @@ class SparseTuner:
         return params
 
     def step(self, optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter],
-             keep: dict[str, torch.Tensor]) -> int:
+             keep: dict[str, torch.Tensor]) -> torch.Tensor:
         """Apply the per-entry gradient multipliers ``keep`` and take one optimizer step.
 
         Args:
@@ -134,7 +134,8 @@ class SparseTuner:
                 their full gradient.
 
         Returns:
-            Number of backbone gradient entries that are non-zero after masking (before the step).
+            0-dim int64 tensor on ``device``: backbone gradient entries that are non-zero after masking
+            (summed on the device; callers synchronise once per epoch, not per step).
 
         With ``sparse_weight_decay`` the decay term is added only where the multiplier is non-zero; with
         ``hard_freeze`` every entry whose multiplier is zero is restored after the step, so momentum and
