@@ -68,7 +68,7 @@ class Learner(abc.ABC):
         self.seed = seed
         self.tuner = None
         if cfg.tuning is not None:
-            from models.sparse import build_tuner  # the tuning phase (issue 3)
+            from models.sparse import build_tuner  # local: models.sparse imports models.heads
 
             self.tuner = build_tuner(cfg, self.backbone, device, seed, self.DEFAULTS)
 
@@ -161,9 +161,9 @@ def one_hot(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(labels, n_classes).float()
 
 
-def warn_ignored(key: str, value: Any, used: Any, reason: str) -> None:
-    """Log once that a JSON key is ignored in favour of the official constant (STYLE 3.2)."""
+def warn_ignored(key: str, value: Any, used: Any, reason: str = "") -> None:
+    """Log that a JSON key is ignored in favour of the official constant, when the two differ (STYLE 3.2)."""
     if value != used:
-        logger.warning("Config key '%s' = %r is ignored: %s uses %r, as the official code does. %s",
-                       key, value, "the learner", used, reason)
+        logger.warning("Config key '%s' = %r is ignored: %r is used, as the official code does. %s",
+                       key, value, used, reason)
 

@@ -210,6 +210,11 @@ def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
 
 
 def _check_range(key: str, value: Any, where: str) -> None:
+    """Check the metadata bounds (min/ge/gt/le/lt) of a field on a value or on each item of a list."""
+    if isinstance(value, list):
+        for item in value:
+            _check_range(key, item, where)
+        return
     meta = FIELDS[key].metadata
     if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
         return
@@ -242,11 +247,7 @@ def config_from_dict(raw: dict[str, Any], where: str = "<config>") -> Experiment
         if key not in FIELDS:
             raise _unknown_key(key, where)
         coerced = "none" if key == "spr" and value is None else _coerce(key, value, _HINTS[key], where)
-        if isinstance(coerced, list):
-            for item in coerced:
-                _check_range(key, item, where)
-        else:
-            _check_range(key, coerced, where)
+        _check_range(key, coerced, where)
         values[key] = coerced
     cfg = ExperimentConfig(**values)
     if cfg.backbone_type:
@@ -328,6 +329,6 @@ def load_config(path: Optional[Union[str, Path]], overrides: Sequence[str] = ())
             value = value == "True"  # a command-line word, not the official JSON string quirk
         if not (key == "spr" and value is None):
             value = _coerce(key, value, _HINTS[key], f"--set {item}")
-            _check_range(key, value, f"--set {item}") if not isinstance(value, list) else None
+            _check_range(key, value, f"--set {item}")
         raw[key] = value
     return config_from_dict(raw, where)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from models.base import warn_ignored
 from models.heads import CosineLinear
 from models.sparse.importance import mi_fisher
 from models.sparse.losses import SecondViewAugment, supervised_nt_xent, two_views
@@ -94,9 +95,7 @@ class SparseTuner:
         self.augment = SecondViewAugment(make_generator(seed, device, "augment"))
         self.freeze_quantile = (cfg.freeze_quantile if cfg.freeze_quantile is not None
                                 else learner_defaults.get("freeze_quantile", 1.0))
-        if cfg.weight_decay != sgd.weight_decay:
-            logger.warning("Config key 'weight_decay' = %r is ignored: the tuning phase uses the official constant %r.",
-                           cfg.weight_decay, sgd.weight_decay)
+        warn_ignored("weight_decay", cfg.weight_decay, sgd.weight_decay, "The tuning phase uses the module constant.")
         self.backbone_names = [n for n, _ in self.network.named_parameters() if n.startswith("convnet.")]
         self.backbone_numel = sum(p.numel() for n, p in self.network.named_parameters() if n.startswith("convnet."))
 
