@@ -43,7 +43,7 @@ def resolve_name(convnet_type: str) -> str:
     """
     name = LEGACY_NAMES.get(convnet_type, convnet_type)
     arch = name.split(".")[0]
-    if arch.startswith("hf-hub:") or arch in timm.list_models():
+    if arch.startswith("hf-hub:") or timm.is_model(arch):
         return name
     close = timm.list_models(f"*{arch[:12]}*")[:5]
     raise ConfigError(

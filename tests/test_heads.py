@@ -70,12 +70,20 @@ def holdout_losses(H: torch.Tensor, Y: torch.Tensor, grid, train_fraction: float
     return np.asarray(losses)
 
 
-def test_select_ridge_returns_the_holdout_argmin():
-    g = gen(2)
+NOISY_GRID = [1e-3, 1e-1, 1.0, 10.0, 30.0, 100.0, 1e3, 1e5]
+
+
+def noisy_linear_problem(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """H (50, 20) and Y = H W + 3 * noise (50, 3), float64: a problem whose best ridge is inside the grid."""
+    g = gen(seed)
     H = torch.randn(50, 20, generator=g, dtype=torch.float64)
-    Y = H @ torch.randn(20, 3, generator=g, dtype=torch.float64) + 3.0 * torch.randn(50, 3, generator=g,
-                                                                                          dtype=torch.float64)
-    grid = [1e-3, 1e-1, 1.0, 10.0, 30.0, 100.0, 1e3, 1e5]
+    W = torch.randn(20, 3, generator=g, dtype=torch.float64)
+    return H, H @ W + 3.0 * torch.randn(50, 3, generator=g, dtype=torch.float64)
+
+
+def test_select_ridge_returns_the_holdout_argmin():
+    H, Y = noisy_linear_problem(2)
+    grid = NOISY_GRID
     losses = holdout_losses(H, Y, grid)
     best, second = np.sort(losses)[:2]
     assert second > best * 1.01  # the constructed problem has a clear winner
@@ -84,11 +92,8 @@ def test_select_ridge_returns_the_holdout_argmin():
 
 
 def test_select_ridge_uses_only_the_first_rows_to_fit():
-    g = gen(3)
-    H = torch.randn(50, 20, generator=g, dtype=torch.float64)
-    Y = H @ torch.randn(20, 3, generator=g, dtype=torch.float64) + 3.0 * torch.randn(50, 3, generator=g,
-                                                                                          dtype=torch.float64)
-    grid = [1e-3, 1e-1, 1.0, 10.0, 30.0, 100.0, 1e3, 1e5]
+    H, Y = noisy_linear_problem(3)
+    grid = NOISY_GRID
     for fraction in (0.8, 0.6):
         assert select_ridge(H, Y, grid, fraction) == grid[int(np.argmin(holdout_losses(H, Y, grid, fraction)))]
 
