@@ -118,6 +118,13 @@ class ExperimentConfig:
         "fp32", "Backbone forwards in fp32 (official, TF32 per allow_tf32) or bfloat16 autocast (faster, not faithful)."
     )
     ridge_device: Literal["cpu", "device"] = _f("cpu", "Where RanPAC's G, Q and ridge solves live (official: cpu, float32).")
+    ridge_solver: Literal["fast", "official"] = _f(
+        "fast", "RanPAC ridge search and solve: fast (one shared factorisation, same lambda, W_o within 1e-4) or "
+        "official (17 + 1 dense solves, bit-faithful).",
+    )
+    eval_batch_size: Optional[int] = _f(
+        None, "Batch size of feature extraction and evaluation (no gradients); null = the learner's batch size.", min=1
+    )
     progress: bool = _f(True, "Show tqdm progress bars.")
 
     # ------------------------------------------------------------------------------------------
