@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from models.sparse import masks
-from models.sparse.masks import SparsityState, is_always_trainable, quantile, select_top
+from models.sparse.masks import SparsityState, is_always_trainable, pack_bits, quantile, select_top, unpack_bits
 
 
 
@@ -67,6 +67,9 @@ def test_state_exempt_flags_on_vit_b16(vit_b16_params):
     assert sum(state.exempt.values()) == 99 + 2
     assert state.frozen["convnet.blocks.0.mlp.fc1.weight"].dtype == torch.bool
     assert state.update_count["convnet.blocks.0.mlp.fc1.weight"].dtype == torch.int32
+    # storage (issue 7): 1 bit per frozen flag and 1 byte per count, maskable tensors only
+    maskable_numel = sum(p.numel() for n, p in vit_b16_params if not state.exempt[n])
+    assert state.nbytes() == {"frozen_bits": maskable_numel // 8, "update_counts": maskable_numel}
 
 
 @pytest.mark.parametrize("name,exempt", [
@@ -207,10 +210,10 @@ def test_multipliers_are_mask_times_point_nine_pow_count_with_frozen_zero():
     state, params = _state()
     name = "convnet.blocks.0.attn.qkv.weight"
     counts = torch.arange(30, dtype=torch.int32).view(6, 5) % 5  # 0..4
-    state.update_count[name] = counts.clone()
+    state.set_update_count(name, counts)
     frozen = torch.zeros(6, 5, dtype=torch.bool)
     frozen[0, 1] = frozen[3, 4] = frozen[5, 0] = True
-    state.frozen[name] = frozen.clone()
+    state.set_frozen(name, frozen)
     gen = torch.Generator().manual_seed(1)
     selected = {n: torch.rand(p.shape, generator=gen) < 0.6 for n, p in params}
     selected["convnet.blocks.0.attn.qkv.bias"] = torch.ones(6, dtype=torch.bool)
@@ -277,8 +280,9 @@ def test_end_task_ignores_names_outside_the_state():
 def test_zero_frozen_sets_only_frozen_entries_to_zero():
     state, params = _state()
     name = "convnet.pos_embed"
-    state.frozen[name][0, 2, 1] = True
-    state.frozen[name][0, 8, 3] = True
+    mask = torch.zeros(1, 9, 4, dtype=torch.bool)
+    mask[0, 2, 1] = mask[0, 8, 3] = True
+    state.set_frozen(name, mask)
     grads = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) for n, p in params}
     grads["simclr.weight"] = None
     original = {n: (g.clone() if g is not None else None) for n, g in grads.items()}
@@ -293,6 +297,44 @@ def test_zero_frozen_sets_only_frozen_entries_to_zero():
 
 def test_state_dict_holds_frozen_and_counts():
     state, params = _state()
+    name = "convnet.blocks.0.attn.qkv.weight"
+    frozen = torch.zeros(6, 5, dtype=torch.bool)
+    frozen[2, 3] = True
+    state.set_frozen(name, frozen)
+    state.set_update_count(name, torch.arange(30).view(6, 5) % 3)
     sd = state.state_dict()
     assert set(sd) == {"frozen", "update_count"}
-    assert set(sd["frozen"]) == {n for n, _ in params} == set(sd["update_count"])
+    assert set(sd["frozen"]) == {n for n, _ in params if not state.exempt[n]} == set(sd["update_count"])
+    other, _ = _state()
+    other.load_state_dict(sd)
+    for n, _ in params:
+        assert torch.equal(other.frozen[n], state.frozen[n]) and torch.equal(other.update_count[n], state.update_count[n])
+    with pytest.raises(ValueError, match="update_count"):
+        other.load_state_dict({"frozen": sd["frozen"], "update_count": {}})
+
+
+def test_state_views_are_read_only_and_setters_validate():
+    state, _ = _state()
+    with pytest.raises(TypeError):
+        state.frozen["convnet.pos_embed"] = torch.ones(1, 9, 4, dtype=torch.bool)  # type: ignore[index]
+    with pytest.raises(ValueError, match="0..255"):
+        state.set_update_count("convnet.pos_embed", torch.full((1, 9, 4), 256))
+    with pytest.raises(KeyError):
+        state.set_frozen("simclr.weight", torch.ones(3, 5, dtype=torch.bool))  # exempt: never frozen
+
+
+def test_update_counts_saturate_at_255():
+    state, params = _state()
+    name = "convnet.pos_embed"
+    state.set_update_count(name, torch.full((1, 9, 4), 255))
+    scores = {n: torch.rand(p.shape) for n, p in params}
+    state.end_task(scores, {n: torch.ones(p.shape, dtype=torch.bool) for n, p in params}, 1.0)
+    assert int(state.update_count[name].max()) == 255
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 1000, 4099])
+def test_pack_bits_round_trip(n):
+    mask = torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.3
+    packed = pack_bits(mask.view(1, n))
+    assert packed.dtype == torch.uint8 and packed.numel() == (n + 7) // 8
+    assert torch.equal(unpack_bits(packed, torch.Size([1, n])), mask.view(1, n))

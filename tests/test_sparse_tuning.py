@@ -131,23 +131,29 @@ def record_select(monkeypatch):
 # per-step random drop (SPEC 4.6 step 3.1)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("drop_rate", [0.9, 0.5, 0.0])
-def test_random_keep_fraction_is_keep_prob(drop_rate):
+def test_step_keep_fraction_is_keep_prob(drop_rate):
+    """Each eligible entry is kept with probability 1 - drop_rate, unscaled, with a fresh draw every step."""
     cfg = make_cfg(f"drop_rate={drop_rate}")
     tuner = make_tuner(cfg)
     p = 1.0 - drop_rate
     assert cfg.keep_prob == pytest.approx(p)
-    like = torch.ones(200, 500)
-    draws = [tuner.random_keep(like) for _ in range(5)]
-    total = sum(int(d.sum()) for d in draws)
-    n = 5 * like.numel()
-    for d in draws:
-        assert d.shape == like.shape and d.dtype == torch.float32
-        assert torch.equal(d, (d > 0).float())  # 0/1 only: no 1/p rescaling
+    state = tuner.state
+    plan = state.plan({n: torch.ones(s, dtype=torch.bool) for n, s in state.shapes.items()}, CPU)
+    e = plan.eligible
+    draws = [plan.sample(cfg.keep_prob, tuner.drop_generator) for _ in range(5)]
+    kept = [pos[pos < e] for pos, _ in draws]
+    total = sum(k.numel() for k in kept)
+    n = 5 * e
+    for (pos, short), k in zip(draws, kept):
+        assert int(short) == 0
+        assert torch.equal(k, torch.unique(k))  # distinct, ascending
+        multipliers = plan.dense(pos)
+        assert all(torch.equal(m, (m > 0).float()) for m in multipliers.values())  # 0/1 only: no 1/p rescaling
     if drop_rate == 0.0:
         assert total == n
     else:
         assert abs(total - n * p) < 5 * math.sqrt(n * p * (1 - p))
-        assert not torch.equal(draws[0], draws[1])  # a fresh draw every step
+        assert not torch.equal(kept[0], kept[1])  # a fresh draw every step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,9 +237,11 @@ def test_overlap_factor_and_frozen_zero_applied_to_gradients():
     state = tuner.state
     fc1, pos, qkv = "convnet.blocks.0.mlp.fc1.weight", "convnet.pos_embed", "convnet.blocks.1.attn.qkv.weight"
     counts = (torch.arange(state.update_count[fc1].numel()) % 4).to(torch.int32).view_as(state.update_count[fc1])
-    state.update_count[fc1] = counts.clone()
-    state.update_count[pos].fill_(2)
-    state.frozen[qkv].view(-1)[::7] = True
+    state.set_update_count(fc1, counts)
+    state.set_update_count(pos, torch.full(state.shapes[pos], 2))
+    frozen_qkv = torch.zeros(state.shapes[qkv], dtype=torch.bool)
+    frozen_qkv.view(-1)[::7] = True
+    state.set_frozen(qkv, frozen_qkv)
     params = tuner.named_trainables()
     selected = {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()}
     keep = {n: m * torch.ones_like(m) for n, m in state.multipliers(selected).items()}  # a keep mask of ones
@@ -324,7 +332,9 @@ def test_mi_fisher_equals_hand_derived_squared_gradients():
         return 0.5 * ((net(x) - y) ** 2).sum(dim=1).mean()
 
     state = SparsityState(net.named_parameters())
-    state.frozen["convnet.weight"][1, 2] = True
+    frozen = torch.zeros(2, 3, dtype=torch.bool)
+    frozen[1, 2] = True
+    state.set_frozen("convnet.weight", frozen)
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     scores, mean_loss = mi_fisher(net, batches, len(batches), loss_fn, state, CPU)
 
@@ -424,14 +434,14 @@ def test_second_task_uses_counts_and_frozen_from_the_first(record_select):
     """Task 1's multipliers: 0.9 on entries task 0 selected, 0 on frozen ones; frozen grows by as much again."""
     tuner = make_tuner(make_cfg())
     seen = []
-    original = tuner.state.multipliers
+    original = tuner.state.plan
 
-    def spy(selected):
-        out = original(selected)
-        seen.append({n: m.clone() for n, m in out.items()})
+    def spy(selected, device):
+        out = original(selected, device)
+        seen.append(out.dense())  # the task's multipliers, from its compact plan
         return out
 
-    tuner.state.multipliers = spy
+    tuner.state.plan = spy
     loader0, loader1 = make_loader(seed=0), make_loader(seed=1, first=4)
     r0 = tuner.tune(loader0, make_task(0, loader0))
     sel0 = record_select[0][1]

@@ -88,6 +88,14 @@ class SecondViewAugment(nn.Module):
     def __init__(self, generator: torch.Generator) -> None:
         super().__init__()
         self.generator = generator
+        self._luma_cache: dict = {}
+
+    def _luma(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The (1, 3, 1, 1) luma weights on ``device``, built once (no host-to-device copy per step)."""
+        key = (device, dtype)
+        if key not in self._luma_cache:
+            self._luma_cache[key] = torch.tensor(LUMA, dtype=dtype).view(1, 3, 1, 1).to(device)
+        return self._luma_cache[key]
 
     def _rand(self, *shape: int, device: torch.device) -> torch.Tensor:
         return torch.rand(*shape, generator=self.generator, device=device)
@@ -98,7 +106,7 @@ class SecondViewAugment(nn.Module):
         n, dev = x.shape[0], x.device
         flip = self._rand(n, device=dev) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        luma = torch.tensor(LUMA, device=dev, dtype=x.dtype).view(1, 3, 1, 1)
+        luma = self._luma(dev, x.dtype)
         gray = (x * luma).sum(dim=1, keepdim=True).expand_as(x)
         x = torch.where((self._rand(n, device=dev) < GRAY_P)[:, None, None, None], gray, x)
         return self.crop(x)

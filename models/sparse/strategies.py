@@ -22,7 +22,7 @@ from models.base import warn_ignored
 from models.heads import CosineLinear
 from models.sparse.importance import mi_fisher
 from models.sparse.losses import SecondViewAugment, supervised_nt_xent, two_views
-from models.sparse.masks import SparsityState
+from models.sparse.masks import FlatGradients, GradientPlan, SparsityState
 from utils.runtime import autocast, make_generator
 
 logger = logging.getLogger(__name__)
@@ -98,6 +98,9 @@ class SparseTuner:
         warn_ignored("weight_decay", cfg.weight_decay, sgd.weight_decay, "The tuning phase uses the module constant.")
         self.backbone_names = [n for n, _ in self.network.named_parameters() if n.startswith("convnet.")]
         self.backbone_numel = sum(p.numel() for n, p in self.network.named_parameters() if n.startswith("convnet."))
+        # the flat gradient layout is the network's parameter order: backbone first, then the projection head
+        if list(self.state.shapes)[: len(self.backbone_names)] != self.backbone_names:
+            raise RuntimeError("the projection head's parameters must follow the backbone's in the network")
 
     def extra_modules(self) -> list[nn.Module]:
         """Modules besides the backbone whose parameters count in the logged network size."""
@@ -196,44 +199,77 @@ class MistTuner(SparseTuner):
         self._scheduler_step(scheduler)
         logger.info("Task %d, Epoch 1/%d => Loss %.3f", t, epochs, loss)
         selected = self.state.select(scores, cfg.select_rate)
-        multipliers = self.state.multipliers(selected)
-        params = self.named_trainables()
-        losses, nonzero, steps = [loss], 0, 0
-        for epoch in range(2, epochs + 1):
-            self.network.train()
-            running = 0.0
-            for _, x, y in tqdm(loader, desc=f"MIST epoch {epoch}/{epochs}", leave=False, disable=not cfg.progress):
-                loss = self.loss(x.to(self.device, non_blocking=True), y.to(self.device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                keep = {n: m * self.random_keep(m) for n, m in multipliers.items()}
-                nonzero = nonzero + self.step(optimizer, params, keep)
-                running += loss.item()
-                steps += 1
-            self._scheduler_step(scheduler)
-            losses.append(running / max(len(loader), 1))
-            logger.info("Task %d, Epoch %d/%d => miLoss %.3f", t, epoch, epochs, losses[-1])
+        plan = self.state.plan(selected, self.device)  # the task's constants, from the state at its start
+        report = {"method": "mist", "selected_fraction": self.backbone_fraction(selected),
+                  "selected_fraction_maskable": self.backbone_fraction(selected, maskable_only=True)}
+        # The end-of-task bookkeeping (SPEC 4.7) needs only the scores and the selection, and the plan already
+        # holds the task-start state: apply it now so the float scores are released before the sparse epochs.
         self.state.end_task(scores, selected, self.freeze_quantile)
+        del scores, selected
+        losses, steps, nonzero, shortfall = [loss], 0, None, None
+        if epochs > 1:
+            losses_rest, steps, nonzero, shortfall = self._sparse_epochs(loader, plan, optimizer, scheduler, t)
+            losses.extend(losses_rest)
         self.network.eval()
-        report = {
-            "method": "mist",
-            "selected_fraction": self.backbone_fraction(selected),
-            "selected_fraction_maskable": self.backbone_fraction(selected, maskable_only=True),
-            "updated_fraction_per_step": float(nonzero) / max(steps, 1) / self.backbone_numel if steps else 0.0,
-            "frozen_entries": int(sum(int(self.state.frozen[n].sum()) for n in self.backbone_names)),
+        report.update({
+            "updated_fraction_per_step": nonzero / max(steps, 1) / self.backbone_numel if steps else 0.0,
+            "frozen_entries": self.state.frozen_entries(self.backbone_names),
             "backbone_entries": self.backbone_numel,
             "steps": steps,
             "epoch_losses": losses,
-        }
+        })
+        if shortfall:
+            logger.warning("Task %d: %d of %d steps drew too few keep decisions; entries after the last draw were "
+                           "dropped in those steps.", t, shortfall, steps)
         logger.info("Task %d sparsity: %.4f%% of backbone selected, %.4f%% updated per step, %d frozen entries",
                     t, 100 * report["selected_fraction"], 100 * report["updated_fraction_per_step"],
                     report["frozen_entries"])
         return report
 
-    def random_keep(self, like: torch.Tensor) -> torch.Tensor:
-        """0/1 float mask, each entry 1 with probability keep_prob = 1 - drop_rate; no 1/p rescaling (SPEC 4.6)."""
-        return (torch.rand(like.shape, generator=self.drop_generator, device=like.device) < self.cfg.keep_prob).float()
+    def _sparse_epochs(self, loader, plan: GradientPlan, optimizer, scheduler, t: int) -> tuple[list[float], int, int, int]:
+        """Epochs 2..mi_epochs (SPEC 4.6) with the task's :class:`GradientPlan`.
 
+        Gradients land in one flat buffer; each step draws its keep decisions for the eligible entries only,
+        masks the buffer in place and steps SGD. Losses, non-zero counts and the draw check stay on the device
+        and are read once per epoch (no host synchronisation inside a step).
+
+        Returns:
+            (mean loss of each epoch, steps, non-zero backbone gradient entries summed over steps,
+            steps whose draws fell short, see :meth:`GradientPlan.sample`).
+        """
+        cfg, epochs, dev = self.cfg, self.cfg.mi_epochs, self.device
+        params = self.named_trainables()
+        flat = FlatGradients(params)
+        dense = cfg.sparse_weight_decay or cfg.hard_freeze  # the fixes act per tensor (SPEC 9.4)
+        counters = torch.zeros(2, dtype=torch.int64, device=dev)  # non-zero entries, short draws
+        losses, steps = [], 0
+        flat.attach()
+        for epoch in range(2, epochs + 1):
+            self.network.train()
+            running = torch.zeros((), dtype=torch.float64, device=dev)
+            for _, x, y in tqdm(loader, desc=f"MIST epoch {epoch}/{epochs}", leave=False, disable=not cfg.progress):
+                loss = self.loss(x.to(dev, non_blocking=True), y.to(dev, non_blocking=True))
+                loss.backward()
+                positions, short = plan.sample(cfg.keep_prob, self.drop_generator)
+                if dense:
+                    counters[0] += self.step(optimizer, params, plan.dense(positions))
+                    flat.buffer.zero_()
+                else:
+                    idx, nonzero = plan.apply_(flat.buffer, positions, self.backbone_numel)
+                    optimizer.step()
+                    plan.clear_(flat.buffer, idx)
+                    counters[0] += nonzero
+                counters[1] += short
+                running += loss.detach().double()
+                steps += 1
+            self._scheduler_step(scheduler)
+            losses.append(float(running) / max(len(loader), 1))
+            logger.info("Task %d, Epoch %d/%d => miLoss %.3f", t, epoch, epochs, losses[-1])
+        if not flat.attached():
+            raise RuntimeError("the flat gradient buffer was detached during the sparse epochs")
+        flat.detach()
+        nonzero, short = (int(v) for v in counters.tolist())
+        return losses, steps, nonzero, short
 
 class CEAblationTuner(SparseTuner):
     """The official CE ablations, on SimpleCIL-MIST's working pattern for both learners (SPEC 5, 9.16, 9.24).
