@@ -126,6 +126,15 @@ class ExperimentConfig:
         None, "Batch size of feature extraction and evaluation (no gradients); null = the learner's batch size.", min=1
     )
     progress: bool = _f(True, "Show tqdm progress bars.")
+    deterministic: bool = _f(
+        False, "Deterministic algorithms (torch.use_deterministic_algorithms, cuBLAS workspace): GPU runs repeat "
+        "bit for bit on the same GPU model and software, at a speed cost (see README).",
+    )
+    verify_images: bool = _f(False, "Open every image file once before training, naming any unreadable one.")
+    stop_after_task: Optional[int] = _f(
+        None, "Stop after this task (0-based) as if interrupted, leaving a resumable run (testing resume).", min=0
+    )
+    check_replicas: bool = _f(False, "torchrun: compare a parameter checksum across ranks at the end of each task.")
 
     # ------------------------------------------------------------------------------------------
     @property
