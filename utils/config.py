@@ -11,19 +11,26 @@ boolean or enum fields whose defaults reproduce the official behaviour (see docs
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
 import json
+import math
+import re
+import sys
 import types
 import typing
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence, Union
 
 from utils.errors import ConfigError
 
 SPR_CHOICES = ("mist", "none", "rand", "l2", "grad", "run", "cerun")
 DATASETS = ("cifar224", "cub", "imagenetr", "imageneta", "cars", "fmnist")
+SEED_MAX = 2**32 - 1  # numpy.random.seed accepts 0 .. 2**32 - 1
+NONFINITE_NOTE = "NaN, Infinity and numbers too large for a float (such as 1e400) are not allowed"
+DEVICE_FORMS = '["0"] (cuda:0), "cpu", -1 (cpu), "cuda:N" or "mps"'
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -167,7 +174,9 @@ def _type_name(tp: Any) -> str:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return " or ".join(_type_name(a) for a in args) + " or null"
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        (item_tp,) = typing.get_args(tp)
+        plural = {int: "integers", str: "strings"}.get(item_tp, "such values")
+        return f"{_type_name(item_tp)} or a list of {plural}"
     if origin is dict:
         return "an object"
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
@@ -191,11 +200,24 @@ def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
         (item_tp,) = typing.get_args(tp)
         items = value if isinstance(value, list) else [value]
         if key == "device":  # official forms: ["0"], ["0","1"], "cpu", -1
+            for v in items:
+                if isinstance(v, bool) or not isinstance(v, (str, int)):
+                    raise ConfigError(f"{where}: key 'device' has value {value!r}; expected {DEVICE_FORMS}.")
             return [str(v) for v in items]
+        if value is None:
+            raise bad()
         return [_coerce(key, v, item_tp, where) for v in items]
     if origin is dict:
         if not isinstance(value, dict):
             raise bad()
+        for name in value:
+            if not isinstance(name, str):
+                raise ConfigError(f"{where}: key '{key}' has value {value!r} with the non-string key {name!r}; "
+                                  "expected an object whose keys are strings.")
+        inner = _first_nonfinite(value)
+        if inner is not None:
+            raise ConfigError(f"{where}: key '{key}' has a non-finite number at {key}{inner}; "
+                              f"expected finite numbers; {NONFINITE_NOTE}.")
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
@@ -211,16 +233,28 @@ def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
             return parsed
         raise bad()
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+                raise bad(f" such as {int(value)}")  # 2000.0: JSON floats are not taken for integer keys
+            if isinstance(value, float) and not math.isfinite(value):
+                raise bad(f"; {NONFINITE_NOTE}")
             raise bad()
         return int(value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad()
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond the float range
+            raise bad(f"; {NONFINITE_NOTE}") from None
+        if not math.isfinite(number):
+            raise bad(f"; {NONFINITE_NOTE}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise bad()
+        if "\x00" in value:  # a NUL character fails every later use as a path or file name
+            raise bad(" without NUL characters")
         return value
     raise TypeError(f"unsupported field type {tp!r} for {key}")
 
@@ -241,49 +275,118 @@ def _check_range(key: str, value: Any, where: str) -> None:
             raise ConfigError(f"{where}: key '{key}' has value {value!r}; expected a value {sym} {meta[name]}.")
 
 
+def _check_value(key: str, value: Any, where: str) -> None:
+    """Check one coerced value on its own: metadata bounds, then the list keys' own rules."""
+    _check_range(key, value, where)
+    if key == "seed":
+        if not value:
+            raise ConfigError(f"{where}: key 'seed' is an empty list; expected at least one integer seed.")
+        seen: set[int] = set()
+        for seed in value:
+            if not 0 <= seed <= SEED_MAX:
+                raise ConfigError(f"{where}: key 'seed' has value {seed!r}; expected an integer seed from 0 to "
+                                  f"{SEED_MAX} (numpy's seed range).")
+            if seed in seen:
+                raise ConfigError(f"{where}: key 'seed' has value {value!r}, which lists seed {seed} more than once; "
+                                  "expected distinct seeds (each seed runs once and writes its own seed folder).")
+            seen.add(seed)
+    if key == "device" and not value:
+        raise ConfigError(f"{where}: key 'device' is an empty list; expected e.g. [\"0\"] or \"cpu\".")
+
+
+def _first_nonfinite(value: Any, path: str = "") -> Optional[str]:
+    """Where the first NaN/Infinity float sits in a JSON value: "" for the value itself, e.g. '["x"]' or
+    '[1]' inside it, or None when every number is finite. Dicts and lists are walked in document order."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path
+    if isinstance(value, dict):
+        items = ((f"[{json.dumps(k) if isinstance(k, str) else repr(k)}]", v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for step, item in items:
+        found = _first_nonfinite(item, path + step)
+        if found is not None:
+            return found
+    return None
+
+
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|-?Infinity|NaN|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?')
+
+
+def _locate_nonfinite(text: str) -> Optional[tuple[str, int, int]]:
+    """The first NaN, Infinity, -Infinity or overflowing number (1e400) outside strings in JSON text
+    that parsed: (token, line, column), or None."""
+    for match in _JSON_TOKEN.finditer(text):
+        token = match.group()
+        if token.startswith('"'):
+            continue
+        if token in ("NaN", "Infinity", "-Infinity") or (
+            any(c in token for c in ".eE") and not math.isfinite(float(token))
+        ):
+            pos = match.start()
+            return token, text.count("\n", 0, pos) + 1, pos - text.rfind("\n", 0, pos)
+    return None
+
+
 def _unknown_key(key: str, where: str) -> ConfigError:
     close = difflib.get_close_matches(key, list(FIELDS), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else "; see README.md for the list of keys."
     return ConfigError(f"{where}: unknown key '{key}'{hint}")
 
 
-def config_from_dict(raw: dict[str, Any], where: str = "<config>") -> ExperimentConfig:
+def config_from_dict(
+    raw: Mapping[str, Any], where: str = "<config>", origins: Optional[Mapping[str, str]] = None
+) -> ExperimentConfig:
     """Validate a raw key/value mapping and build the config.
 
     Args:
         raw: keys and JSON values, e.g. a loaded experiment file.
         where: the file name (or other origin) quoted in error messages.
+        origins: per-key origins that replace ``where`` in messages about those keys, e.g.
+            ``{"spr": "--set spr=bogus"}`` for values given on the command line.
 
     Raises:
         ConfigError: an unknown key (with the closest valid key), a value of the wrong type, a value
             out of range, or an inconsistent combination.
     """
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a JSON object of key/value pairs at the top level, not {raw!r}.")
+    known = dict(origins or {})
+
+    def origin(key: str) -> str:
+        return known.get(key, where)
+
     values: dict[str, Any] = {}
     for key, value in raw.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}: key {key!r} is not a string; see README.md for the list of keys.")
         if key not in FIELDS:
-            raise _unknown_key(key, where)
-        coerced = "none" if key == "spr" and value is None else _coerce(key, value, _HINTS[key], where)
-        _check_range(key, coerced, where)
+            raise _unknown_key(key, origin(key))
+        coerced = "none" if key == "spr" and value is None else _coerce(key, value, _HINTS[key], origin(key))
+        _check_value(key, coerced, origin(key))
         values[key] = coerced
     cfg = ExperimentConfig(**values)
     if cfg.backbone_type:
         cfg.convnet_type = cfg.backbone_type
-    _validate(cfg, where)
+    _validate(cfg, origin)
     return cfg
 
 
-def _validate(cfg: ExperimentConfig, where: str) -> None:
+def _validate(cfg: ExperimentConfig, origin: Callable[[str], str]) -> None:
+    """Checks on whole keys and across keys; ``origin(key)`` names where a key's value came from."""
     if cfg.spr not in SPR_CHOICES:
-        raise ConfigError(f"{where}: key 'spr' has value {cfg.spr!r}; expected one of {', '.join(SPR_CHOICES)}.")
+        raise ConfigError(f"{origin('spr')}: key 'spr' has value {cfg.spr!r}; expected one of {', '.join(SPR_CHOICES)}.")
     if cfg.dataset not in DATASETS:
         close = difflib.get_close_matches(cfg.dataset, DATASETS, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"{where}: key 'dataset' has value {cfg.dataset!r}; expected one of {', '.join(DATASETS)}{hint}.")
-    if not cfg.seed:
-        raise ConfigError(f"{where}: key 'seed' is an empty list; expected at least one integer seed.")
-    if not cfg.device:
-        raise ConfigError(f"{where}: key 'device' is an empty list; expected e.g. [\"0\"] or \"cpu\".")
+        raise ConfigError(
+            f"{origin('dataset')}: key 'dataset' has value {cfg.dataset!r}; expected one of {', '.join(DATASETS)}{hint}."
+        )
     if cfg.weights_path is not None and not cfg.pretrained:
+        where_w, where_p = origin("weights_path"), origin("pretrained")
+        where = where_w if where_w == where_p else f"{where_w} and {where_p}"
         raise ConfigError(f"{where}: key 'weights_path' is set but key 'pretrained' is false; remove one of them.")
     from models import LEARNERS  # local import: models depends on utils
 
@@ -291,7 +394,8 @@ def _validate(cfg: ExperimentConfig, where: str) -> None:
         close = difflib.get_close_matches(cfg.model_name, list(LEARNERS), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(
-            f"{where}: key 'model_name' has value {cfg.model_name!r}; expected one of {', '.join(sorted(LEARNERS))}{hint}."
+            f"{origin('model_name')}: key 'model_name' has value {cfg.model_name!r}; "
+            f"expected one of {', '.join(sorted(LEARNERS))}{hint}."
         )
 
 
@@ -299,17 +403,112 @@ def parse_override(item: str) -> tuple[str, Any]:
     """Split one ``--set key=value`` item; the value is JSON if it parses, else a plain string.
 
     Raises:
-        ConfigError: the item has no '='.
+        ConfigError: the item has no '=' or no key before it.
     """
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set mi_epochs=2")
     key, text = item.split("=", 1)
     key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r}: expected key=value with a key name before '=', e.g. --set mi_epochs=2")
     try:
         value = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON (JSONDecodeError), an over-long integer, deep nesting
         value = text
     return key, value
+
+
+def _read_json_file(path: Union[str, Path]) -> dict[str, Any]:
+    """Read and parse one config file: a JSON object in UTF-8, no duplicate keys, finite numbers only.
+
+    Raises:
+        ConfigError: the path is missing, a directory or unreadable; the bytes are not UTF-8; the text
+            is not JSON or not an object; a key repeats; a number is NaN, Infinity or overflows.
+    """
+    where = str(path)
+    p = Path(path)
+    example = "expected a JSON file such as exps/ranpac/cifar.json"
+    try:
+        if p.is_dir():
+            raise ConfigError(f"config file {where} is a directory ({example}).")
+        if not p.is_file():
+            if p.exists():
+                raise ConfigError(f"config file {where} is not a regular file ({example}).")
+            raise ConfigError(f"config file {where!s} does not exist ({example}).")
+        data = p.read_bytes()
+    except OSError as exc:  # permission denied, name too long, I/O error
+        raise ConfigError(f"config file {where} cannot be read: {exc.strerror or exc} ({example}).") from None
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = data[start:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = start + exc.start
+        line = data.count(b"\n", 0, offset) + 1
+        raise ConfigError(
+            f"{where}: not valid UTF-8: byte 0x{data[offset]:02x} at byte offset {offset} (line {line}) cannot be "
+            "decoded; save the file as UTF-8."
+        ) from None
+    if not text.strip():
+        raise ConfigError(f"{where}: the file is empty; expected a JSON object of key/value pairs.")
+
+    duplicates: list[tuple[dict, str, Any, Any]] = []
+
+    def pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in obj:
+                duplicates.append((obj, key, obj[key], value))
+            obj[key] = value
+        return obj
+
+    try:
+        raw = json.loads(text, object_pairs_hook=pairs_hook)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{where}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}.") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: invalid JSON: arrays or objects are nested too deeply to read.") from None
+    except ValueError:  # an integer literal with more digits than Python converts
+        limit = getattr(sys, "get_int_max_str_digits", lambda: 4300)()
+        raise ConfigError(f"{where}: invalid JSON: a number has more than {limit} digits.") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a JSON object of key/value pairs at the top level.")
+    if duplicates:
+        obj, key, first, second = duplicates[0]
+        if obj is raw:
+            raise ConfigError(f"{where}: key '{key}' appears more than once (values {first!r} and {second!r}); "
+                              "expected each key once.")
+        top = next((k for k, v in raw.items() if _holds(v, obj)), "?")
+        raise ConfigError(f"{where}: key '{top}' holds an object in which key '{key}' appears more than once "
+                          f"(values {first!r} and {second!r}); expected each key once.")
+    for key, value in raw.items():
+        inner = _first_nonfinite(value)
+        if inner is None:
+            continue
+        if key not in FIELDS:
+            break  # config_from_dict names the unknown key first
+        tp = _HINTS[key]
+        if not inner:
+            expected = _type_name(tp)
+        elif typing.get_origin(tp) is list:
+            expected = _type_name(typing.get_args(tp)[0])
+        else:
+            expected = "a finite number"
+        found = _locate_nonfinite(text)  # the same number: both walk the document in order
+        token, at = (found[0], f" (line {found[1]}, column {found[2]})") if found else (repr(value), "")
+        nested = f" at {key}{inner}" if inner else ""
+        raise ConfigError(f"{where}: key '{key}' has value {token}{nested}{at}; expected {expected}; {NONFINITE_NOTE}.")
+    return raw
+
+
+def _holds(value: Any, target: Any) -> bool:
+    """Whether ``target`` is ``value`` or nested inside it (by identity)."""
+    if value is target:
+        return True
+    if isinstance(value, dict):
+        return any(_holds(v, target) for v in value.values())
+    if isinstance(value, list):
+        return any(_holds(v, target) for v in value)
+    return False
 
 
 def load_config(path: Optional[Union[str, Path]], overrides: Sequence[str] = ()) -> ExperimentConfig:
@@ -318,33 +517,36 @@ def load_config(path: Optional[Union[str, Path]], overrides: Sequence[str] = ())
     Args:
         path: JSON file with official keys, or None for all defaults.
         overrides: ``key=value`` strings, applied in order after the file; values are parsed against
-            the key's type (``--set use_RP=False``, ``--set seed=[1,2]``, ``--set device=cpu``).
+            the key's type (``--set use_RP=False``, ``--set seed=[1,2]``, ``--set device=cpu``; a number
+            or true/false given for a string key, e.g. ``--set prefix=2024``, is kept as the text).
 
     Raises:
         ConfigError: unreadable file, invalid JSON, or any validation error (see config_from_dict).
+            Errors about a value given with ``--set`` name that ``--set KEY=VALUE``, not the file.
     """
     raw: dict[str, Any] = {}
     where = "<defaults>"
     if path is not None:
         where = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {where!s} does not exist (expected a JSON file such as exps/ranpac/cifar.json).")
-        try:
-            raw = json.loads(p.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{where}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}.") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{where}: expected a JSON object of key/value pairs at the top level.")
+        raw = _read_json_file(path)
         raw["config"] = where
+    origins: dict[str, str] = {}
     for item in overrides:
         key, value = parse_override(item)
+        origin = f"--set {item}"
         if key not in FIELDS:
-            raise _unknown_key(key, f"--set {item}")
-        if _HINTS[key] in (bool, Optional[bool]) and value in ("True", "False"):
+            raise _unknown_key(key, origin)
+        tp = _HINTS[key]
+        text = item.split("=", 1)[1].strip()
+        if tp in (str, Optional[str]) and isinstance(value, (bool, int, float)):
+            value = text  # a name that reads as a number or boolean, e.g. prefix=2024 or prefix=NaN
+        if _first_nonfinite(value) is not None:
+            raise ConfigError(f"{origin}: key '{key}' has value {text}; expected {_type_name(tp)}; {NONFINITE_NOTE}.")
+        if tp in (bool, Optional[bool]) and value in ("True", "False"):
             value = value == "True"  # a command-line word, not the official JSON string quirk
         if not (key == "spr" and value is None):
-            value = _coerce(key, value, _HINTS[key], f"--set {item}")
-            _check_range(key, value, f"--set {item}")
+            value = _coerce(key, value, tp, origin)
+            _check_value(key, value, origin)
         raw[key] = value
-    return config_from_dict(raw, where)
+        origins[key] = origin
+    return config_from_dict(raw, where, origins)
