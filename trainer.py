@@ -3,21 +3,24 @@
 Only this module iterates over tasks. Output layout (never overwritten)::
 
     <output_dir>/<model_name>_<spr>_<dataset>/<YYYYmmdd-HHMMSS>/seed<seed>/
-        config.json    resolved config, library versions, git commit
+        config.json    resolved config, library versions, git commit, GPU, TF32 and determinism settings
         <model_name>_<spr>_<dataset>_seed<seed>.log
-        results.json   per-task accuracies, accuracy matrix, A-bar, A_B, forgetting, A_tt (rewritten after each task)
+        results.json   status, per-task accuracies, accuracy matrix, A-bar, A_B, forgetting, A_tt (after each task)
+        checkpoint.pt  what the rest of the run needs (--resume), rewritten atomically after each task
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
+import math
 import platform
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,11 +28,13 @@ import torch
 from backbones import backbone_mean_std, build_backbone
 from models import build_learner
 from models.base import TaskData
-from utils.config import ExperimentConfig
+from utils.config import ExperimentConfig, config_from_dict, load_config, parse_override
 from utils.data_manager import DataManager
 from utils.datasets import default_norm, load_source
 from utils.metrics import grouped_accuracy, summarize, task_accuracies, topk_accuracy
-from utils.runtime import OFFICIAL_TORCH_SEED, resolve_device, seed_torch, setup_logging
+from utils.errors import CheckpointError, ConfigError, UserError
+from utils.runtime import (OFFICIAL_TORCH_SEED, log_traceback, resolve_device, rng_state, runtime_info, seed_torch,
+                           set_rng_state, setup_logging)
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent
@@ -77,8 +82,8 @@ def _json_default(obj: Any) -> Any:
 
 
 def _finite(obj: Any) -> Any:
-    if isinstance(obj, float) and obj != obj:
-        return None  # NaN (e.g. accuracy over an empty class range) is not valid JSON
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None  # NaN (e.g. accuracy over an empty class range) and infinities are not valid JSON
     if isinstance(obj, dict):
         return {k: _finite(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -93,15 +98,77 @@ def write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
+class RunStopped(Exception):
+    """The run stopped on purpose before its last task (``stop_after_task``); it can be resumed."""
+
+
 def run(cfg: ExperimentConfig, output_dir: Path) -> list[Path]:
-    """Run every seed of ``cfg`` one after another.
+    """Run every seed of ``cfg`` one after another in a new run folder.
 
     Returns:
         The results.json path of each seed.
+
+    Raises:
+        RunStopped: ``stop_after_task`` was reached (the run folder can be resumed).
     """
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = _unique_dir(Path(output_dir) / run_name(cfg) / stamp)
     return [run_seed(cfg, seed, run_dir / f"seed{seed}") for seed in cfg.seed]
+
+
+RESUMABLE_KEYS = ("device", "num_workers", "progress", "eval_batch_size", "stop_after_task", "verify_images")
+
+
+def resume(run_dir: Path, overrides: Sequence[str] = ()) -> list[Path]:
+    """Continue a run folder written by :func:`run` after its last completed task, seed by seed.
+
+    The config is the one saved in the folder (``seed*/config.json``); ``overrides`` may change only keys
+    that do not affect the results (``RESUMABLE_KEYS``). Seeds already complete are kept as they are.
+
+    Raises:
+        ConfigError: the folder holds no run, or an override changes a key that affects the results.
+    """
+    run_dir = Path(run_dir)
+    seed_dirs = sorted(p.parent for p in run_dir.glob("seed*/config.json"))
+    if not seed_dirs:
+        if (run_dir / "config.json").is_file():  # a seed folder was given
+            seed_dirs, run_dir = [run_dir], run_dir.parent
+        else:
+            raise ConfigError(f"--resume {run_dir}: no seed*/config.json there; expected a run folder written by "
+                              "main.py (e.g. runs/<name>/<timestamp>).")
+    try:
+        saved = json.loads((seed_dirs[0] / "config.json").read_text())
+        raw = {k: v for k, v in saved["config"].items() if k != "seed"}
+        raw["seed"] = saved["seeds"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"--resume {run_dir}: {seed_dirs[0] / 'config.json'} cannot be read as a saved run config "
+                          f"({type(exc).__name__}: {exc}).") from None
+    for item in overrides:
+        key, _ = parse_override(item)
+        if key not in RESUMABLE_KEYS:
+            raise ConfigError(f"--set {item}: '{key}' cannot change when resuming (it affects the results); only "
+                              f"{', '.join(RESUMABLE_KEYS)} can.")
+    cfg = config_from_dict(raw, str(seed_dirs[0] / "config.json"))
+    for item in overrides:  # validated as on the command line, one key at a time
+        key, _ = parse_override(item)
+        cfg = dataclasses.replace(cfg, **{key: getattr(load_config(None, [item]), key)})
+    paths = []
+    for seed in cfg.seed:
+        out = run_dir / f"seed{seed}"
+        status = _status(out / "results.json")
+        if status == "complete":
+            logger.info("seed %d is complete; kept as it is", seed)
+            paths.append(out / "results.json")
+            continue
+        paths.append(run_seed(cfg, seed, out, resume=True))
+    return paths
+
+
+def _status(path: Path) -> Optional[str]:
+    try:
+        return json.loads(path.read_text()).get("status")
+    except (OSError, ValueError):
+        return None
 
 
 def _data_manager(cfg: ExperimentConfig, seed: int) -> DataManager:
@@ -110,52 +177,132 @@ def _data_manager(cfg: ExperimentConfig, seed: int) -> DataManager:
     else:
         norm = backbone_mean_std(cfg.convnet_type) if cfg.use_input_norm else None
     source = load_source(cfg.dataset, cfg.data_root, cfg.input_size, norm, cfg.download,
-                         cfg.train_per_class, cfg.test_per_class)
+                         cfg.train_per_class, cfg.test_per_class, verify_images=cfg.verify_images)
     return DataManager(source, cfg.shuffle, seed, cfg.init_cls, cfg.increment)
 
 
-def run_seed(cfg: ExperimentConfig, seed: int, out: Path) -> Path:
-    """One full class-incremental run for ``seed``; results.json is rewritten after every task.
+def run_seed(cfg: ExperimentConfig, seed: int, out: Path, resume: bool = False) -> Path:
+    """One full class-incremental run for ``seed``; results.json and a checkpoint are rewritten after every task.
+
+    results.json carries ``status``: ``running`` while the run goes, then ``complete``, ``failed`` (with
+    ``error``; the traceback is in the log) or ``interrupted`` (Ctrl-C, SIGTERM, ``stop_after_task``).
+
+    Args:
+        resume: continue after the last task saved in ``out/checkpoint.pt`` (a fresh start if there is none).
 
     Raises:
-        UserError subclasses for missing data/weights or a bad device, before any training.
+        UserError subclasses for missing data/weights or a bad device, before any training; RunStopped;
+        KeyboardInterrupt; any failure of the run (after recording it).
     """
     out.mkdir(parents=True, exist_ok=True)
-    setup_logging(out / f"{run_name(cfg)}_seed{seed}.log")
+    log_file = out / f"{run_name(cfg)}_seed{seed}.log"
+    setup_logging(log_file)
     resolved = {**cfg.to_dict(), "seed": seed}
     for key, value in resolved.items():
         logger.info("%s: %s", key, value)
-    write_json(out / "config.json", {"config": resolved, "seeds": cfg.seed, "environment": environment_info()})
-
-    data = _data_manager(cfg, seed)  # data first: a missing data set fails in seconds
-    device = resolve_device(cfg.device)
-    seed_torch(seed if cfg.seed_torch_with_seed else OFFICIAL_TORCH_SEED, cfg.allow_tf32)
-    backbone = build_backbone(cfg.convnet_type, cfg.pretrained, cfg.weights_path, cfg.input_size, **cfg.backbone_kwargs)
-    learner = build_learner(cfg, backbone, device, seed)
-
-    results: dict[str, Any] = {"config": resolved, "seed": seed, "class_order": data.class_order,
-                               "task_sizes": data.increments, "device": str(device), "tasks": [],
-                               "top1_curve": [], "top5_curve": [], "att_curve": [], "accuracy_matrix": [],
-                               "complete": False}
-    ranges = [data.task_classes(t) for t in range(data.nb_tasks)]
-    for t in range(data.nb_tasks):
-        known, seen = ranges[t]
-        total, trainable = learner.count_parameters()
-        logger.info("All params: %d", total)
-        logger.info("Trainable params: %d", trainable)
-        start = time.perf_counter()
-        task = TaskData(t, known, seen, data.n_classes,
-                        train=data.get_dataset(range(known, seen), "train", "train"),
-                        train_eval=data.get_dataset(range(known, seen), "train", "test"),
-                        test=data.get_dataset(range(0, seen), "test", "test"))
-        report = learner.learn_task(task)
-        y_topk, y_true = learner.predict(task.test)
-        seconds = time.perf_counter() - start
-        _record_task(results, t, (known, seen), y_topk, y_true, ranges[: t + 1], report, seconds)
+    results: dict[str, Any] = {"config": resolved, "seed": seed, "status": "running", "complete": False, "tasks": [],
+                               "top1_curve": [], "top5_curve": [], "att_curve": [], "accuracy_matrix": []}
+    checkpoint = out / CHECKPOINT_NAME
+    try:
+        device = resolve_device(cfg.device)  # before any data loads: a bad device fails in a second
+        if not (resume and (out / "config.json").is_file()):
+            write_json(out / "config.json", {"config": resolved, "seeds": cfg.seed, "environment": environment_info(),
+                                             "runtime": runtime_info(device, cfg)})
         write_json(out / "results.json", results)
-    results["complete"] = True
-    write_json(out / "results.json", results)
-    return out / "results.json"
+        data = _data_manager(cfg, seed)
+        seed_torch(seed if cfg.seed_torch_with_seed else OFFICIAL_TORCH_SEED, cfg.allow_tf32, cfg.deterministic)
+        backbone = build_backbone(cfg.convnet_type, cfg.pretrained, cfg.weights_path, cfg.input_size,
+                                  **cfg.backbone_kwargs)
+        learner = build_learner(cfg, backbone, device, seed)
+        results.update({"class_order": data.class_order, "task_sizes": data.increments, "device": str(device)})
+        first = 0
+        if resume and checkpoint.is_file():
+            results, first = load_checkpoint(checkpoint, learner)
+            results["status"] = "running"
+            logger.info("Resumed from %s after task %d", checkpoint, first - 1)
+        ranges = [data.task_classes(t) for t in range(data.nb_tasks)]
+        for t in range(first, data.nb_tasks):
+            _run_task(learner, data, t, ranges, results)
+            write_json(out / "results.json", results)
+            save_checkpoint(checkpoint, learner, results, t + 1)
+            if cfg.stop_after_task is not None and t == cfg.stop_after_task and t + 1 < data.nb_tasks:
+                raise RunStopped(f"stopped after task {t} (stop_after_task); continue with --resume {out.parent}")
+        results["status"], results["complete"] = "complete", True
+        write_json(out / "results.json", results)
+        return out / "results.json"
+    except (KeyboardInterrupt, RunStopped) as exc:
+        results["status"] = "interrupted"
+        results["error"] = str(exc) or type(exc).__name__
+        write_json(out / "results.json", results)
+        raise
+    except BaseException as exc:
+        results["status"], results["error"] = "failed", f"{type(exc).__name__}: {exc}"
+        write_json(out / "results.json", results)
+        if not isinstance(exc, UserError):
+            log_traceback(exc)
+        raise
+
+
+def _run_task(learner, data: DataManager, t: int, ranges: list, results: dict) -> None:
+    """Learn and evaluate task ``t``, log the official lines and append its metrics to ``results``."""
+    known, seen = ranges[t]
+    total, trainable = learner.count_parameters()
+    logger.info("All params: %d", total)
+    logger.info("Trainable params: %d", trainable)
+    start = time.perf_counter()
+    task = TaskData(t, known, seen, data.n_classes,
+                    train=data.get_dataset(range(known, seen), "train", "train"),
+                    train_eval=data.get_dataset(range(known, seen), "train", "test"),
+                    test=data.get_dataset(range(0, seen), "test", "test"))
+    report = learner.learn_task(task)
+    y_topk, y_true = learner.predict(task.test)
+    seconds = time.perf_counter() - start
+    _record_task(results, t, (known, seen), y_topk, y_true, ranges[: t + 1], report, seconds)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = "mist-cl checkpoint v1"
+
+
+def save_checkpoint(path: Path, learner, results: dict, next_task: int) -> None:
+    """Write everything the rest of the run needs, atomically (temporary file, then rename).
+
+    Holds the learner (backbone, heads, tuning state and its generators), the metrics so far (results.json
+    as text) and every global random state (torch CPU and CUDA, numpy, Python).
+    """
+    state = {"format": CHECKPOINT_FORMAT, "next_task": next_task, "results": json.dumps(_finite(results),
+                                                                                         default=_json_default),
+             "learner": learner.state_dict(), "rng": rng_state()}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, learner) -> tuple[dict, int]:
+    """Restore ``learner`` and the global random states from a checkpoint (``weights_only=True``).
+
+    Returns:
+        (results so far, index of the next task).
+
+    Raises:
+        CheckpointError: the file is truncated, not a mist-cl checkpoint, or does not fit this run.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, pickle of foreign objects, ...
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); it is truncated or "
+                              "not a mist-cl checkpoint. Delete it to restart that seed from its first task.") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a mist-cl checkpoint (format {CHECKPOINT_FORMAT!r} expected).")
+    try:
+        learner.load_state_dict(state["learner"])
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit this run's learner ({exc}).") from None
+    set_rng_state(state["rng"])
+    return json.loads(state["results"]), int(state["next_task"])
 
 
 def _record_task(results: dict, t: int, classes: tuple[int, int], y_topk: np.ndarray, y_true: np.ndarray,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import numpy as np
 import torch
@@ -78,10 +78,23 @@ class Learner(abc.ABC):
         """Loader batch size: the JSON value, unless the learner's official code hard-codes one."""
         return self.cfg.batch_size
 
-    def loader(self, dataset: Dataset, shuffle: bool):
-        """A seeded DataLoader over ``dataset`` with the learner's batch size."""
-        return make_loader(dataset, self.batch_size, shuffle, self.cfg.num_workers, self.loader_generator,
-                           pin_memory=self.device.type == "cuda")
+    @property
+    def eval_batch_size(self) -> int:
+        """Batch size of feature extraction and evaluation: ``eval_batch_size``, null = ``batch_size``.
+
+        Only the batching changes: a shuffled extraction visits the images in the same order whatever
+        its batch size (the sampler's permutation depends on the loader generator alone).
+        """
+        return self.cfg.eval_batch_size or self.batch_size
+
+    def loader(self, dataset: Dataset, shuffle: bool, batch_size: Optional[int] = None):
+        """A seeded DataLoader over ``dataset``; ``batch_size`` defaults to the learner's (training) batch size.
+
+        Every loader draws from the run's one ``loader_generator`` (see ``make_loader`` for what each epoch
+        draws), so the shuffles of a run depend on how many epochs all loaders ran before, not on batch sizes.
+        """
+        return make_loader(dataset, batch_size or self.batch_size, shuffle, self.cfg.num_workers,
+                           self.loader_generator, pin_memory=self.device.type == "cuda")
 
     # ---- protocol ----------------------------------------------------------------------------
     def learn_task(self, task: TaskData) -> dict[str, Any]:
@@ -111,37 +124,82 @@ class Learner(abc.ABC):
         """features (B, D) float32 on ``device`` -> logits (B, seen) over every class seen so far."""
 
     # ---- shared helpers ----------------------------------------------------------------------
-    @torch.no_grad()
-    def extract_features(self, dataset: Dataset, shuffle: bool = False, desc: str = "features"):
-        """Backbone features of a dataset, in loader order.
+    @torch.inference_mode()
+    def extract_features(self, dataset: Dataset, shuffle: bool = False,
+                         desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone features of a dataset, in loader order, batches of ``eval_batch_size``.
+
+        Runs under ``torch.inference_mode``: the outputs are inference tensors (no autograd history;
+        reading them anywhere is fine, updating them in place outside inference mode raises, so
+        ``clone()`` them first). Inputs go to the device with ``non_blocking`` (pinned memory on CUDA);
+        labels are gathered on the host and moved once, so the loop never waits for the device.
+
+        Args:
+            dataset: items ``(index, image (3,H,W) float32, label int64)``.
+            shuffle: shuffled loader order (draws from ``loader_generator``), as the official head updates.
+            desc: progress-bar label.
 
         Returns:
             (features (N, D) float32 on ``device``, labels (N,) int64 on ``device``).
         """
         self.backbone.eval()
         feats, labels = [], []
-        for _, x, y in tqdm(self.loader(dataset, shuffle), desc=desc, leave=False, disable=not self.cfg.progress):
+        loader = self.loader(dataset, shuffle, self.eval_batch_size)
+        for _, x, y in tqdm(loader, desc=desc, leave=False, disable=not self.cfg.progress):
             with autocast(self.device, self.cfg.precision):
                 feats.append(self.backbone(x.to(self.device, non_blocking=True)).float())
-            labels.append(y.to(self.device))
-        return torch.cat(feats), torch.cat(labels).long()
+            labels.append(y)
+        return torch.cat(feats), torch.cat(labels).long().to(self.device)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict(self, dataset: Dataset, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
         """Top-k predictions on ``dataset`` (official ``_eval_cnn``: torch.topk, sorted).
 
+        Batches of ``eval_batch_size``, under ``torch.inference_mode``. The top-k indices stay on the
+        device and come to the host once at the end; labels never leave the host.
+
         Returns:
-            (y_topk (N, min(k, seen)) int64, y_true (N,) int64), numpy arrays.
+            (y_topk (N, min(k, seen)) int64, y_true (N,) int64), numpy arrays, in dataset order.
         """
         self.backbone.eval()
         preds, labels = [], []
-        for _, x, y in tqdm(self.loader(dataset, False), desc="evaluate", leave=False, disable=not self.cfg.progress):
+        loader = self.loader(dataset, False, self.eval_batch_size)
+        for _, x, y in tqdm(loader, desc="evaluate", leave=False, disable=not self.cfg.progress):
             with autocast(self.device, self.cfg.precision):
                 features = self.backbone(x.to(self.device, non_blocking=True)).float()
             out = self.logits(features)
-            preds.append(torch.topk(out, k=min(k, out.shape[1]), dim=1, largest=True, sorted=True)[1].cpu())
+            preds.append(torch.topk(out, k=min(k, out.shape[1]), dim=1, largest=True, sorted=True)[1])
             labels.append(y)
-        return torch.cat(preds).numpy(), torch.cat(labels).numpy()
+        return torch.cat(preds).cpu().numpy(), torch.cat(labels).long().numpy()
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything later tasks need: backbone, tuning phase (head, sparsity state, random streams), the
+        loader's random stream and the classifier (``head_state``). Tensors, lists and numbers only."""
+        return {"backbone": self.backbone.state_dict(), "loader_generator": self.loader_generator.get_state(),
+                "tuner": self.tuner.state_dict() if self.tuner is not None else None, "head": self.head_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`.
+
+        Raises:
+            KeyError, ValueError, RuntimeError: the state does not fit this learner (other backbone or method).
+        """
+        self.backbone.load_state_dict(state["backbone"])
+        self.loader_generator.set_state(state["loader_generator"])
+        if (state["tuner"] is None) != (self.tuner is None):
+            raise ValueError("the checkpoint's tuning phase does not match the config's spr")
+        if self.tuner is not None:
+            self.tuner.load_state_dict(state["tuner"])
+        self.load_head_state(state["head"])
+
+    @abc.abstractmethod
+    def head_state(self) -> dict[str, Any]:
+        """The classifier's state for a checkpoint (tensors or None)."""
+
+    @abc.abstractmethod
+    def load_head_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`head_state`, moving tensors to ``device``."""
 
     def modules(self) -> list[nn.Module]:
         """Every module holding parameters (for the official parameter-count log lines)."""

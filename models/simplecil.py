@@ -58,5 +58,12 @@ class SimpleCIL(Learner):
         grown[classes] = class_means(feats, labels, classes)
         self.prototypes = grown
 
+    def head_state(self) -> dict:
+        return {"prototypes": self.prototypes}
+
+    def load_head_state(self, state: dict) -> None:
+        protos = state["prototypes"]
+        self.prototypes = None if protos is None else protos.to(self.device)
+
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return F.linear(F.normalize(features, p=2, dim=1), F.normalize(self.prototypes, p=2, dim=1))

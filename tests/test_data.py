@@ -284,4 +284,7 @@ def test_fmnist_from_debian_package(tmp_path):
         assert image.shape == (3, 32, 32) and image.dtype == torch.float32
         torch.testing.assert_close(image[0], image[1])  # grayscale repeated to 3 channels
         torch.testing.assert_close(image[0], image[2])
-    assert (tmp_path / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file()  # decompressed once
+    assert not (tmp_path / "FashionMNIST").exists()  # the .gz files are read in memory: nothing written (issue 8)
+    full = load_source("fmnist", tmp_path, 32, None, download=False)
+    assert full.train.items.shape == (60000, 28, 28) and full.test.items.shape == (10000, 28, 28)
+    np.testing.assert_array_equal(np.bincount(full.test.targets), [1000] * 10)

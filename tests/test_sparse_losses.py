@@ -221,7 +221,7 @@ def test_flip_is_exact_mirror(monkeypatch):
     x = images(n, 6, 7)
     monkeypatch.setattr(losses, "GRAY_P", 0.0)
     aug = SecondViewAugment(make_generator(3))
-    monkeypatch.setattr(aug, "crop", lambda t: t)
+    monkeypatch.setattr(aug, "crop", lambda t, rows=None: t)
     out = aug(x)
     flipped = 0
     for i in range(n):
@@ -238,7 +238,7 @@ def test_grayscale_is_luma_on_all_channels(monkeypatch):
     x = images(n, 5, 6, seed=1)
     monkeypatch.setattr(losses, "GRAY_P", 1.0)
     aug = SecondViewAugment(make_generator(4))
-    monkeypatch.setattr(aug, "crop", lambda t: t)
+    monkeypatch.setattr(aug, "crop", lambda t, rows=None: t)
     out = aug(x)
     assert out.shape == x.shape and out.dtype == x.dtype
     for i in range(n):
@@ -252,7 +252,7 @@ def test_grayscale_probability(monkeypatch):
     n = 800
     x = images(n, 4, 4, seed=2)
     aug = SecondViewAugment(make_generator(5))
-    monkeypatch.setattr(aug, "crop", lambda t: t)
+    monkeypatch.setattr(aug, "crop", lambda t, rows=None: t)
     out = aug(x)
     gray = sum(bool(torch.equal(out[i, 0], out[i, 1]) and torch.equal(out[i, 1], out[i, 2])) for i in range(n))
     assert abs(gray - n * losses.GRAY_P) < 5 * math.sqrt(n * 0.25 * 0.75)

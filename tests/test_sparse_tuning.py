@@ -328,7 +328,7 @@ def test_mi_fisher_equals_hand_derived_squared_gradients():
     sizes = [4, 4, 2]
     batches = [(torch.arange(k), torch.randn(k, 3, generator=gen), torch.randn(k, 2, generator=gen)) for k in sizes]
 
-    def loss_fn(x, y):  # 0.5 * mean_i ||W x_i + b - y_i||^2
+    def loss_fn(x, y, step):  # 0.5 * mean_i ||W x_i + b - y_i||^2
         return 0.5 * ((net(x) - y) ** 2).sum(dim=1).mean()
 
     state = SparsityState(net.named_parameters())

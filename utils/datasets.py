@@ -2,16 +2,22 @@
 
 Each loader returns a :class:`DataSource`: the train and test :class:`Split` (images or file paths
 plus integer labels 0..C-1) and the torchvision transforms of the official code. Loading goes
-through torchvision (CIFAR100, FashionMNIST, ImageFolder); a missing data set raises
-:class:`DataNotFoundError` naming the data set, the path searched, the expected layout and the source.
+through torchvision (CIFAR100, ImageFolder) and a small IDX reader (Fashion-MNIST, plain or .gz); a
+missing data set raises :class:`DataNotFoundError` naming the data set, the path searched, the expected
+layout and the source. Data that is present but damaged or inconsistent (unreadable image, truncated
+IDX file, train/test class folders that differ) raises :class:`DataIntegrityError` naming the files.
 """
 
 from __future__ import annotations
 
 import gzip
 import logging
-import shutil
+import os
+import re
 import socket
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -21,7 +27,7 @@ from PIL import Image
 from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
 
-from utils.errors import DataNotFoundError
+from utils.errors import DataNotFoundError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +45,36 @@ IMAGE_FOLDERS = {
     "cars": ("cars196", "val", "Stanford Cars-196 (TFDS 'cars196' or the SLCA train/val split)"),
 }
 N_CLASSES = {"cifar224": 100, "cub": 200, "imagenetr": 200, "imageneta": 200, "cars": 196, "fmnist": 10}
+# IDX element types (type byte of the magic number) -> big-endian numpy dtype (SPEC 16)
+IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+class DataIntegrityError(UserError, ValueError):
+    """Data that is present but damaged or inconsistent: the message names the files and what is wrong."""
+
+
+class ImageReadError(DataIntegrityError):
+    """An image file cannot be decoded; the message names the file and PIL's error.
+
+    Takes one string, so a DataLoader worker can re-raise it in the main process (``ExceptionWrapper``
+    rebuilds it from "Caught ImageReadError in DataLoader worker process N. Original Traceback ...");
+    that text is cut back to the original one-line message plus the worker.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_from_worker_traceback(str(message)))
+
+
+def _from_worker_traceback(message: str) -> str:
+    """The original message inside a DataLoader worker's re-raise text, else ``message`` unchanged."""
+    head = re.match(r"Caught (\w+) (in DataLoader worker process \d+|in [^.\n]*)\.\nOriginal Traceback", message)
+    if head is None:
+        return message
+    for line in reversed(message.strip().splitlines()):
+        match = re.match(rf"(?:[\w.]+\.)?{head.group(1)}: (.*)", line)
+        if match:
+            return f"{match.group(1)} ({head.group(2)})"
+    return message
 
 
 @dataclass
@@ -54,11 +90,14 @@ class Split:
     targets: np.ndarray
 
     def image(self, i: int) -> Image.Image:
-        """Image ``i`` as an RGB PIL image (grayscale repeated to 3 channels)."""
+        """Image ``i`` as an RGB PIL image (grayscale repeated to 3 channels).
+
+        Raises:
+            ImageReadError: the file cannot be opened or decoded (names the file and PIL's message).
+        """
         item = self.items[i]
         if isinstance(item, (str, Path)):
-            with open(item, "rb") as fh:
-                return Image.open(fh).convert("RGB")
+            return open_image(item)
         return Image.fromarray(np.asarray(item)).convert("RGB")
 
     def subsample(self, per_class: Optional[int]) -> "Split":
@@ -69,6 +108,61 @@ class Split:
         keep.sort()
         items = self.items[keep] if isinstance(self.items, np.ndarray) else [self.items[i] for i in keep]
         return Split(items, self.targets[keep])
+
+
+def open_image(path: Union[str, Path]) -> Image.Image:
+    """Open and fully decode an image file as RGB (grayscale repeated to 3 channels).
+
+    Raises:
+        ImageReadError: missing, truncated or corrupt file ("cannot read image <path> (<PIL error>)").
+    """
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, EOFError, struct.error...
+        raise ImageReadError(f"cannot read image {path} ({type(exc).__name__}: {exc}); replace or delete the file, "
+                             "or set verify_images: true to list every unreadable file before training") from exc
+
+
+def verify_images(*splits: Split, workers: Optional[int] = None) -> int:
+    """Open and decode every image file of the splits once, and report all unreadable files in one error.
+
+    Array-backed splits (CIFAR, Fashion-MNIST) have nothing to verify. Files are decoded in a thread pool
+    (PIL releases the GIL while decoding).
+
+    Args:
+        splits: the splits to check (e.g. ``source.train, source.test``).
+        workers: threads (default: min(8, CPU count)).
+
+    Returns:
+        The number of distinct image files checked (0 for arrays).
+
+    Raises:
+        ImageReadError: one or more files cannot be read; the message gives the count and the first few
+            files with PIL's error.
+    """
+    paths = list(dict.fromkeys(str(p) for s in splits if not isinstance(s.items, np.ndarray) for p in s.items))
+    if not paths:
+        return 0
+
+    def problem(path: str) -> Optional[str]:
+        try:
+            open_image(path)
+        except ImageReadError as exc:
+            cause = exc.__cause__
+            return f"{path} ({type(cause).__name__}: {cause})" if cause is not None else str(exc)
+        return None
+
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        bad = [p for p in pool.map(problem, paths) if p is not None]
+    if bad:
+        shown = "; ".join(bad[:5]) + ("; ..." if len(bad) > 5 else "")
+        raise ImageReadError(f"{len(bad)} of {len(paths)} image files cannot be read: {shown}. Replace or delete them.")
+    logger.info("verify_images: all %d image files decode", len(paths))
+    return len(paths)
+
+
+_verify_images = verify_images  # load_source's keyword argument shadows the name
 
 
 @dataclass
@@ -170,29 +264,90 @@ def load_cifar224(root: Path, download: bool) -> tuple[Split, Split]:
             Split(test.data, np.asarray(test.targets, dtype=np.int64)))
 
 
-def _find_fmnist(root: Path) -> Optional[Path]:
-    raw = root / "FashionMNIST" / "raw"
-    if all((raw / f).is_file() for f in FMNIST_FILES):
-        return raw
-    for folder in (raw, root / "fashion-mnist", DEBIAN_FMNIST):
-        if all((folder / (f + ".gz")).is_file() for f in FMNIST_FILES):
-            return folder
-    return None
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (big-endian header, then the data; SPEC 16), plain or gzip-compressed (``.gz``).
+
+    Nothing is written: a ``.gz`` is decompressed in memory.
+
+    Returns:
+        The array with the header's shape, in native byte order (uint8 (N, 28, 28) images or (N,) labels for
+        Fashion-MNIST); writable.
+
+    Raises:
+        DataIntegrityError: unreadable or truncated gzip stream, a header that is not IDX, or a data size
+            that differs from what the header announces (truncated or padded file).
+    """
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as fh:
+                data = fh.read()
+        else:
+            data = path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataIntegrityError(f"cannot read {path} ({type(exc).__name__}: {exc})") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_DTYPES:
+        raise DataIntegrityError(f"{path} is not an IDX file (magic bytes {data[:4].hex() or 'missing'})")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataIntegrityError(f"{path} is truncated: {len(data)} bytes, shorter than its {header}-byte header")
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    dtype = np.dtype(IDX_DTYPES[data[2]])
+    expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if len(data) != expected:
+        raise DataIntegrityError(f"{path} is {'truncated' if len(data) < expected else 'too long'}: its header "
+                                 f"announces shape {dims} ({expected} bytes with the header), the file holds "
+                                 f"{len(data)} bytes")
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def _fmnist_folders(root: Path) -> tuple[Path, ...]:
+    return (root / "FashionMNIST" / "raw", root / "fashion-mnist", DEBIAN_FMNIST)
+
+
+def _fmnist_candidates(root: Path, name: str) -> list[Path]:
+    """Existing copies of one Fashion-MNIST file, in order of preference (plain before .gz, per folder)."""
+    return [f / n for f in _fmnist_folders(root) for n in (name, name + ".gz") if (f / n).is_file()]
+
+
+def _read_fmnist_file(root: Path, name: str) -> np.ndarray:
+    """The first copy of ``name`` that reads whole; damaged copies are skipped with a warning.
+
+    Raises:
+        DataIntegrityError: every copy is damaged (each named with its problem).
+    """
+    problems = []
+    for path in _fmnist_candidates(root, name):
+        try:
+            array = read_idx(path)
+        except DataIntegrityError as exc:
+            problems.append(str(exc))
+            continue
+        if problems:
+            logger.warning("Fashion-MNIST: ignored %s; read %s instead", "; ".join(problems), path)
+        return array
+    raise DataIntegrityError(f"dataset 'fmnist': no readable copy of {name}: {'; '.join(problems)}. Delete the "
+                             "damaged file(s) and run again (reinstall dataset-fashion-mnist or let torchvision "
+                             "download them).")
 
 
 def load_fmnist(root: Path, download: bool) -> tuple[Split, Split]:
-    """Fashion-MNIST through torchvision's FashionMNIST reader (SPEC 16).
+    """Fashion-MNIST from its four IDX files, plain or ``.gz``, read without writing anything (SPEC 16).
 
     Looks in ``<root>/FashionMNIST/raw`` (torchvision's layout), ``<root>/fashion-mnist`` and the
-    Debian package folder ``/usr/share/datasets/fashion-mnist``; gzip files found there are
-    decompressed once into ``<root>/FashionMNIST/raw``.
+    Debian package folder ``/usr/share/datasets/fashion-mnist``; each file is taken from the first copy
+    that reads whole (a truncated plain file left by an interrupted decompression is skipped with a
+    warning in favour of a ``.gz``). Only ``download`` writes, through torchvision.
+
+    Returns:
+        (train, test): uint8 images (N, 28, 28) with int64 labels (N,) in 0..9.
 
     Raises:
         DataNotFoundError: no copy found and none downloadable.
+        DataIntegrityError: every copy of a file is damaged, or images and labels disagree.
     """
     raw = root / "FashionMNIST" / "raw"
-    found = _find_fmnist(root)
-    if found is None:
+    if not all(_fmnist_candidates(root, name) for name in FMNIST_FILES):
         if not (download and _reachable("ossci-datasets.s3.amazonaws.com")):
             raise DataNotFoundError(
                 f"dataset 'fmnist' (Fashion-MNIST): not found in {raw}, {root / 'fashion-mnist'} or {DEBIAN_FMNIST}. "
@@ -201,25 +356,28 @@ def load_fmnist(root: Path, download: bool) -> tuple[Split, Split]:
                 "(download: true, with internet), or set data_root."
             )
         tv_datasets.FashionMNIST(str(root), train=True, download=True)
-    elif not all((raw / name).is_file() for name in FMNIST_FILES):
-        raw.mkdir(parents=True, exist_ok=True)
-        for name in FMNIST_FILES:
-            with gzip.open(found / (name + ".gz"), "rb") as src, open(raw / name, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        logger.info("Fashion-MNIST: decompressed %s into %s", found, raw)
-    train = tv_datasets.FashionMNIST(str(root), train=True)
-    test = tv_datasets.FashionMNIST(str(root), train=False)
-    return (Split(train.data.numpy(), train.targets.numpy().astype(np.int64)),
-            Split(test.data.numpy(), test.targets.numpy().astype(np.int64)))
+    arrays = {name: _read_fmnist_file(root, name) for name in FMNIST_FILES}
+    splits = []
+    for images_name, labels_name in (FMNIST_FILES[:2], FMNIST_FILES[2:]):
+        images, labels = arrays[images_name], arrays[labels_name]
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels) or images.dtype != np.uint8 \
+                or (len(labels) and (labels.min() < 0 or labels.max() >= N_CLASSES["fmnist"])):
+            raise DataIntegrityError(f"dataset 'fmnist': {images_name} {images.shape} {images.dtype} and {labels_name} "
+                                     f"{labels.shape} do not form a Fashion-MNIST split (uint8 (N, 28, 28) images, "
+                                     "N labels in 0..9).")
+        splits.append(Split(images, labels.astype(np.int64)))
+    return splits[0], splits[1]
 
 
 def load_image_folder(dataset: str, root: Path) -> tuple[Split, Split]:
     """An ImageFolder data set: ``<root>/<folder>/train/<class>/*`` and ``<root>/<folder>/{test|val}/<class>/*``.
 
-    Labels follow the sorted class-folder names (torchvision ImageFolder), as in the original.
+    Labels follow the sorted class-folder names of the train folder (torchvision ImageFolder), as in the
+    original; test images are labelled by the name of their class folder.
 
     Raises:
         DataNotFoundError: a split folder is missing or holds no images.
+        DataIntegrityError: the train and test class-folder names differ (names only in each, with counts).
     """
     folder, official_test, source = IMAGE_FOLDERS[dataset]
     base = root / folder
@@ -231,23 +389,37 @@ def load_image_folder(dataset: str, root: Path) -> tuple[Split, Split]:
             f"dataset '{dataset}': not found under {base}. Expected the ImageFolder layout {layout}. "
             f"Get {source} and unpack it there, or set data_root."
         )
-    splits = []
+    folders = []
     for split_dir in (base / "train", test_dir):
         try:
-            ds = tv_datasets.ImageFolder(str(split_dir))
+            folders.append(tv_datasets.ImageFolder(str(split_dir)))
         except (FileNotFoundError, RuntimeError) as exc:
             raise DataNotFoundError(f"dataset '{dataset}': {split_dir} is not a valid ImageFolder tree ({exc}). "
                                     f"Expected {layout}.") from None
-        splits.append(Split([p for p, _ in ds.samples], np.asarray(ds.targets, dtype=np.int64)))
-    if splits[0].targets.max() != splits[1].targets.max():
-        raise DataNotFoundError(f"dataset '{dataset}': train and {test_dir.name} folders hold different class counts "
-                                f"under {base}.")
-    return splits[0], splits[1]
+    train, test = folders
+    only_train = sorted(set(train.classes) - set(test.classes))
+    only_test = sorted(set(test.classes) - set(train.classes))
+    if only_train or only_test:
+        raise DataIntegrityError(
+            f"dataset '{dataset}': the class folders of {base / 'train'} and {test_dir} differ: "
+            f"{len(only_train)} only in train ({_few(only_train)}), {len(only_test)} only in {test_dir.name} "
+            f"({_few(only_test)}). Labels come from the class-folder names, so both splits need the same folders; "
+            "rename or restore the folders."
+        )
+    label = train.class_to_idx  # the train folder's sorted names label both splits
+    test_labels = [label[test.classes[t]] for t in test.targets]
+    return (Split([p for p, _ in train.samples], np.asarray(train.targets, dtype=np.int64)),
+            Split([p for p, _ in test.samples], np.asarray(test_labels, dtype=np.int64)))
+
+
+def _few(names: Sequence[str], n: int = 5) -> str:
+    return ", ".join(repr(x) for x in names[:n]) + (", ..." if len(names) > n else "") if names else "none"
 
 
 def load_source(dataset: str, data_root: Union[str, Path], size: int,
                 norm: Optional[tuple[Sequence[float], Sequence[float]]], download: bool = True,
-                train_per_class: Optional[int] = None, test_per_class: Optional[int] = None) -> DataSource:
+                train_per_class: Optional[int] = None, test_per_class: Optional[int] = None,
+                verify_images: bool = False) -> DataSource:
     """Load a data set and its transforms.
 
     Args:
@@ -257,9 +429,13 @@ def load_source(dataset: str, data_root: Union[str, Path], size: int,
         norm: (mean, std) for Normalize, or None.
         download: allow torchvision downloads (cifar224, fmnist) when the internet is reachable.
         train_per_class, test_per_class: keep the first N images of each class (None: all).
+        verify_images: decode every image file that will be used (after subsampling) once, up front, and
+            report all unreadable ones in one error (config key ``verify_images``; nothing to do for
+            array-backed data sets).
 
     Raises:
         DataNotFoundError: see the per-data-set loaders.
+        DataIntegrityError: damaged files or inconsistent splits (ImageReadError with ``verify_images``).
     """
     root = Path(data_root).expanduser().resolve()
     if dataset == "cifar224":
@@ -268,5 +444,8 @@ def load_source(dataset: str, data_root: Union[str, Path], size: int,
         train, test = load_fmnist(root, download)
     else:
         train, test = load_image_folder(dataset, root)
+    train, test = train.subsample(train_per_class), test.subsample(test_per_class)
+    if verify_images:
+        _verify_images(train, test)
     train_t, test_t = build_transforms(dataset, size, norm)
-    return DataSource(dataset, train.subsample(train_per_class), test.subsample(test_per_class), train_t, test_t)
+    return DataSource(dataset, train, test, train_t, test_t)

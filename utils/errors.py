@@ -15,3 +15,11 @@ class DataNotFoundError(UserError, FileNotFoundError):
 
 class WeightsNotFoundError(UserError, FileNotFoundError):
     """Pretrained weights cannot be obtained: the message says what to download and where to put it."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint is truncated, foreign, or does not fit the run being resumed; the message names the file."""
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or a solved head became NaN or infinite; the message names the task, epoch and step."""

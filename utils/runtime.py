@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import sys
 from pathlib import Path
@@ -10,7 +11,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import (DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler,
+                              get_worker_info)
 
 from utils.errors import ConfigError
 
@@ -36,8 +38,9 @@ def resolve_device(entries: Sequence[str]) -> torch.device:
     """
     first = str(entries[0]).strip().lower()
     if len(entries) > 1:
-        logger.warning("device lists %s; only %s is used (the original wrapped DataParallel, which breaks the "
-                       "masks; use torchrun for several GPUs).", list(entries), entries[0])
+        logger.warning("device lists %s; this process uses only %s. For several GPUs start one process per GPU with "
+                       "torchrun (torchrun --nproc_per_node=%d main.py --config ...); the original's DataParallel "
+                       "broke the masks.", list(entries), entries[0], len(entries))
     if first in ("cpu", "-1"):
         return torch.device("cpu")
     if first.isdigit():
@@ -47,23 +50,36 @@ def resolve_device(entries: Sequence[str]) -> torch.device:
             raise ConfigError('key \'device\' asks for "mps" but MPS is not available; set "device": "cpu".')
         return torch.device("mps")
     if first == "cuda" or first.startswith("cuda:"):
+        index_text = first.split(":", 1)[1] if ":" in first else "0"
+        if not index_text.isdigit():
+            raise ConfigError(f"key 'device' has value {entries[0]!r}; expected \"cuda:N\" with a GPU number N.")
         if not torch.cuda.is_available():
             raise ConfigError(
                 f"key 'device' asks for {entries[0]!r} (CUDA) but no CUDA GPU is available here; "
                 'set "device": "cpu" (or --set device=cpu) to run on the CPU.'
             )
-        index = int(first.split(":")[1]) if ":" in first else 0
+        index = int(index_text)
         if index >= torch.cuda.device_count():
-            raise ConfigError(f"key 'device' asks for {first} but only {torch.cuda.device_count()} GPU(s) are visible.")
-        return torch.device(first)
+            raise ConfigError(f"key 'device' asks for cuda:{index} but only {torch.cuda.device_count()} GPU(s) are "
+                              "visible.")
+        torch.cuda.set_device(index)  # contexts, cuBLAS handles and bare .cuda() calls land on this GPU, not GPU 0
+        return torch.device("cuda", index)
     raise ConfigError(f"key 'device' has value {entries[0]!r}; expected \"0\", \"cpu\", -1, \"cuda:N\" or \"mps\".")
 
 
-def seed_torch(seed: int, allow_tf32: bool = True) -> None:
+def seed_torch(seed: int, allow_tf32: bool = True, deterministic: bool = False) -> None:
     """Seed torch (CPU and CUDA) and set cuDNN to deterministic, as the official ``_set_random``.
 
     numpy's global RNG is seeded separately by the DataManager with the run seed (class order), and
     Python's ``random`` is seeded here too (the original left it unseeded; nothing here draws from it).
+
+    Args:
+        seed: the torch seed.
+        allow_tf32: TF32 matmuls and convolutions on Ampere+ GPUs.
+        deterministic: also ask for deterministic algorithms everywhere (``torch.use_deterministic_algorithms``;
+            an operation without a deterministic implementation then raises) and set the cuBLAS workspace
+            (``CUBLAS_WORKSPACE_CONFIG=:4096:8``, which must be set before the first cuBLAS call). GPU runs
+            then repeat bit for bit on the same GPU model and software; CPU runs are deterministic anyway.
     """
     random.seed(seed)
     torch.manual_seed(seed)
@@ -72,6 +88,9 @@ def seed_torch(seed: int, allow_tf32: bool = True) -> None:
     torch.backends.cudnn.benchmark = False
     torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     torch.backends.cudnn.allow_tf32 = allow_tf32
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
 
 
 def autocast(device: torch.device, precision: str):
@@ -103,29 +122,140 @@ def make_generator(seed: int, device: torch.device | str = "cpu", stream: str = 
 
 
 def _worker_init(worker_id: int) -> None:
-    # torch seeds each worker from the loader's generator; derive numpy/random from it too.
+    """Seed numpy and ``random`` in a loader worker from its torch seed.
+
+    torch seeds worker ``w`` with ``base_seed + w``, ``base_seed`` drawn from the loader's generator when the
+    iterator is created; numpy and ``random`` get that seed modulo 2**32.
+    """
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
 
 
+def _reseed_worker(base_seed: int) -> None:
+    """Seed the current worker exactly as torch seeds a fresh worker of an iterator with ``base_seed``.
+
+    torch's worker loop runs ``random.seed(s)``, ``torch.manual_seed(s)`` with ``s = base_seed + worker id``
+    (and seeds numpy), then ``worker_init_fn``; ``_worker_init`` then re-seeds numpy and ``random``.
+    """
+    info = get_worker_info()
+    seed = base_seed + info.id
+    random.seed(seed)
+    torch.manual_seed(seed)
+    _worker_init(info.id)
+
+
+class _EpochTaggedSampler(Sampler):
+    """The wrapped sampler's indices as ``(index, tag)``, ``tag`` the epoch's ``(epoch, base_seed)`` or None.
+
+    ``tag`` is read when an epoch's iteration starts; ``SeededLoader.__iter__`` sets it just before.
+    """
+
+    def __init__(self, sampler: Sampler) -> None:
+        self.sampler = sampler
+        self.tag: Optional[tuple[int, int]] = None
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        tag = self.tag
+        for index in self.sampler:
+            yield index, tag
+
+
+class _ReseedingDataset(Dataset):
+    """A map-style dataset read with ``(index, tag)`` keys; re-seeds the worker when the tag changes.
+
+    The first item of a new epoch that a persistent worker loads re-seeds its torch, numpy and ``random``
+    generators as a fresh worker of that epoch's iterator would be seeded (``_reseed_worker``). Items are
+    those of ``dataset``, unchanged.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self._tag: Optional[tuple[int, int]] = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, Optional[tuple[int, int]]]):
+        index, tag = key
+        if tag is not None and tag != self._tag:
+            _reseed_worker(tag[1])
+            self._tag = tag
+        return self.dataset[index]
+
+
+class SeededLoader(DataLoader):
+    """A DataLoader with persistent workers whose random streams equal those of a non-persistent one.
+
+    A non-persistent DataLoader creates a new iterator every epoch: it draws a ``base_seed`` from the
+    loader's generator (one int64, before the sampler's shuffle draws) and starts workers seeded with
+    ``base_seed + worker id``. A persistent one keeps its first iterator, so from the second epoch on it
+    would draw nothing (every later shuffle of the run would change) and the workers would carry their
+    random state over (train augmentations would change). Here each later epoch draws the same
+    ``base_seed`` at the same point of the generator's stream and hands it to the workers with the
+    indices, so shuffles, augmentations and the generator's state are bit-identical to a non-persistent
+    loader's; only the worker start-up per epoch is saved. Build it with ``make_loader``.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._epochs_started = 0
+
+    def __iter__(self):
+        if self._iterator is not None:  # the persistent iterator is reset, not re-created (no base_seed draw)
+            base_seed = int(torch.empty((), dtype=torch.int64).random_(generator=self.generator).item())
+            self._epochs_started += 1
+            self.sampler.tag = (self._epochs_started, base_seed)
+        return super().__iter__()
+
+
+def default_prefetch_factor(num_workers: int) -> Optional[int]:
+    """Batches each worker loads ahead: at least 2 (torch's default) and 4 in flight in all; None without workers."""
+    if num_workers <= 0:
+        return None
+    return max(2, -(-4 // num_workers))
+
+
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int,
-                generator: Optional[torch.Generator] = None, pin_memory: bool = False) -> DataLoader:
+                generator: Optional[torch.Generator] = None, pin_memory: bool = False,
+                persistent_workers: bool = True, prefetch_factor: Optional[int] = None) -> DataLoader:
     """A DataLoader whose shuffling and worker seeds come from ``generator`` (reproducible runs).
 
+    With ``num_workers > 0`` and ``persistent_workers`` the workers live as long as the loader (a tuning
+    phase iterates one loader for many epochs), yet batches, augmentations and the generator's draws are
+    bit-identical to those of a plain non-persistent DataLoader (see ``SeededLoader``). The shuffle order
+    depends on ``generator`` only, not on ``batch_size`` or ``num_workers``.
+
     Args:
-        dataset: items ``(index, image (3,H,W) float32, label int64)``.
+        dataset: map-style, items ``(index, image (3,H,W) float32, label int64)``.
         batch_size: images per batch.
         shuffle: reshuffle every epoch, drawing from ``generator``.
         num_workers: worker processes (0 loads in the main process).
-        generator: CPU generator; required when ``shuffle`` is true.
+        generator: CPU generator; required when ``shuffle`` is true (None: torch's global generator). Each
+            epoch draws one int64 (the workers' base seed, drawn even without workers), then, when
+            shuffling, one ``randperm(len(dataset))``.
         pin_memory: pin host memory (useful when the model is on CUDA).
+        persistent_workers: keep the workers between epochs (only with ``num_workers > 0``).
+        prefetch_factor: batches loaded ahead per worker; None = ``default_prefetch_factor(num_workers)``.
+            Ignored without workers.
     """
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, generator=generator,
-        worker_init_fn=_worker_init if num_workers > 0 else None, pin_memory=pin_memory,
-        persistent_workers=False,
-    )
+    if num_workers <= 0:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=0, generator=generator,
+                          pin_memory=pin_memory)
+    if prefetch_factor is None:
+        prefetch_factor = default_prefetch_factor(num_workers)
+    if not persistent_workers:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                          generator=generator, worker_init_fn=_worker_init, pin_memory=pin_memory,
+                          prefetch_factor=prefetch_factor)
+    # the samplers a plain DataLoader(shuffle=...) would build, with epoch tags for the workers' seeds
+    sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    return SeededLoader(_ReseedingDataset(dataset), batch_size=batch_size, sampler=_EpochTaggedSampler(sampler),
+                        num_workers=num_workers, generator=generator, worker_init_fn=_worker_init,
+                        pin_memory=pin_memory, persistent_workers=True, prefetch_factor=prefetch_factor)
 
 
 def setup_logging(log_file: Optional[Path]) -> None:
@@ -149,3 +279,44 @@ def setup_logging(log_file: Optional[Path]) -> None:
         handler.setFormatter(fmt)
         handler._mist_cl = True  # type: ignore[attr-defined]
         root.addHandler(handler)
+
+
+# ---------------------------------------------------------------------------------------------
+# run resilience: environment record, failure logging, random states for checkpoints
+# ---------------------------------------------------------------------------------------------
+def runtime_info(device: torch.device, cfg) -> dict:
+    """What decides bit-reproducibility on this machine, for config.json: GPU name, TF32 and determinism."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"device": str(device), "gpu": gpu, "allow_tf32": cfg.allow_tf32, "deterministic": cfg.deterministic,
+            "precision": cfg.precision, "torch_threads": torch.get_num_threads()}
+
+
+def log_traceback(exc: BaseException) -> None:
+    """Write ``exc``'s traceback to the run's log file only (the terminal gets one line from main.py)."""
+    record = logging.LogRecord("trainer", logging.ERROR, __file__, 0, "The run failed:", None,
+                               (type(exc), exc, exc.__traceback__))
+    for handler in logging.getLogger().handlers:
+        if getattr(handler, "_mist_cl", False) and isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def rng_state() -> dict:
+    """Every global random state (torch CPU and CUDA, numpy, Python) as tensors and lists (weights_only-safe)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": {"version": py_version, "internal": list(py_internal), "gauss": py_gauss}}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state` (the CUDA states only where the same number of GPUs is visible)."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))

@@ -7,10 +7,13 @@ Sources: SPEC 4.2 (``simclr_aug``: flip, grayscale, random resized crop) and SPE
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from utils.errors import NonFiniteError
 
 TEMPERATURE = 0.07  # official tau
 NORM_EPS = 1e-8  # z = p / (||p|| + 1e-8)
@@ -101,21 +104,31 @@ class SecondViewAugment(nn.Module):
         return torch.rand(*shape, generator=self.generator, device=device)
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, 3, H, W) float -> augmented views of the same shape and dtype."""
+    def forward(self, x: torch.Tensor, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Augmented views of x: (n, 3, H, W) float -> the same shape and dtype.
+
+        Args:
+            rows: ``(offset, total)`` when x holds rows offset..offset+n-1 of a batch of ``total`` images (one
+                rank's share under torchrun): the draws are made for the whole batch, as one process would,
+                and this share's rows are used, so every rank keeps the generator in step. Default (0, n).
+        """
         n, dev = x.shape[0], x.device
-        flip = self._rand(n, device=dev) < 0.5
+        offset, total = rows if rows is not None else (0, n)
+        mine = slice(offset, offset + n)
+        flip = (self._rand(total, device=dev) < 0.5)[mine]
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         luma = self._luma(dev, x.dtype)
         gray = (x * luma).sum(dim=1, keepdim=True).expand_as(x)
-        x = torch.where((self._rand(n, device=dev) < GRAY_P)[:, None, None, None], gray, x)
-        return self.crop(x)
+        x = torch.where((self._rand(total, device=dev) < GRAY_P)[mine][:, None, None, None], gray, x)
+        return self.crop(x, (offset, total))
 
-    def crop(self, x: torch.Tensor) -> torch.Tensor:
-        """The random resized crop step on (N, 3, H, W); output has the input's shape."""
+    def crop(self, x: torch.Tensor, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """The random resized crop step on (n, 3, H, W); output has the input's shape (``rows`` as in forward)."""
         n, _, height, width = x.shape
         dev = x.device
-        trials = 10 * n
+        offset, total = rows if rows is not None else (0, n)
+        mine = slice(offset, offset + n)
+        trials = 10 * total
         area = (CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * self._rand(trials, device=dev)) * height * width
         log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
         aspect = torch.exp(log_lo + (log_hi - log_lo) * self._rand(trials, device=dev))
@@ -123,13 +136,14 @@ class SecondViewAugment(nn.Module):
         h = torch.round(torch.sqrt(area / aspect))
         ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
         # first n valid trials in order, padded with full-size crops
-        order = torch.argsort((~ok).to(torch.int8), stable=True)[:n]
+        order = torch.argsort((~ok).to(torch.int8), stable=True)[:total]
         take = ok[order]
         w = torch.where(take, w[order], torch.full_like(w[order], width))
         h = torch.where(take, h[order], torch.full_like(h[order], height))
         # integer offsets uniform in [w - S, S - w], divided by S
-        dx = torch.floor(self._rand(n, device=dev) * (2 * (width - w) + 1)) + (w - width)
-        dy = torch.floor(self._rand(n, device=dev) * (2 * (height - h) + 1)) + (h - height)
+        dx = torch.floor(self._rand(total, device=dev) * (2 * (width - w) + 1)) + (w - width)
+        dy = torch.floor(self._rand(total, device=dev) * (2 * (height - h) + 1)) + (h - height)
+        w, h, dx, dy = w[mine], h[mine], dx[mine], dy[mine]
         theta = torch.zeros(n, 2, 3, device=dev, dtype=x.dtype)
         theta[:, 0, 0] = w / width
         theta[:, 0, 2] = dx / width
@@ -139,6 +153,47 @@ class SecondViewAugment(nn.Module):
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def two_views(x: torch.Tensor, augment: SecondViewAugment) -> torch.Tensor:
-    """Pair formation of SPEC 4.2: concat(x, aug(x)) along the batch axis, originals first. (2B, 3, H, W)."""
-    return torch.cat([x, augment(x)], dim=0)
+class LossMonitor:
+    """An epoch's losses summed on the device, with the first non-finite one remembered; read once per epoch.
+
+    ``add`` never waits on the host (no ``.item()`` per step); ``mean`` synchronises once and raises if any
+    loss of the epoch was NaN or infinite, naming the step.
+
+    Args:
+        device: where the losses live.
+        where: what the epoch is, for the error message (e.g. "task 3, epoch 5/20").
+    """
+
+    def __init__(self, device: torch.device, where: str) -> None:
+        self.where = where
+        self.total = torch.zeros((), dtype=torch.float64, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.steps = torch.zeros((), dtype=torch.int64, device=device)
+
+    def add(self, loss: torch.Tensor) -> None:
+        """Add one step's scalar loss (float tensor on the device)."""
+        loss = loss.detach()
+        self.total += loss.double()
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), self.steps, self.first_bad)
+        self.steps += 1
+
+    def mean(self, n_steps: int) -> float:
+        """The mean loss over ``n_steps`` (a Python float, the sum in float64 divided by max(n_steps, 1)).
+
+        Raises:
+            NonFiniteError: a loss of the epoch was NaN or infinite (the message names the step, 0-based).
+        """
+        total, bad = torch.stack([self.total, self.first_bad.double()]).tolist()
+        if bad >= 0:
+            raise NonFiniteError(f"{self.where}, step {int(bad)}: the loss is {total if total != total else 'not finite'}"
+                                 " (NaN or infinite); stopping. Lower the learning rates, use precision fp32, or "
+                                 "check the inputs and weights.")
+        return total / max(n_steps, 1)
+
+
+def two_views(x: torch.Tensor, augment: SecondViewAugment, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """Pair formation of SPEC 4.2: concat(x, aug(x)) along the batch axis, originals first. (2B, 3, H, W).
+
+    ``rows``: see :meth:`SecondViewAugment.forward` (one rank's share of a batch under torchrun).
+    """
+    return torch.cat([x, augment(x, rows)], dim=0)

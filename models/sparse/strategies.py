@@ -21,8 +21,9 @@ from tqdm import tqdm
 from models.base import warn_ignored
 from models.heads import CosineLinear
 from models.sparse.importance import mi_fisher
-from models.sparse.losses import SecondViewAugment, supervised_nt_xent, two_views
+from models.sparse.losses import LossMonitor, SecondViewAugment, supervised_nt_xent, two_views
 from models.sparse.masks import FlatGradients, GradientPlan, SparsityState
+from utils import distributed
 from utils.runtime import autocast, make_generator
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ class SparseTuner:
     def __init__(self, cfg, backbone: nn.Module, device: torch.device, seed: int,
                  learner_defaults: dict[str, Any], sgd: SGDSettings = SGDSettings()) -> None:
         self.cfg, self.device, self.sgd, self.seed = cfg, device, sgd, seed
+        self._n_items, self._batch_size = 0, 1  # the current task's loader (set by tune)
         self.network = TunedNetwork(backbone, freeze_bn_stats=cfg.freeze_bn_stats).to(device)
         self.state = SparsityState(self.network.named_parameters(), cfg.exempt_rule)
         self.drop_generator = make_generator(seed, device, "drop")
@@ -101,6 +103,18 @@ class SparseTuner:
         # the flat gradient layout is the network's parameter order: backbone first, then the projection head
         if list(self.state.shapes)[: len(self.backbone_names)] != self.backbone_names:
             raise RuntimeError("the projection head's parameters must follow the backbone's in the network")
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs besides the backbone: projection head, sparsity state, random streams."""
+        return {"simclr": self.network.simclr.state_dict(), "sparsity": self.state.state_dict(),
+                "generators": {"drop": self.drop_generator.get_state(), "augment": self.augment.generator.get_state()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`. Raises KeyError/ValueError/RuntimeError when it does not fit."""
+        self.network.simclr.load_state_dict(state["simclr"])
+        self.state.load_state_dict(state["sparsity"])
+        self.drop_generator.set_state(state["generators"]["drop"])
+        self.augment.generator.set_state(state["generators"]["augment"])
 
     def extra_modules(self) -> list[nn.Module]:
         """Modules besides the backbone whose parameters count in the logged network size."""
@@ -184,18 +198,32 @@ class SparseTuner:
 class MistTuner(SparseTuner):
     """MIST (SPEC 4): scoring pass, per-tensor selection, sparse SGD with random gradient drop, end-of-task masks."""
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Supervised NT-Xent of the projections of (x, aug(x)) (SPEC 4.2-4.3)."""
-        views = two_views(x, self.augment)
+    def loss(self, x: torch.Tensor, y: torch.Tensor, step: Optional[int] = None) -> torch.Tensor:
+        """Supervised NT-Xent of the projections of (x, aug(x)) (SPEC 4.2-4.3).
+
+        Under torchrun, x and y are this rank's share of global batch ``step`` of the task's loader: the views
+        are drawn for the whole batch and the projections of every rank are gathered (differentiably), so each
+        rank computes the single-process loss.
+        """
+        rows = None if step is None else distributed.step_rows(step, self._n_items, self._batch_size)
+        views = two_views(x, self.augment, rows)
         with autocast(self.device, self.cfg.precision):
             proj = self.network(views).float()
+        if rows is not None:
+            counts, n = distributed.shares(rows[1]), x.shape[0]
+            proj = torch.cat([distributed.gather_rows(proj[:n], counts), distributed.gather_rows(proj[n:], counts)])
+            y = distributed.gather_rows(y, counts)
         return supervised_nt_xent(proj, y, exclude_self_positive=self.cfg.exclude_self_positive)
 
     def tune(self, loader, task) -> dict[str, Any]:
         cfg, t = self.cfg, task.task_id
         epochs = cfg.mi_epochs
+        # the global batch (a torchrun loader yields this rank's share of it)
+        self._n_items = len(task.train)
+        self._batch_size = getattr(loader.batch_sampler, "global_batch_size", None) or loader.batch_size
         optimizer, scheduler = self.make_optimizer()
-        scores, loss = mi_fisher(self.network, loader, len(loader), self.loss, self.state, self.device, cfg.progress)
+        scores, loss = mi_fisher(self.network, loader, len(loader), self.loss, self.state, self.device, cfg.progress,
+                                 where=f"task {t}, epoch 1/{epochs}")
         self._scheduler_step(scheduler)
         logger.info("Task %d, Epoch 1/%d => Loss %.3f", t, epochs, loss)
         selected = self.state.select(scores, cfg.select_rate)
@@ -233,6 +261,9 @@ class MistTuner(SparseTuner):
         masks the buffer in place and steps SGD. Losses, non-zero counts and the draw check stay on the device
         and are read once per epoch (no host synchronisation inside a step).
 
+        Raises:
+            NonFiniteError: a loss of an epoch was NaN or infinite (checked at the end of that epoch).
+
         Returns:
             (mean loss of each epoch, steps, non-zero backbone gradient entries summed over steps,
             steps whose draws fell short, see :meth:`GradientPlan.sample`).
@@ -246,10 +277,12 @@ class MistTuner(SparseTuner):
         flat.attach()
         for epoch in range(2, epochs + 1):
             self.network.train()
-            running = torch.zeros((), dtype=torch.float64, device=dev)
-            for _, x, y in tqdm(loader, desc=f"MIST epoch {epoch}/{epochs}", leave=False, disable=not cfg.progress):
-                loss = self.loss(x.to(dev, non_blocking=True), y.to(dev, non_blocking=True))
+            monitor = LossMonitor(dev, f"task {t}, epoch {epoch}/{epochs}")
+            for step, (_, x, y) in enumerate(tqdm(loader, desc=f"MIST epoch {epoch}/{epochs}", leave=False,
+                                                  disable=not cfg.progress)):
+                loss = self.loss(x.to(dev, non_blocking=True), y.to(dev, non_blocking=True), step)
                 loss.backward()
+                distributed.all_reduce_sum_(flat.buffer)  # torchrun: the single-process gradient on every rank
                 positions, short = plan.sample(cfg.keep_prob, self.drop_generator)
                 if dense:
                     counters[0] += self.step(optimizer, params, plan.dense(positions))
@@ -260,10 +293,10 @@ class MistTuner(SparseTuner):
                     plan.clear_(flat.buffer, idx)
                     counters[0] += nonzero
                 counters[1] += short
-                running += loss.detach().double()
+                monitor.add(loss)
                 steps += 1
             self._scheduler_step(scheduler)
-            losses.append(float(running) / max(len(loader), 1))
+            losses.append(monitor.mean(len(loader)))
             logger.info("Task %d, Epoch %d/%d => miLoss %.3f", t, epoch, epochs, losses[-1])
         if not flat.attached():
             raise RuntimeError("the flat gradient buffer was detached during the sparse epochs")
@@ -290,6 +323,17 @@ class CEAblationTuner(SparseTuner):
         self.policy = self.cfg.spr
         self.sigma = 1.0
         self.mask_generator = make_generator(self.seed, self.device, "ablation_mask")
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["sigma"] = torch.tensor(self.sigma)
+        state["generators"]["ablation_mask"] = self.mask_generator.get_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.sigma = float(state["sigma"])
+        self.mask_generator.set_state(state["generators"]["ablation_mask"])
 
     def make_head(self, task) -> CosineLinear:
         head = CosineLinear(int(self.network.convnet.out_dim), task.seen - task.known).to(self.device)
@@ -336,10 +380,12 @@ class CEAblationTuner(SparseTuner):
         losses, nonzero, steps = [], 0, 0
         for epoch in range(1, epochs + 1):
             self.network.train()
-            running, correct, seen = 0.0, 0, 0
+            monitor = LossMonitor(self.device, f"task {t}, epoch {epoch}/{epochs}")
+            correct = torch.zeros((), dtype=torch.int64, device=self.device)
+            seen = 0
             for _, x, y in tqdm(loader, desc=f"{self.policy} epoch {epoch}/{epochs}", leave=False,
                                 disable=not cfg.progress):
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device) - task.known
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True) - task.known
                 with autocast(self.device, self.cfg.precision):
                     features = self.network.convnet(x).float()
                 logits = head(features)
@@ -347,14 +393,14 @@ class CEAblationTuner(SparseTuner):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 nonzero = nonzero + self.step(optimizer, params, self.masks(params))
-                running += loss.item()
-                correct += int((logits.argmax(1) == y).sum())
+                monitor.add(loss)
+                correct += (logits.argmax(1) == y).sum()
                 seen += len(y)
                 steps += 1
             self._scheduler_step(scheduler)
-            losses.append(running / max(len(loader), 1))
+            losses.append(monitor.mean(len(loader)))
             logger.info("Task %d, Epoch %d/%d => Loss %.3f, Train_accy %.2f", t, epoch, epochs, losses[-1],
-                        100.0 * correct / max(seen, 1))
+                        100.0 * int(correct) / max(seen, 1))
         self.sigma = float(head.sigma.detach())
         self.network.eval()
         return {"method": self.policy,

@@ -1,0 +1,174 @@
+"""torchrun support: one process per device through ``torch.distributed`` (gloo on CPU, NCCL on GPUs).
+
+Without torchrun (no ``WORLD_SIZE`` > 1 in the environment) every function here is a no-op for one process,
+so single-process runs are unchanged. Under torchrun the run stays the same computation as one process:
+
+- ``batch_size`` is the global batch; :func:`share` gives each rank a contiguous slice of every batch;
+- the contrastive loss sees the whole batch (:func:`gather_rows`, differentiable), so every rank computes
+  the same loss, and :func:`all_reduce_sum_` of the gradients gives the single-process gradient;
+- extraction and evaluation take a contiguous shard of the (identically shuffled) order on each rank and
+  :func:`gather_rows` puts the rows back in that order, with exact counts (no sampler padding);
+- random streams (drop, augmentation, loader order) are seeded identically on every rank, so replicas stay
+  identical; :func:`check_replicas` compares a parameter checksum across ranks;
+- only rank 0 writes logs, results and checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def launched() -> bool:
+    """True when this process was started by torchrun with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def active() -> bool:
+    """True when a process group with more than one process is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def is_main() -> bool:
+    """Rank 0 (or the only process): the one that writes logs, results and checkpoints."""
+    return rank() == 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init(device_type: str) -> None:
+    """Initialise the process group from torchrun's environment (no-op without torchrun or if done already).
+
+    Args:
+        device_type: ``"cuda"`` uses NCCL (one GPU per process, ``LOCAL_RANK``), anything else gloo.
+    """
+    if not launched() or (dist.is_available() and dist.is_initialized()):
+        return
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend=backend)
+
+
+def share(n: int, world: Optional[int] = None, which: Optional[int] = None) -> tuple[int, int]:
+    """The contiguous slice [start, stop) of ``n`` rows that rank ``which`` takes (sizes differ by at most 1)."""
+    world = world_size() if world is None else world
+    which = rank() if which is None else which
+    base, extra = divmod(n, world)
+    start = which * base + min(which, extra)
+    return start, start + base + (1 if which < extra else 0)
+
+
+def _gather_padded(local: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    longest = max(counts)
+    padded = local.new_zeros((longest, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:c] for p, c in zip(parts, counts)])
+
+
+class _GatherRows(torch.autograd.Function):
+    """All ranks' rows in rank order; the backward keeps this rank's rows of the incoming gradient.
+
+    Every rank computes the same loss from the gathered rows, so the local gradient of its own rows is
+    already exact; the gradients of the parameters are then summed across ranks (:func:`all_reduce_sum_`).
+    """
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
+        ctx.start = sum(counts[: rank()])
+        ctx.rows = local.shape[0]
+        return _gather_padded(local, counts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad[ctx.start: ctx.start + ctx.rows], None
+
+
+def gather_rows(local: torch.Tensor, counts: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Concatenate every rank's rows (dim 0) in rank order; differentiable; identity for one process.
+
+    Args:
+        local: (n_r, ...) this rank's rows.
+        counts: rows of every rank, when known (else exchanged first, one small collective).
+    """
+    if not active():
+        return local
+    if counts is None:
+        sizes = torch.tensor([local.shape[0]], device=local.device)
+        gathered = [torch.empty_like(sizes) for _ in range(world_size())]
+        dist.all_gather(gathered, sizes)
+        counts = [int(s) for s in gathered]
+    return _GatherRows.apply(local, tuple(int(c) for c in counts))
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over ranks in place (no-op for one process); returns it."""
+    if active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (e.g. the run folder)."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def check_replicas(parameters, where: str) -> None:
+    """Raise if the parameters differ across ranks (float64 sum and sum of squares compared exactly).
+
+    Raises:
+        RuntimeError: the replicas diverged, naming ``where``.
+    """
+    if not active():
+        return
+    params = list(parameters)
+    stats = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().pow(2).sum()]) for p in params]).sum(0)
+    gathered = [torch.empty_like(stats) for _ in range(world_size())]
+    dist.all_gather(gathered, stats)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError(f"replicas differ after {where}: parameter checksums {[g.tolist() for g in gathered]}")
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def destroy() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def step_rows(step: int, n_items: int, batch_size: int) -> Optional[tuple[int, int]]:
+    """This rank's ``(offset, total)`` in global batch ``step`` of a loader over ``n_items`` (None for one process).
+
+    The global batches are ``batch_size`` items, the last one the remainder (``drop_last`` false).
+    """
+    if not active():
+        return None
+    total = min(batch_size, n_items - step * batch_size)
+    return share(total)[0], total
+
+
+def shares(total: int) -> list[int]:
+    """Rows of every rank in a batch of ``total``."""
+    return [stop - start for start, stop in (share(total, world_size(), r) for r in range(world_size()))]
