@@ -42,7 +42,10 @@ def main(argv=None) -> int:
     130: interrupted by Ctrl-C or SIGTERM (results.json has status "interrupted"; resume with --resume).
     """
     args = parse_args(argv)
-    from utils.errors import UserError  # imported late so --help stays fast
+    from utils import distributed  # imported late so --help stays fast
+    from utils.errors import UserError
+
+    where = f"[rank {distributed.launch_rank()}] " if distributed.launched() else ""
 
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt) if _main_thread() else None
     try:
@@ -57,7 +60,7 @@ def main(argv=None) -> int:
             cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
             paths = trainer.run(cfg, args.output_dir)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{where}error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; results.json holds every finished task (status 'interrupted'); continue with "
@@ -67,14 +70,16 @@ def main(argv=None) -> int:
         if type(exc).__name__ == "RunStopped":
             print(str(exc), file=sys.stderr)
             return 0
-        print(f"error: the run failed: {type(exc).__name__}: {exc} (traceback in the run's log; results.json has "
-              "status 'failed')", file=sys.stderr)
+        print(f"{where}error: the run failed: {type(exc).__name__}: {exc} (traceback in the run's log; results.json "
+              "has status 'failed')", file=sys.stderr)
         return 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    for path in paths:
-        print(f"results: {path}")
+        distributed.destroy()
+    if distributed.launch_rank() == 0:  # torchrun: rank 0 reports
+        for path in paths:
+            print(f"results: {path}")
     return 0
 
 

@@ -28,6 +28,7 @@ import torch
 from backbones import backbone_mean_std, build_backbone
 from models import build_learner
 from models.base import TaskData
+from utils import distributed
 from utils.config import ExperimentConfig, config_from_dict, load_config, parse_override
 from utils.data_manager import DataManager
 from utils.datasets import default_norm, load_source
@@ -111,8 +112,10 @@ def run(cfg: ExperimentConfig, output_dir: Path) -> list[Path]:
     Raises:
         RunStopped: ``stop_after_task`` was reached (the run folder can be resumed).
     """
+    setup_processes(cfg)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = _unique_dir(Path(output_dir) / run_name(cfg) / stamp)
+    run_dir = _unique_dir(Path(output_dir) / run_name(cfg) / stamp) if distributed.is_main() else None
+    run_dir = distributed.broadcast_object(run_dir)  # torchrun: rank 0 names the folder
     return [run_seed(cfg, seed, run_dir / f"seed{seed}") for seed in cfg.seed]
 
 
@@ -152,6 +155,7 @@ def resume(run_dir: Path, overrides: Sequence[str] = ()) -> list[Path]:
     for item in overrides:  # validated as on the command line, one key at a time
         key, _ = parse_override(item)
         cfg = dataclasses.replace(cfg, **{key: getattr(load_config(None, [item]), key)})
+    setup_processes(cfg)
     paths = []
     for seed in cfg.seed:
         out = run_dir / f"seed{seed}"
@@ -162,6 +166,20 @@ def resume(run_dir: Path, overrides: Sequence[str] = ()) -> list[Path]:
             continue
         paths.append(run_seed(cfg, seed, out, resume=True))
     return paths
+
+
+def setup_processes(cfg: ExperimentConfig) -> torch.device:
+    """Resolve the device and, under torchrun, join the process group (gloo on CPU, NCCL on GPUs).
+
+    Raises:
+        ConfigError: a bad device, or a global batch smaller than the number of processes.
+    """
+    device = resolve_device(cfg.device, distributed.local_rank() if distributed.launched() else None)
+    distributed.init(device.type)
+    if cfg.batch_size < distributed.world_size():
+        raise ConfigError(f"key 'batch_size' is {cfg.batch_size} but torchrun started {distributed.world_size()} "
+                          "processes; the global batch must hold at least one image per process.")
+    return device
 
 
 def _status(path: Path) -> Optional[str]:
@@ -194,21 +212,24 @@ def run_seed(cfg: ExperimentConfig, seed: int, out: Path, resume: bool = False) 
         UserError subclasses for missing data/weights or a bad device, before any training; RunStopped;
         KeyboardInterrupt; any failure of the run (after recording it).
     """
-    out.mkdir(parents=True, exist_ok=True)
+    main = distributed.is_main()  # torchrun: only rank 0 writes the log, results.json and checkpoints
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     log_file = out / f"{run_name(cfg)}_seed{seed}.log"
-    setup_logging(log_file)
+    setup_logging(log_file if main else None, level=logging.INFO if main else logging.WARNING)
     resolved = {**cfg.to_dict(), "seed": seed}
     for key, value in resolved.items():
         logger.info("%s: %s", key, value)
     results: dict[str, Any] = {"config": resolved, "seed": seed, "status": "running", "complete": False, "tasks": [],
                                "top1_curve": [], "top5_curve": [], "att_curve": [], "accuracy_matrix": []}
     checkpoint = out / CHECKPOINT_NAME
+    write = write_json if main else (lambda path, data: None)
     try:
-        device = resolve_device(cfg.device)  # before any data loads: a bad device fails in a second
+        device = setup_processes(cfg)  # before any data loads: a bad device fails in a second
         if not (resume and (out / "config.json").is_file()):
-            write_json(out / "config.json", {"config": resolved, "seeds": cfg.seed, "environment": environment_info(),
-                                             "runtime": runtime_info(device, cfg)})
-        write_json(out / "results.json", results)
+            write(out / "config.json", {"config": resolved, "seeds": cfg.seed, "environment": environment_info(),
+                                        "runtime": runtime_info(device, cfg)})
+        write(out / "results.json", results)
         data = _data_manager(cfg, seed)
         seed_torch(seed if cfg.seed_torch_with_seed else OFFICIAL_TORCH_SEED, cfg.allow_tf32, cfg.deterministic)
         backbone = build_backbone(cfg.convnet_type, cfg.pretrained, cfg.weights_path, cfg.input_size,
@@ -223,21 +244,25 @@ def run_seed(cfg: ExperimentConfig, seed: int, out: Path, resume: bool = False) 
         ranges = [data.task_classes(t) for t in range(data.nb_tasks)]
         for t in range(first, data.nb_tasks):
             _run_task(learner, data, t, ranges, results)
-            write_json(out / "results.json", results)
-            save_checkpoint(checkpoint, learner, results, t + 1)
+            if cfg.check_replicas:
+                distributed.check_replicas(learner.parameters(), f"task {t}")
+            write(out / "results.json", results)
+            if main:
+                save_checkpoint(checkpoint, learner, results, t + 1)
+            distributed.barrier()
             if cfg.stop_after_task is not None and t == cfg.stop_after_task and t + 1 < data.nb_tasks:
                 raise RunStopped(f"stopped after task {t} (stop_after_task); continue with --resume {out.parent}")
         results["status"], results["complete"] = "complete", True
-        write_json(out / "results.json", results)
+        write(out / "results.json", results)
         return out / "results.json"
     except (KeyboardInterrupt, RunStopped) as exc:
         results["status"] = "interrupted"
         results["error"] = str(exc) or type(exc).__name__
-        write_json(out / "results.json", results)
+        write(out / "results.json", results)
         raise
     except BaseException as exc:
         results["status"], results["error"] = "failed", f"{type(exc).__name__}: {exc}"
-        write_json(out / "results.json", results)
+        write(out / "results.json", results)
         if not isinstance(exc, UserError):
             log_traceback(exc)
         raise

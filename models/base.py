@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from utils import distributed
 from utils.config import ExperimentConfig
 from utils.runtime import autocast, make_generator, make_loader
 
@@ -87,14 +88,18 @@ class Learner(abc.ABC):
         """
         return self.cfg.eval_batch_size or self.batch_size
 
-    def loader(self, dataset: Dataset, shuffle: bool, batch_size: Optional[int] = None):
+    def loader(self, dataset: Dataset, shuffle: bool, batch_size: Optional[int] = None, train: bool = False):
         """A seeded DataLoader over ``dataset``; ``batch_size`` defaults to the learner's (training) batch size.
 
         Every loader draws from the run's one ``loader_generator`` (see ``make_loader`` for what each epoch
         draws), so the shuffles of a run depend on how many epochs all loaders ran before, not on batch sizes.
+        ``train``: a tuning loader, whose random transforms are seeded per sample (run seed, epoch, image) and
+        which gives each torchrun rank its share of every global batch; other loaders give each rank a
+        contiguous chunk of the order (gathered back by :meth:`extract_features` and :meth:`predict`).
         """
         return make_loader(dataset, batch_size or self.batch_size, shuffle, self.cfg.num_workers,
-                           self.loader_generator, pin_memory=self.device.type == "cuda")
+                           self.loader_generator, pin_memory=self.device.type == "cuda",
+                           run_seed=self.seed if train else None, shard="batch" if train else "order")
 
     # ---- protocol ----------------------------------------------------------------------------
     def learn_task(self, task: TaskData) -> dict[str, Any]:
@@ -106,7 +111,7 @@ class Learner(abc.ABC):
         report: dict[str, Any] = {}
         self.announce(task)
         if self.tuner is not None and (self.cfg.mist_tasks == "all" or task.task_id == 0):
-            report["tuning"] = self.tuner.tune(self.loader(task.train, shuffle=True), task)
+            report["tuning"] = self.tuner.tune(self.loader(task.train, shuffle=True, train=True), task)
         self.backbone.eval()
         self.update_head(task)
         return report
@@ -118,6 +123,10 @@ class Learner(abc.ABC):
     @abc.abstractmethod
     def update_head(self, task: TaskData) -> None:
         """Update the classifier for ``task``'s classes from features of the current backbone."""
+
+    def n_logits(self) -> int:
+        """Number of classes the classifier scores now (the width of :meth:`logits`)."""
+        return int(self.logits(torch.zeros(1, self.feature_dim, device=self.device)).shape[1])
 
     @abc.abstractmethod
     def logits(self, features: torch.Tensor) -> torch.Tensor:
@@ -149,7 +158,10 @@ class Learner(abc.ABC):
             with autocast(self.device, self.cfg.precision):
                 feats.append(self.backbone(x.to(self.device, non_blocking=True)).float())
             labels.append(y)
-        return torch.cat(feats), torch.cat(labels).long().to(self.device)
+        features = torch.cat(feats) if feats else torch.zeros(0, self.feature_dim, device=self.device)
+        label_rows = (torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)).long().to(self.device)
+        # torchrun: every rank extracted a contiguous chunk of the order; put them back in that order
+        return distributed.gather_rows(features), distributed.gather_rows(label_rows)
 
     @torch.inference_mode()
     def predict(self, dataset: Dataset, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -170,6 +182,11 @@ class Learner(abc.ABC):
             out = self.logits(features)
             preds.append(torch.topk(out, k=min(k, out.shape[1]), dim=1, largest=True, sorted=True)[1])
             labels.append(y)
+        if distributed.active():  # every rank predicted a contiguous chunk of the test set
+            width = min(k, self.n_logits())
+            top = torch.cat(preds) if preds else torch.zeros(0, width, dtype=torch.int64, device=self.device)
+            y_all = (torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)).long().to(self.device)
+            return distributed.gather_rows(top).cpu().numpy(), distributed.gather_rows(y_all).cpu().numpy()
         return torch.cat(preds).cpu().numpy(), torch.cat(labels).long().numpy()
 
     # ---- checkpoints -------------------------------------------------------------------------
@@ -207,6 +224,10 @@ class Learner(abc.ABC):
         if self.tuner is not None:
             mods.extend(self.tuner.extra_modules())
         return mods
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Every parameter of :meth:`modules`, each once."""
+        return list({id(p): p for m in self.modules() for p in m.parameters()}.values())
 
     def count_parameters(self) -> tuple[int, int]:
         """(all, trainable) parameter counts of the network, as logged by the official trainer."""

@@ -60,6 +60,10 @@ class TaskDataset(Dataset):
     def __getitem__(self, i: int):
         return i, self.transform(self.split.image(int(self.indices[i]))), self.labels[i]
 
+    def sample_id(self, i: int) -> int:
+        """The image's index in its split: the same image has the same id in every task's data set."""
+        return int(self.indices[i])
+
 
 class DataManager:
     """Class-incremental view of a data set: class order, remapped labels and per-task subsets.

@@ -11,9 +11,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import (DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler,
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler,
                               get_worker_info)
+from torch.utils.data._utils.collate import default_collate
 
+from utils import distributed
 from utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -22,13 +24,16 @@ LOG_FORMAT = "%(asctime)s [%(filename)s] => %(message)s"  # official format (SPE
 OFFICIAL_TORCH_SEED = 1  # trainer._set_random seeds torch with 1 whatever the JSON seed (SPEC 1.1 step 4)
 
 
-def resolve_device(entries: Sequence[str]) -> torch.device:
+def resolve_device(entries: Sequence[str], local_rank: Optional[int] = None) -> torch.device:
     """Map the official ``device`` key to one torch device.
 
     Args:
         entries: the config's ``device`` list, e.g. ``["0"]`` (cuda:0), ``["cpu"]``, ``["-1"]`` (cpu),
             ``["cuda:1"]`` or ``["mps"]``. Only the first entry is used; multi-GPU runs go through
             torchrun (see README).
+
+        local_rank: under torchrun, this process's local rank: a CUDA request then means GPU ``local_rank``
+            (one process per GPU; torchrun's ``--nproc_per_node`` picks how many), the CPU stays the CPU.
 
     Returns:
         The device to run on.
@@ -37,6 +42,10 @@ def resolve_device(entries: Sequence[str]) -> torch.device:
         ConfigError: the entry is not understood, or CUDA/MPS is requested but not available.
     """
     first = str(entries[0]).strip().lower()
+    if local_rank is not None:
+        if first in ("cpu", "-1"):
+            return torch.device("cpu")
+        entries, first = [str(local_rank)], str(local_rank)
     if len(entries) > 1:
         logger.warning("device lists %s; this process uses only %s. For several GPUs start one process per GPU with "
                        "torchrun (torchrun --nproc_per_node=%d main.py --config ...); the original's DataParallel "
@@ -145,70 +154,132 @@ def _reseed_worker(base_seed: int) -> None:
     _worker_init(info.id)
 
 
-class _EpochTaggedSampler(Sampler):
-    """The wrapped sampler's indices as ``(index, tag)``, ``tag`` the epoch's ``(epoch, base_seed)`` or None.
+TRANSFORM_STREAM = 0x7472616E  # the per-sample transform seeds' own stream tag (never a make_generator seed)
 
-    ``tag`` is read when an epoch's iteration starts; ``SeededLoader.__iter__`` sets it just before.
+
+def sample_seed(run_seed: int, epoch: int, sample: int) -> int:
+    """The seed of one sample's random train transforms in one epoch: a hash of (run seed, epoch, sample id).
+
+    Used so that a sample's crop and flip do not depend on which process or worker loads it.
+    """
+    return int(np.random.SeedSequence([run_seed, TRANSFORM_STREAM, epoch, sample]).generate_state(1, np.uint64)[0])
+
+
+class _EpochTaggedSampler(Sampler):
+    """The wrapped sampler's indices as ``(index, (epoch, base_seed))``.
+
+    ``epoch`` counts this sampler's passes (0, 1, ...); ``base_seed`` is the epoch's worker seed that
+    ``SeededLoader.__iter__`` sets just before a persistent loader's later epochs, else None.
     """
 
     def __init__(self, sampler: Sampler) -> None:
         self.sampler = sampler
-        self.tag: Optional[tuple[int, int]] = None
+        self.tag: Optional[int] = None
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.sampler)
 
     def __iter__(self):
-        tag = self.tag
+        tag, epoch = (self.epoch, self.tag), self.epoch
+        self.epoch, self.tag = epoch + 1, None
         for index in self.sampler:
             yield index, tag
 
 
-class _ReseedingDataset(Dataset):
-    """A map-style dataset read with ``(index, tag)`` keys; re-seeds the worker when the tag changes.
+class _ShardedOrder(Sampler):
+    """This rank's contiguous chunk of every pass of ``sampler`` (torchrun extraction and evaluation)."""
 
-    The first item of a new epoch that a persistent worker loads re-seeds its torch, numpy and ``random``
-    generators as a fresh worker of that epoch's iterator would be seeded (``_reseed_worker``). Items are
-    those of ``dataset``, unchanged.
+    def __init__(self, sampler: Sampler) -> None:
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        start, stop = distributed.share(len(self.sampler))
+        return stop - start
+
+    def __iter__(self):
+        order = list(self.sampler)
+        start, stop = distributed.share(len(order))
+        return iter(order[start:stop])
+
+
+class _ShardedBatches(Sampler):
+    """This rank's contiguous share of every global batch of ``batch_size`` (torchrun training).
+
+    A share can be empty (a last batch smaller than the number of ranks): it is yielded as an empty list,
+    which :func:`collate_or_none` turns into None.
     """
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, sampler: Sampler, batch_size: int) -> None:
+        self.batches = BatchSampler(sampler, batch_size, drop_last=False)
+        self.global_batch_size = batch_size
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            start, stop = distributed.share(len(batch))
+            yield batch[start:stop]
+
+
+def collate_or_none(batch: list):
+    """``default_collate``, or None for an empty batch (a rank's empty share of a global batch)."""
+    return default_collate(batch) if batch else None
+
+
+class _ReseedingDataset(Dataset):
+    """A map-style dataset read with ``(index, (epoch, base_seed))`` keys.
+
+    - When ``base_seed`` changes, the first item a persistent worker loads re-seeds its torch, numpy and
+      ``random`` generators as a fresh worker of that epoch's iterator would be seeded (``_reseed_worker``).
+    - With ``run_seed`` set, each item's transforms draw from torch's generator seeded with
+      :func:`sample_seed` (run seed, epoch, the dataset's ``sample_id(index)`` or the index), restored
+      afterwards: the images do not depend on the number of workers or processes.
+    """
+
+    def __init__(self, dataset: Dataset, run_seed: Optional[int] = None) -> None:
         self.dataset = dataset
-        self._tag: Optional[tuple[int, int]] = None
+        self.run_seed = run_seed
+        self._tag: Optional[int] = None
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: tuple[int, Optional[tuple[int, int]]]):
-        index, tag = key
-        if tag is not None and tag != self._tag:
-            _reseed_worker(tag[1])
-            self._tag = tag
-        return self.dataset[index]
+    def __getitem__(self, key):
+        index, (epoch, base_seed) = key
+        if base_seed is not None and base_seed != self._tag:
+            _reseed_worker(base_seed)
+            self._tag = base_seed
+        if self.run_seed is None:
+            return self.dataset[index]
+        sample = self.dataset.sample_id(index) if hasattr(self.dataset, "sample_id") else index
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.run_seed, epoch, int(sample)))
+            return self.dataset[index]
 
 
 class SeededLoader(DataLoader):
-    """A DataLoader with persistent workers whose random streams equal those of a non-persistent one.
+    """A DataLoader whose random streams do not depend on persistent workers.
 
     A non-persistent DataLoader creates a new iterator every epoch: it draws a ``base_seed`` from the
-    loader's generator (one int64, before the sampler's shuffle draws) and starts workers seeded with
-    ``base_seed + worker id``. A persistent one keeps its first iterator, so from the second epoch on it
-    would draw nothing (every later shuffle of the run would change) and the workers would carry their
-    random state over (train augmentations would change). Here each later epoch draws the same
-    ``base_seed`` at the same point of the generator's stream and hands it to the workers with the
-    indices, so shuffles, augmentations and the generator's state are bit-identical to a non-persistent
-    loader's; only the worker start-up per epoch is saved. Build it with ``make_loader``.
+    loader's generator (one int64, before the sampler's shuffle draws; also without workers) and starts
+    workers seeded with ``base_seed + worker id``. A persistent one keeps its first iterator, so from the
+    second epoch on it would draw nothing (every later shuffle of the run would change) and the workers
+    would carry their random state over. Here each later epoch draws the same ``base_seed`` at the same
+    point of the generator's stream and hands it to the workers with the indices, so shuffles, worker
+    seeds and the generator's state are bit-identical to a non-persistent loader's; only the worker
+    start-up per epoch is saved. Build it with ``make_loader``.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, tagged: _EpochTaggedSampler, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._epochs_started = 0
+        self.tagged = tagged
 
     def __iter__(self):
         if self._iterator is not None:  # the persistent iterator is reset, not re-created (no base_seed draw)
             base_seed = int(torch.empty((), dtype=torch.int64).random_(generator=self.generator).item())
-            self._epochs_started += 1
-            self.sampler.tag = (self._epochs_started, base_seed)
+            self.tagged.tag = base_seed
         return super().__iter__()
 
 
@@ -221,44 +292,58 @@ def default_prefetch_factor(num_workers: int) -> Optional[int]:
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int,
                 generator: Optional[torch.Generator] = None, pin_memory: bool = False,
-                persistent_workers: bool = True, prefetch_factor: Optional[int] = None) -> DataLoader:
-    """A DataLoader whose shuffling and worker seeds come from ``generator`` (reproducible runs).
+                persistent_workers: bool = True, prefetch_factor: Optional[int] = None,
+                run_seed: Optional[int] = None, shard: str = "none") -> DataLoader:
+    """A DataLoader whose shuffling, worker seeds and (optionally) per-sample transforms are reproducible.
 
-    With ``num_workers > 0`` and ``persistent_workers`` the workers live as long as the loader (a tuning
-    phase iterates one loader for many epochs), yet batches, augmentations and the generator's draws are
-    bit-identical to those of a plain non-persistent DataLoader (see ``SeededLoader``). The shuffle order
-    depends on ``generator`` only, not on ``batch_size`` or ``num_workers``.
+    - The shuffle order depends on ``generator`` only, not on ``batch_size``, ``num_workers`` or the number
+      of processes. Each epoch draws one int64 from ``generator`` (the workers' base seed, drawn even
+      without workers), then, when shuffling, one ``randperm(len(dataset))``.
+    - With ``num_workers > 0`` and ``persistent_workers`` the workers live as long as the loader (a tuning
+      phase iterates one loader for many epochs), with the same draws as a non-persistent loader
+      (``SeededLoader``).
+    - With ``run_seed``, every sample's random transforms are seeded from (run seed, epoch, sample id), so
+      the images are the same with 0, 2 or 8 workers and with 1 or N processes.
+    - Under torchrun, ``shard="batch"`` gives this rank its share of every global batch of ``batch_size``
+      (training; empty shares come as None), ``shard="order"`` its contiguous chunk of the epoch's order
+      (extraction and evaluation, gathered back in order with ``utils.distributed.gather_rows``).
 
     Args:
         dataset: map-style, items ``(index, image (3,H,W) float32, label int64)``.
-        batch_size: images per batch.
+        batch_size: images per batch (the global batch with ``shard="batch"``).
         shuffle: reshuffle every epoch, drawing from ``generator``.
         num_workers: worker processes (0 loads in the main process).
-        generator: CPU generator; required when ``shuffle`` is true (None: torch's global generator). Each
-            epoch draws one int64 (the workers' base seed, drawn even without workers), then, when
-            shuffling, one ``randperm(len(dataset))``.
+        generator: CPU generator; required when ``shuffle`` is true (None: torch's global generator).
         pin_memory: pin host memory (useful when the model is on CUDA).
         persistent_workers: keep the workers between epochs (only with ``num_workers > 0``).
         prefetch_factor: batches loaded ahead per worker; None = ``default_prefetch_factor(num_workers)``.
-            Ignored without workers.
+        run_seed: seed the random transforms per sample (None: they draw from the process's generator).
+        shard: ``"none"``, ``"batch"`` or ``"order"`` (only matters under torchrun).
+
+    Raises:
+        ValueError: an unknown ``shard``.
     """
-    if num_workers <= 0:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=0, generator=generator,
-                          pin_memory=pin_memory)
-    if prefetch_factor is None:
+    if shard not in ("none", "batch", "order"):
+        raise ValueError(f"shard must be 'none', 'batch' or 'order', not {shard!r}")
+    workers = num_workers > 0
+    if workers and prefetch_factor is None:
         prefetch_factor = default_prefetch_factor(num_workers)
-    if not persistent_workers:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                          generator=generator, worker_init_fn=_worker_init, pin_memory=pin_memory,
-                          prefetch_factor=prefetch_factor)
-    # the samplers a plain DataLoader(shuffle=...) would build, with epoch tags for the workers' seeds
-    sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
-    return SeededLoader(_ReseedingDataset(dataset), batch_size=batch_size, sampler=_EpochTaggedSampler(sampler),
-                        num_workers=num_workers, generator=generator, worker_init_fn=_worker_init,
-                        pin_memory=pin_memory, persistent_workers=True, prefetch_factor=prefetch_factor)
+    base = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    tagged = _EpochTaggedSampler(base)
+    sampled: Sampler = tagged
+    if distributed.active() and shard == "order":
+        sampled = _ShardedOrder(tagged)
+    kwargs = dict(num_workers=num_workers, generator=generator, pin_memory=pin_memory,
+                  worker_init_fn=_worker_init if workers else None, prefetch_factor=prefetch_factor if workers else None,
+                  persistent_workers=workers and persistent_workers)
+    if distributed.active() and shard == "batch":
+        kwargs.update(batch_sampler=_ShardedBatches(sampled, batch_size), collate_fn=collate_or_none)
+    else:
+        kwargs.update(batch_size=batch_size, sampler=sampled)
+    return SeededLoader(_ReseedingDataset(dataset, run_seed), tagged=tagged, **kwargs)
 
 
-def setup_logging(log_file: Optional[Path]) -> None:
+def setup_logging(log_file: Optional[Path], level: int = logging.INFO) -> None:
     """Send INFO records to stdout and (if given) to ``log_file``, in the official format.
 
     Replaces the handlers installed by an earlier call, so each seed gets its own file (the
@@ -269,7 +354,7 @@ def setup_logging(log_file: Optional[Path]) -> None:
         if getattr(handler, "_mist_cl", False):
             root.removeHandler(handler)
             handler.close()
-    root.setLevel(logging.INFO)
+    root.setLevel(level)
     fmt = logging.Formatter(LOG_FORMAT)
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if log_file is not None:

@@ -58,8 +58,8 @@ def mi_fisher(network: nn.Module, batches: Iterable, n_batches: int, loss_fn: Lo
     grads = [params[n].grad for n in names]
     accs = [acc[n] for n in names]
     monitor = LossMonitor(device, f"scoring pass ({where})")
-    for step, (_, x, y) in enumerate(tqdm(batches, total=n_batches, desc="scoring", leave=False,
-                                          disable=not progress)):
+    for step, (_, x, y) in enumerate(tqdm(distributed.fill_empty(batches), total=n_batches, desc="scoring",
+                                          leave=False, disable=not progress)):
         flat.buffer.zero_()
         loss = loss_fn(x.to(device, non_blocking=True), y.to(device, non_blocking=True), step)
         loss.backward()

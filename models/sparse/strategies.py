@@ -179,6 +179,11 @@ class SparseTuner:
                 params[name].copy_(torch.where(frozen, old, params[name]))
         return nonzero
 
+    def _remember_loader(self, loader, task) -> None:
+        """The task's item count and global batch size (a torchrun loader yields this rank's share of a batch)."""
+        self._n_items = len(task.train)
+        self._batch_size = getattr(loader.batch_sampler, "global_batch_size", None) or loader.batch_size
+
     def _scheduler_step(self, scheduler) -> None:
         with warnings.catch_warnings():  # the scoring pass steps the scheduler without an optimizer step (SPEC 9.7)
             warnings.simplefilter("ignore", UserWarning)
@@ -218,9 +223,7 @@ class MistTuner(SparseTuner):
     def tune(self, loader, task) -> dict[str, Any]:
         cfg, t = self.cfg, task.task_id
         epochs = cfg.mi_epochs
-        # the global batch (a torchrun loader yields this rank's share of it)
-        self._n_items = len(task.train)
-        self._batch_size = getattr(loader.batch_sampler, "global_batch_size", None) or loader.batch_size
+        self._remember_loader(loader, task)
         optimizer, scheduler = self.make_optimizer()
         scores, loss = mi_fisher(self.network, loader, len(loader), self.loss, self.state, self.device, cfg.progress,
                                  where=f"task {t}, epoch 1/{epochs}")
@@ -278,8 +281,8 @@ class MistTuner(SparseTuner):
         for epoch in range(2, epochs + 1):
             self.network.train()
             monitor = LossMonitor(dev, f"task {t}, epoch {epoch}/{epochs}")
-            for step, (_, x, y) in enumerate(tqdm(loader, desc=f"MIST epoch {epoch}/{epochs}", leave=False,
-                                                  disable=not cfg.progress)):
+            for step, (_, x, y) in enumerate(tqdm(distributed.fill_empty(loader), desc=f"MIST epoch {epoch}/{epochs}",
+                                                  total=len(loader), leave=False, disable=not cfg.progress)):
                 loss = self.loss(x.to(dev, non_blocking=True), y.to(dev, non_blocking=True), step)
                 loss.backward()
                 distributed.all_reduce_sum_(flat.buffer)  # torchrun: the single-process gradient on every rank
@@ -374,6 +377,7 @@ class CEAblationTuner(SparseTuner):
 
     def tune(self, loader, task) -> dict[str, Any]:
         cfg, t, epochs = self.cfg, task.task_id, self.cfg.ablation_epochs
+        self._remember_loader(loader, task)
         head = self.make_head(task)
         optimizer, scheduler = self.make_optimizer(head)
         params = self.named_trainables(head)
@@ -383,15 +387,25 @@ class CEAblationTuner(SparseTuner):
             monitor = LossMonitor(self.device, f"task {t}, epoch {epoch}/{epochs}")
             correct = torch.zeros((), dtype=torch.int64, device=self.device)
             seen = 0
-            for _, x, y in tqdm(loader, desc=f"{self.policy} epoch {epoch}/{epochs}", leave=False,
-                                disable=not cfg.progress):
+            for step, (_, x, y) in enumerate(tqdm(distributed.fill_empty(loader), total=len(loader),
+                                                  desc=f"{self.policy} epoch {epoch}/{epochs}", leave=False,
+                                                  disable=not cfg.progress)):
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True) - task.known
                 with autocast(self.device, self.cfg.precision):
                     features = self.network.convnet(x).float()
                 logits = head(features)
-                loss = F.cross_entropy(logits, y)
+                rows = distributed.step_rows(step, self._n_items, self._batch_size)
+                if rows is None:
+                    loss = F.cross_entropy(logits, y)
+                else:  # torchrun: this rank's part of the global batch's mean; gradients summed over ranks
+                    loss = F.cross_entropy(logits, y, reduction="sum") / rows[1]
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if rows is not None:
+                    for p in params.values():
+                        if p.grad is not None:
+                            distributed.all_reduce_sum_(p.grad)
+                    loss = distributed.all_reduce_sum_(loss.detach().clone())
                 nonzero = nonzero + self.step(optimizer, params, self.masks(params))
                 monitor.add(loss)
                 correct += (logits.argmax(1) == y).sum()
@@ -399,6 +413,9 @@ class CEAblationTuner(SparseTuner):
                 steps += 1
             self._scheduler_step(scheduler)
             losses.append(monitor.mean(len(loader)))
+            if distributed.active():
+                counts = distributed.all_reduce_sum_(torch.stack([correct, torch.tensor(seen, device=self.device)]))
+                correct, seen = counts[0], int(counts[1])
             logger.info("Task %d, Epoch %d/%d => Loss %.3f, Train_accy %.2f", t, epoch, epochs, losses[-1],
                         100.0 * int(correct) / max(seen, 1))
         self.sigma = float(head.sigma.detach())
