@@ -148,3 +148,36 @@ def test_missing_data_fails_cleanly_with_status(tmp_path, capsys):
 def test_sigterm_is_handled_like_ctrl_c():
     with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
         main._sigterm_as_interrupt(signal.SIGTERM, None)
+
+
+def test_sigterm_on_a_running_run_records_interrupted(images, tmp_path):
+    """A real process: SIGTERM mid-run exits 130 with status "interrupted" and the finished tasks kept."""
+    import subprocess
+    import sys
+    import time
+
+    args = [sys.executable, "main.py", "--output-dir", str(tmp_path / "runs")]
+    for item in overrides(images, "ranpac", "mi_epochs=40"):
+        args += ["--set", item]
+    proc = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    results = None
+    while time.time() < deadline:  # wait until the first task is done and written
+        found = list((tmp_path / "runs").glob("*/*/seed1993/results.json"))
+        if found:
+            try:
+                results = json.loads(found[0].read_text())
+            except ValueError:
+                results = None
+            if results and results.get("tasks"):
+                break
+        time.sleep(0.2)
+    assert results and results["tasks"], "the run did not finish its first task in time"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    final = json.loads(found[0].read_text())
+    assert final["status"] == "interrupted" and len(final["tasks"]) >= 1
+    assert (found[0].parent / "checkpoint.pt").is_file()
