@@ -2,12 +2,13 @@
 
 For each projected width M, on realistic RanPAC inputs (H = ReLU(F W_rand), W_rand ~ N(0, 1)^(768 x M),
 F = 100 class means + Gaussian noise + a shared offset, 5,000 shuffled rows, Y one-hot over 100 classes),
-times, interleaved in the same run (official, fast, official, fast, ...):
+times, interleaved in the same run (fast, official, fast, official, ..., fast):
 
 - official: ``select_ridge(H, Y, solver="official")`` + ``RidgeAccumulator.solve(lambda, solver="official")``;
 - fast:     ``select_ridge(H, Y, solver="fast")``     + ``RidgeAccumulator.solve(lambda, solver="fast")``;
 
-and prints the medians, their ratio, whether both chose the same lambda, the relative Frobenius difference
+and prints the medians (wall clock, and CPU time of the process, which a busy shared machine disturbs
+less), their ratios, whether both chose the same lambda, the relative Frobenius difference
 of W_o, how far each W_o is from a float64 Cholesky solve of the same float32 G (the rounding error of the
 official float32 solve itself), the same three figures for the logits on 1,000 fresh rows, and the share
 of those rows whose top-1 class is the same with both W_o.
@@ -17,7 +18,7 @@ Output: a header line (``# ridge: ...``), then one figure per line, ``ridge.M<M>
 
 Usage::
 
-    .venv/bin/python bench/ridge.py --quick                # CPU, M = 2000, 5000, 10000; about 3 minutes on 2 cores
+    .venv/bin/python bench/ridge.py --quick                # CPU, M = 2000, 5000, 10000; ~3 minutes on 2 cores
     .venv/bin/python bench/ridge.py --full                 # more repeats
     .venv/bin/python bench/ridge.py --full --device cuda   # on the GPU (ridge_device: "device")
 """
@@ -78,12 +79,22 @@ def cpu_name() -> str:
 
 
 def run_once(H, Y, acc: RidgeAccumulator, solver: str, device: torch.device):
+    """One search + solve: (wall seconds, CPU seconds of this process, chosen ridge, W_o)."""
     _sync(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     ridge = select_ridge(H, Y, solver=solver)
     W_o = acc.solve(ridge, solver=solver)
     _sync(device)
-    return time.perf_counter() - start, ridge, W_o
+    return time.perf_counter() - start, time.process_time() - cpu_start, ridge, W_o
+
+
+def warm_up(device: torch.device) -> None:
+    """Both paths once on a small problem, so that library start-up costs are not timed."""
+    H, Y, _ = make_inputs(200, 100, 10, device)
+    acc = RidgeAccumulator(200, 10, device)
+    acc.update(H, Y)
+    for solver in ("official", "fast"):
+        run_once(H, Y, acc, solver, device)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -97,12 +108,14 @@ def bench_size(M: int, rows: int, classes: int, repeats: int, device: torch.devi
     acc = RidgeAccumulator(M, classes, device)
     acc.update(H, Y)
     times = {"official": [], "fast": []}
+    cpu_times = {"official": [], "fast": []}
     results = {}
-    for _ in range(repeats):
-        for solver in ("official", "fast"):  # interleaved
-            seconds, ridge, W_o = run_once(H, Y, acc, solver, device)
-            times[solver].append(seconds)
-            results[solver] = (ridge, W_o)
+    # interleaved, starting and ending with the (short) fast run, so that every official run is bracketed
+    for solver in ["fast"] + ["official", "fast"] * repeats:
+        seconds, cpu_seconds, ridge, W_o = run_once(H, Y, acc, solver, device)
+        times[solver].append(seconds)
+        cpu_times[solver].append(cpu_seconds)
+        results[solver] = (ridge, W_o)
     (ridge_o, W_off), (ridge_f, W_fast) = results["official"], results["fast"]
     # float64 Cholesky of the same float32 G + lambda I: the answer both float32 solves approximate
     G64 = acc.G.double()
@@ -116,7 +129,11 @@ def bench_size(M: int, rows: int, classes: int, repeats: int, device: torch.devi
     print(f"{p}.official_s: {official_s:.3f}")
     print(f"{p}.fast_s: {fast_s:.3f}")
     print(f"{p}.ratio: {official_s / fast_s:.1f}")
-    print(f"{p}.repeats: {repeats}")
+    print(f"{p}.repeats: {repeats} official, {repeats + 1} fast")
+    official_cpu, fast_cpu = statistics.median(cpu_times["official"]), statistics.median(cpu_times["fast"])
+    print(f"{p}.official_cpu_s: {official_cpu:.3f}")
+    print(f"{p}.fast_cpu_s: {fast_cpu:.3f}")
+    print(f"{p}.cpu_ratio: {official_cpu / fast_cpu:.1f}")
     print(f"{p}.lambda_official: {ridge_o!r}")
     print(f"{p}.lambda_fast: {ridge_f!r}")
     print(f"{p}.same_lambda: {ridge_o == ridge_f}")
@@ -134,11 +151,13 @@ def bench_size(M: int, rows: int, classes: int, repeats: int, device: torch.devi
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="M = 2000, 5000, 10000 with 3, 1, 1 repeats (default)")
-    mode.add_argument("--full", action="store_true", help="M = 2000, 5000, 10000 with 7, 5, 3 repeats")
+    mode.add_argument("--quick", action="store_true",
+                      help="M = 2000, 5000, 10000 with 3, 1, 1 official repeats (default)")
+    mode.add_argument("--full", action="store_true", help="M = 2000, 5000, 10000 with 7, 5, 3 official repeats")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sizes", type=int, nargs="*", default=None, help="override the widths M")
-    parser.add_argument("--repeats", type=int, default=None, help="override the repeats (every size)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="override the official repeats (every size; one more fast run)")
     parser.add_argument("--rows", type=int, default=5000)
     parser.add_argument("--classes", type=int, default=100)
     args = parser.parse_args()
@@ -153,6 +172,7 @@ def main() -> None:
     print(f"# ridge: device={device} ({name}), dtype=float32, M={sizes}, rows={args.rows} "
           f"(fit k={int(0.8 * args.rows)}), classes={args.classes}, D={D}, torch {torch.__version__}, "
           f"numpy {np.__version__}", flush=True)
+    warm_up(device)
     for M in sizes:
         bench_size(M, args.rows, args.classes, args.repeats or default_repeats.get(M, 1), device)
 

@@ -8,7 +8,7 @@ one-hot labels over all classes of the data set. The ridge lambda is chosen on a
 Two numerically equivalent solvers (config key ``ridge_solver``): ``"official"`` runs the original 17 + 1
 dense ``torch.linalg.solve`` calls bit for bit; ``"fast"`` (default) finds the same lambda from the smaller
 of the k x k kernel / M x M Gram matrices with one Cholesky per distinct candidate, and solves for W_o by
-Cholesky (see :func:`select_ridge`, :meth:`RidgeAccumulator.solve`; about 13x faster at M = 10000).
+Cholesky (see :func:`select_ridge`, :meth:`RidgeAccumulator.solve`; ~14x faster at M = 10000, bench/ridge.py).
 
 Faithful quirk (SPEC 9.20): G and Q accumulate features of a backbone that keeps changing when the
 tuning phase runs on every task; old-task features are never re-extracted.
@@ -31,6 +31,33 @@ logger = logging.getLogger(__name__)
 RIDGE_GRID = tuple(10.0 ** np.arange(-8, 9))  # 1e-8 .. 1e8, 17 values (SPEC 6, step 6.3.4)
 RIDGE_TRAIN_FRACTION = 0.8
 RIDGE_SOLVERS = ("fast", "official")  # config key ``ridge_solver``
+# How far a float32 solve with (Gram + lambda I) may be from the official LU, by rho = eps * (s_max + lambda) /
+# lambda (s_max the Gram matrix's largest eigenvalue, bounded above by its trace). Measured on RanPAC features (bench/ridge.py inputs, M =
+# 5000, k = 4000): the official hold-out loss is off by ~3e-4 rho relative for rho <= 1 and is pure rounding
+# (x1e3 and more) from rho ~ 50. Search candidates with rho <= SEARCH_TRUSTED_RHO keep their fast loss; others
+# get the official loss when they could win. The final solve uses Cholesky only for rho <= SOLVE_TRUSTED_RHO,
+# where W_o stays within 1e-4 of the official LU; otherwise the official LU itself (bit for bit).
+SEARCH_TRUSTED_RHO = 1.0
+SOLVE_TRUSTED_RHO = 1e-3
+
+
+def gram_trace(A: torch.Tensor, gram_of_rows: bool) -> float:
+    """trace of a Gram matrix (float64 sum), an upper bound of its largest eigenvalue s_max, in one pass.
+
+    Args:
+        A: (n, M) rows whose Gram matrix A^T A is meant (``gram_of_rows``), or a symmetric PSD (M, M) matrix.
+
+    The rounding checks use it in place of s_max: it overestimates rho, so it can only send more candidates
+    to the official computation, never fewer.
+    """
+    if gram_of_rows:
+        return float(torch.sum(A * A, dtype=torch.float64))
+    return float(A.diagonal().double().sum())
+
+
+def rounding_ratio(s_max: float, ridge: float, dtype: torch.dtype) -> float:
+    """rho = eps(dtype) * (s_max + ridge) / ridge: how much rounding a solve with (Gram + ridge I) can pick up."""
+    return torch.finfo(dtype).eps * (s_max + ridge) / ridge
 
 
 def _check_solver(solver: str) -> None:
@@ -44,6 +71,28 @@ def _shifted(S: torch.Tensor, ridge: float) -> torch.Tensor:
     A = S.clone()
     A.diagonal().add_(ridge)
     return A
+
+
+def _cholesky_shifted(S: torch.Tensor, diag: torch.Tensor) -> Optional[torch.Tensor]:
+    """Lower Cholesky factor of S with its diagonal replaced by ``diag``, or None if that is not positive definite.
+
+    The diagonal is written into S in place and restored bit for bit before returning, so S is unchanged
+    afterwards and no copy of the (n, n) matrix is made. Only S's lower triangle is read. None means a
+    non-positive or NaN pivot (not positive definite in S's dtype), so that the caller can take its fallback
+    instead of a wrong answer.
+    """
+    original = S.diagonal().clone()
+    try:
+        S.diagonal().copy_(diag)
+        L, info = torch.linalg.cholesky_ex(S)
+    finally:
+        S.diagonal().copy_(original)
+    return L if int(info.item()) == 0 else None
+
+
+def _cholesky_solve(L: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """X with L L^T X = B: the two triangular solves of ``cholesky_solve``, faster on MKL with many columns."""
+    return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, B, upper=False), upper=True)
 
 
 def _lower_gram(A: torch.Tensor, blocks: int = 4) -> torch.Tensor:
@@ -61,19 +110,6 @@ def _lower_gram(A: torch.Tensor, blocks: int = 4) -> torch.Tensor:
         if hi > lo:
             S[lo:hi, :hi] = A[lo:hi] @ A[:hi].T
     return S
-
-
-def _cholesky_solve_or_none(A: torch.Tensor, B: torch.Tensor) -> Optional[torch.Tensor]:
-    """Solve A X = B for symmetric positive definite A (only its lower triangle is read) by Cholesky.
-
-    Returns None when the factorisation fails (A not positive definite in its dtype: a non-positive or NaN
-    pivot), so that the caller can take its fallback instead of a wrong answer.
-    """
-    L, info = torch.linalg.cholesky_ex(A)
-    if int(info.item()) != 0:
-        return None
-    # L^T \ (L \ B): the two triangular solves of cholesky_solve, faster on MKL with many columns
-    return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, B, upper=False), upper=True)
 
 
 class RidgeAccumulator:
@@ -115,16 +151,19 @@ class RidgeAccumulator:
             torch.linalg.LinAlgError: G + ridge I exactly singular (the official solve raises the same).
         """
         _check_solver(solver)
-        if solver == "official":
+        if solver == "official" or rounding_ratio(gram_trace(self.G, False), ridge,
+                                                  self.G.dtype) > SOLVE_TRUSTED_RHO:
+            # official form, also for the fast solver where float32 rounding dominates (small ridge against
+            # ||G||): there only the same LU reproduces the official W_o
             eye = torch.eye(self.G.shape[0], dtype=self.G.dtype, device=self.G.device)
             return torch.linalg.solve(self.G + ridge * eye, self.Q).T
-        A = _shifted(self.G, ridge)  # equal to the official G + ridge * eye
-        X = _cholesky_solve_or_none(A, self.Q)
-        if X is None:
+        # the diagonal of G + ridge I, entry for entry that of the official G + ridge * eye
+        L = _cholesky_shifted(self.G, self.G.diagonal() + ridge)
+        if L is None:
             logger.warning("Cholesky of G + %s I failed (not positive definite in %s); using the official LU "
-                           "solve", ridge, A.dtype)
-            X = torch.linalg.solve(A, self.Q)
-        return X.T
+                           "solve", ridge, self.G.dtype)
+            return torch.linalg.solve(_shifted(self.G, ridge), self.Q).T
+        return _cholesky_solve(L, self.Q).T
 
 
 def _holdout_losses_official(Ha, Ya, Hb, Yb, grid: Sequence[float]) -> list[float]:
@@ -171,8 +210,11 @@ class _OfficialCandidates:
         A = self.G + ridge * self._eye
         value = _lookup(self._done, A.diagonal())
         if value is None:
-            W = torch.linalg.solve(A, self.Q).T
-            value = torch.mean((self.Yb - self.Hb @ W.T) ** 2).item()
+            try:
+                W = torch.linalg.solve(A, self.Q).T
+                value = torch.mean((self.Yb - self.Hb @ W.T) ** 2).item()
+            except torch.linalg.LinAlgError:  # exactly singular: the official code would stop; never chosen here
+                value = float("inf")
             self._done.append((A.diagonal().clone(), value))
         return value
 
@@ -219,18 +261,48 @@ def _holdout_losses_fast(Ha, Ya, Hb, Yb, grid: Sequence[float]) -> list[float]:
     losses: list[float] = []
     done: list[tuple[torch.Tensor, float]] = []  # (shifted diagonal, loss) of successful factorisations
     for ridge in grid:
-        A = _shifted(S, ridge)
-        loss = _lookup(done, A.diagonal())
+        diag = S.diagonal() + ridge  # S_ii + ridge rounded once, as in the official S + ridge * eye
+        loss = _lookup(done, diag)
         if loss is None:
-            Z = _cholesky_solve_or_none(A, R)
-            if Z is None:
+            L = _cholesky_shifted(S, diag)  # S itself is left unchanged (in the primal form it is official.G)
+            if L is None:
                 logger.debug("ridge search: Cholesky failed for lambda=%s; official solve", ridge)
                 loss = official.loss(ridge)
             else:
-                loss = torch.mean((Yb - X @ Z) ** 2).item()
-                done.append((A.diagonal().clone(), loss))
+                loss = torch.mean((Yb - X @ _cholesky_solve(L, R)) ** 2).item()
+                done.append((diag, loss))
         losses.append(loss)
     return losses
+
+
+def _official_where_rounding_dominates(losses: list[float], Ha, Ya, Hb, Yb, grid: Sequence[float]) -> list[float]:
+    """Replace the fast losses that could win by the official ones where the official solve is rounding-dominated.
+
+    For a small ridge against s_max = ||H_a||_2^2 the official float32 M x M solve (which has M - k zero
+    eigenvalues when k < M) returns a solution dominated by rounding, so its hold-out loss is large and that
+    ridge is never chosen, whereas the exact (fast) loss may be the smallest (near-interpolation). To choose as
+    the official code does, every such candidate whose fast loss is not clearly above the best trusted one
+    gets its official loss (:class:`_OfficialCandidates`, the official computation bit for bit). Candidates
+    where both forms are accurate keep their fast loss. On realistic inputs the best trusted candidate wins
+    and no official solve runs.
+
+    Returns:
+        The losses to take the argmin of, in grid order.
+    """
+    s_max = gram_trace(Ha, True)  # >= ||H_a||_2^2
+    suspect = [rounding_ratio(s_max, float(r), Ha.dtype) > SEARCH_TRUSTED_RHO for r in grid]
+    trusted = [loss for loss, bad in zip(losses, suspect) if not bad]
+    bar = min(trusted) * (1 + 1e-3) if trusted else float("inf")
+    official = None
+    out = list(losses)
+    for j, (loss, bad) in enumerate(zip(losses, suspect)):
+        if bad and loss <= bar:
+            official = official or _OfficialCandidates(Ha, Ya, Hb, Yb)
+            out[j] = official.loss(float(grid[j]))
+    if official is not None:
+        logger.debug("ridge search: official losses for rounding-dominated candidates: %s",
+                     {float(r): v for r, v, b in zip(grid, out, suspect) if b})
+    return out
 
 
 def select_ridge(H: torch.Tensor, Y: torch.Tensor, grid: Sequence[float] = RIDGE_GRID,
@@ -268,8 +340,10 @@ def select_ridge(H: torch.Tensor, Y: torch.Tensor, grid: Sequence[float] = RIDGE
     _check_solver(solver)
     n_fit = int(train_fraction * H.shape[0])
     Ha, Ya, Hb, Yb = H[:n_fit], Y[:n_fit], H[n_fit:], Y[n_fit:]
-    fn = _holdout_losses_official if solver == "official" else _holdout_losses_fast
-    losses = fn(Ha, Ya, Hb, Yb, grid)
+    if solver == "official":
+        losses = _holdout_losses_official(Ha, Ya, Hb, Yb, grid)
+    else:
+        losses = _official_where_rounding_dominates(_holdout_losses_fast(Ha, Ya, Hb, Yb, grid), Ha, Ya, Hb, Yb, grid)
     logger.debug("ridge search (%s): %s", solver, dict(zip(map(float, grid), losses)))
     return float(grid[int(np.argmin(np.asarray(losses)))])
 

@@ -181,3 +181,20 @@ def test_sigterm_on_a_running_run_records_interrupted(images, tmp_path):
     final = json.loads(found[0].read_text())
     assert final["status"] == "interrupted" and len(final["tasks"]) >= 1
     assert (found[0].parent / "checkpoint.pt").is_file()
+
+
+def test_deterministic_key_and_runtime_record(images, tmp_path, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        cfg = load_config(None, overrides(images, "simplecil", "spr=none", "deterministic=true"))
+        (path,) = trainer.run(cfg, tmp_path / "runs")
+        assert torch.are_deterministic_algorithms_enabled()
+        import os
+
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    runtime = json.loads(path.with_name("config.json").read_text())["runtime"]
+    assert runtime == {**runtime, "device": "cpu", "gpu": None, "allow_tf32": True, "deterministic": True}

@@ -254,11 +254,14 @@ def test_search_with_failing_cholesky_gives_the_official_losses_bit_for_bit(monk
     assert calls  # the fast path did try Cholesky first
 
 
-def test_search_with_some_failing_candidates_picks_the_official_lambda(monkeypatch):
-    H, Y = ranpac_problem(80, 150, 4, seed=11)
-    official = select_ridge(H, Y, solver="official")
-    failing_cholesky(monkeypatch, n_fail=5)  # the smallest lambdas go to the official computation
-    assert select_ridge(H, Y) == official
+@pytest.mark.parametrize("M", [40, 150])  # primal and kernel form
+def test_search_with_some_failing_candidates_picks_the_official_lambda(monkeypatch, M):
+    H, Y = ranpac_problem(80, M, 4, seed=11)
+    chosen, official = reference_select_ridge(H, Y)
+    failing_cholesky(monkeypatch, n_fail=5)  # the 5 smallest lambdas go to the official computation
+    assert fast_losses(H, Y, RIDGE_GRID)[:5] == official[:5]
+    failing_cholesky(monkeypatch, n_fail=5)
+    assert select_ridge(H, Y) == chosen
 
 
 def test_solve_falls_back_to_the_official_solve_when_not_positive_definite(caplog):
@@ -271,6 +274,19 @@ def test_solve_falls_back_to_the_official_solve_when_not_positive_definite(caplo
     assert torch.equal(W, acc.solve(1.0, solver="official"))
     G = acc.G.double() + torch.eye(3, dtype=torch.float64)
     torch.testing.assert_close(W.double(), torch.linalg.solve(G, acc.Q.double()).T, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_fast_solve_leaves_the_statistics_unchanged(monkeypatch, fail):
+    H, Y = ranpac_problem(80, 50, 3, seed=14)
+    acc = RidgeAccumulator(50, 3)
+    acc.update(H, Y)
+    G, Q = acc.G.clone(), acc.Q.clone()
+    if fail:
+        failing_cholesky(monkeypatch)
+    first = acc.solve(0.37)
+    assert torch.equal(acc.G, G) and torch.equal(acc.Q, Q)  # the in-place diagonal shift is undone
+    assert torch.equal(acc.solve(0.37), first)
 
 
 def test_solve_falls_back_when_cholesky_reports_failure(monkeypatch):
@@ -327,3 +343,37 @@ def test_ranpac_learner_uses_the_configured_solver(make_config, tmp_path, monkey
     for task in make_tasks():
         learner.learn_task(task)
     assert seen == {"select": [solver, solver], "solve": [solver, solver]}
+
+
+# ---------------------------------------------------------------------------------------------
+# where the official float32 solve is rounding-dominated, the fast form still chooses as the official
+# ---------------------------------------------------------------------------------------------
+def near_rank_deficient_problem(seed: int = 1, rows: int = 60, M: int = 2000, classes: int = 2):
+    """ReLU random features of 2 tight clusters: H has numerical rank ~2 in M = 2000 dimensions, so with
+    lambda << ||H||^2 the exact fit nearly interpolates (small hold-out loss) while the official float32
+    M x M solve is dominated by rounding (large loss). The demo's last task met this case."""
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(classes, 64, generator=g)
+    labels = (torch.arange(rows) % classes)[torch.randperm(rows, generator=g)]
+    F = 0.5 + 4 * mu[labels] + 0.001 * torch.randn(rows, 64, generator=g)
+    H = torch.relu(F @ torch.randn(64, M, generator=g))
+    return H, torch.nn.functional.one_hot(labels, classes).float()
+
+
+def test_rounding_dominated_candidates_take_the_official_losses():
+    from models.ranpac import _holdout_losses_fast
+
+    H, Y = near_rank_deficient_problem()
+    k = int(0.8 * H.shape[0])
+    exact = _holdout_losses_fast(H[:k], Y[:k], H[k:], Y[k:], RIDGE_GRID)
+    official = select_ridge(H, Y, solver="official")
+    assert RIDGE_GRID[int(np.argmin(exact))] < official  # the exact losses alone would choose a smaller ridge
+    assert select_ridge(H, Y) == official
+
+
+def test_final_solve_is_the_official_lu_where_rounding_dominates():
+    H, Y = near_rank_deficient_problem()
+    acc = RidgeAccumulator(H.shape[1], Y.shape[1])
+    acc.update(H, Y)
+    ridge = select_ridge(H, Y, solver="official")
+    assert torch.equal(acc.solve(ridge), acc.solve(ridge, solver="official"))

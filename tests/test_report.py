@@ -1,0 +1,259 @@
+"""utils.report on synthetic results.json files (hand-computed statistics) and on a real tiny run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+from PIL import Image
+
+import trainer
+from utils import report
+
+
+def write_run(root: Path, model_name: str, spr: str, dataset: str, seed: int, stamp: str = "20260101-120000", *,
+              avg: float = 80.0, last: float = 70.0, forgetting: Optional[float] = 5.0, status: str = "complete",
+              tuning: Optional[list[dict]] = None, seconds: tuple = (1.0, 2.0), curve: tuple = (90.0, 70.0),
+              matrix: tuple = ((90.0,), (60.0, 80.0)), error: Optional[str] = None, tasks_done: Optional[int] = None,
+              legacy: bool = False) -> Path:
+    """Write a results.json in trainer.py's layout; ``tasks_done`` < 2 makes a partial (incomplete) run."""
+    n = len(seconds) if tasks_done is None else tasks_done
+    tasks = []
+    for t in range(n):
+        task: dict[str, Any] = {"task": t, "top1": curve[t], "seconds": seconds[t]}
+        if tuning is not None:
+            task["tuning"] = tuning[t]
+        tasks.append(task)
+    data: dict[str, Any] = {
+        "config": {"model_name": model_name, "spr": spr, "dataset": dataset, "seed": seed, "init_cls": 2,
+                   "device": "cpu"},
+        "seed": seed, "status": status, "complete": status == "complete", "tasks": tasks,
+        "top1_curve": list(curve[:n]), "accuracy_matrix": [list(r) for r in matrix[:n]], "task_sizes": [2, 2]}
+    if status == "complete":
+        data.update({"average_accuracy": avg, "last_accuracy": last, "forgetting": forgetting})
+    if error:
+        data["error"] = error
+    if legacy:
+        del data["status"]
+    out = root / f"{model_name}_{spr}_{dataset}" / stamp / f"seed{seed}"
+    out.mkdir(parents=True)
+    (out / "results.json").write_text(json.dumps(data))
+    return out / "results.json"
+
+
+def mist_tuning(updated: tuple, selected: Optional[tuple]) -> list[dict]:
+    out = []
+    for i, u in enumerate(updated):
+        entry = {"method": "mist", "updated_fraction_per_step": u, "backbone_entries": 1000, "steps": 4}
+        if selected is not None:
+            entry["selected_fraction"] = selected[i]
+        out.append(entry)
+    return out
+
+
+@pytest.fixture
+def synthetic(tmp_path: Path) -> dict[str, Any]:
+    """Two learners, three methods, two data sets, 1-3 seeds; one failed run, one duplicate set, one corrupt file."""
+    root = tmp_path / "runs"
+    paths: dict[str, Any] = {"root": root}
+    # RanPAC / none / cifar224: 3 complete seeds
+    for seed, avg, last, forg, secs in [(1, 80.0, 70.0, 5.0, (1.0, 2.0)), (2, 82.0, 71.0, 6.0, (2.0, 3.0)),
+                                        (3, 84.0, 75.0, 7.0, (3.0, 4.0))]:
+        write_run(root, "ranpac", "none", "cifar224", seed, avg=avg, last=last, forgetting=forg, seconds=secs,
+                  curve=(avg + 10, last), matrix=((avg + 10,), (last - 10, last + 10)))
+    # RanPAC (alias ranpac_mist) / mist / cifar224: 2 complete seeds with a tuning phase, seed 3 failed
+    write_run(root, "ranpac_mist", "mist", "cifar224", 1, avg=85.0, last=80.0,
+              tuning=mist_tuning((0.01, 0.03), (0.10, 0.10)))
+    write_run(root, "ranpac_mist", "mist", "cifar224", 2, avg=87.0, last=82.0,
+              tuning=mist_tuning((0.02, 0.04), (0.12, 0.12)))
+    paths["failed"] = write_run(root, "ranpac_mist", "mist", "cifar224", 3, status="failed", tasks_done=1,
+                                error="RuntimeError: boom | bad", tuning=mist_tuning((0.01,), (0.1,)))
+    # RanPAC / rand / cifar224: one seed, tuning without a selection
+    write_run(root, "ranpac", "rand", "cifar224", 1, avg=81.0, tuning=mist_tuning((0.05, 0.07), None))
+    # SimpleCIL / none / cub, seed 1 three times: older complete, newer complete (used), newest interrupted
+    paths["dup_old"] = write_run(root, "simplecil", "none", "cub", 1, "20260101-090000", avg=50.0)
+    paths["dup_new"] = write_run(root, "simplecil", "none", "cub", 1, "20260102-090000", avg=60.0)
+    paths["dup_interrupted"] = write_run(root, "simplecil", "none", "cub", 1, "20260103-090000",
+                                         status="interrupted", tasks_done=1, error="KeyboardInterrupt")
+    # SimpleCIL / mist / cub: only an interrupted seed
+    paths["only_incomplete"] = write_run(root, "simplecil_mist", "mist", "cub", 1, status="interrupted",
+                                         tasks_done=1)
+    # SimpleCIL / none / cifar224: 2 seeds, one written in the older format (no 'status')
+    write_run(root, "simplecil", "none", "cifar224", 1, avg=70.0, last=60.0, forgetting=None)
+    write_run(root, "simplecil", "none", "cifar224", 2, avg=73.0, last=62.0, forgetting=4.0, legacy=True)
+    # a corrupt file
+    corrupt = root / "simplecil_rand_cub" / "20260101-120000" / "seed1" / "results.json"
+    corrupt.parent.mkdir(parents=True)
+    corrupt.write_text('{"config": {"model_name": "simp')
+    paths["corrupt"] = corrupt
+    return paths
+
+
+def read_csv(path: Path) -> dict[tuple, dict[str, str]]:
+    with open(path, newline="") as fh:
+        return {(r["learner"], r["method"], r["dataset"], r["metric"]): r for r in csv.DictReader(fh)}
+
+
+@pytest.fixture
+def built(synthetic, tmp_path, capsys) -> dict[str, Any]:
+    out = tmp_path / "report"
+    assert report.main([str(synthetic["root"]), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    return {**synthetic, "out": out, "stderr": captured.err, "stdout": captured.out,
+            "rows": read_csv(out / "table.csv"), "md": (out / "table.md").read_text()}
+
+
+def test_csv_means_and_sample_stds_match_hand_computation(built):
+    rows = built["rows"]
+    r = rows[("ranpac", "none", "cifar224", "average_accuracy")]
+    assert float(r["mean"]) == pytest.approx(82.0) and float(r["std"]) == pytest.approx(2.0)  # ddof=1
+    assert r["n"] == "3" and r["seeds"] == "1;2;3" and r["values"] == "80;82;84" and r["status"] == "complete"
+    r = rows[("ranpac", "none", "cifar224", "last_accuracy")]
+    assert float(r["mean"]) == pytest.approx(72.0)
+    assert float(r["std"]) == pytest.approx(statistics.stdev([70.0, 71.0, 75.0]))  # sqrt(7)
+    r = rows[("ranpac", "none", "cifar224", "forgetting")]
+    assert float(r["mean"]) == pytest.approx(6.0) and float(r["std"]) == pytest.approx(1.0)
+    r = rows[("ranpac", "none", "cifar224", "wall_seconds")]  # per-seed sums 3, 5, 7
+    assert float(r["mean"]) == pytest.approx(5.0) and float(r["std"]) == pytest.approx(2.0) and r["unit"] == "s"
+    r = rows[("ranpac", "none", "cifar224", "updated_fraction_per_step")]
+    assert r["mean"] == "" and r["n"] == "0"  # no tuning phase
+    # tuning fractions: per-seed mean over tasks (0.02, 0.03), then over seeds
+    r = rows[("ranpac", "mist", "cifar224", "updated_fraction_per_step")]
+    assert float(r["mean"]) == pytest.approx(0.025)
+    assert float(r["std"]) == pytest.approx(statistics.stdev([0.02, 0.03]))
+    r = rows[("ranpac", "mist", "cifar224", "selected_fraction")]
+    assert float(r["mean"]) == pytest.approx(0.11) and r["unit"] == "fraction"
+    assert rows[("ranpac", "rand", "cifar224", "selected_fraction")]["mean"] == ""
+    r = rows[("ranpac", "rand", "cifar224", "updated_fraction_per_step")]
+    assert float(r["mean"]) == pytest.approx(0.06) and r["std"] == "" and r["n"] == "1"
+    # a single-task-like missing forgetting is left out of n; the legacy file (no status) counts as complete
+    r = rows[("simplecil", "none", "cifar224", "forgetting")]
+    assert r["n"] == "1" and float(r["mean"]) == pytest.approx(4.0)
+    r = rows[("simplecil", "none", "cifar224", "average_accuracy")]
+    assert r["n"] == "2" and float(r["mean"]) == pytest.approx(71.5)
+
+
+def test_incomplete_runs_are_excluded_and_listed(built):
+    rows, md = built["rows"], built["md"]
+    r = rows[("ranpac", "mist", "cifar224", "average_accuracy")]
+    assert r["n"] == "2" and r["seeds"] == "1;2" and float(r["mean"]) == pytest.approx(86.0)
+    assert r["incomplete"] == "1" and r["incomplete_seeds"] == "3" and r["status"] == "partial"
+    r = rows[("simplecil", "mist", "cub", "average_accuracy")]
+    assert r["n"] == "0" and r["mean"] == "" and r["incomplete"] == "1" and r["status"] == "incomplete"
+    assert "86.00 ± 1.41 (n=2, +1 incomplete)" in md
+    assert "all incomplete (1 seed: interrupted)" in md
+    section = md.split("## Incomplete runs")[1].split("## Duplicate runs")[0]
+    assert str(built["failed"]) in section and "failed" in section and "1 of 2" in section
+    assert "RuntimeError: boom \\| bad" in section  # the pipe is escaped for the table
+    assert str(built["only_incomplete"]) in section
+    assert str(built["dup_interrupted"]) in section and "superseded" in section
+
+
+def test_duplicates_are_not_double_counted(built):
+    r = built["rows"][("simplecil", "none", "cub", "average_accuracy")]
+    assert r["n"] == "1" and float(r["mean"]) == pytest.approx(60.0) and r["std"] == ""
+    assert r["duplicates_ignored"] == "2" and r["incomplete"] == "0" and r["status"] == "complete"
+    section = built["md"].split("## Duplicate runs")[1].split("## Skipped files")[0]
+    assert str(built["dup_old"]) in section and str(built["dup_interrupted"]) in section
+    assert str(built["dup_new"]) in section  # named as the one used
+    assert "60.00 (n=1)" in built["md"]  # n=1: no ±
+
+
+def test_overlapping_folders_count_each_file_once(synthetic, tmp_path):
+    root = synthetic["root"]
+    out = tmp_path / "overlap"
+    assert report.main([str(root), str(root / "ranpac_none_cifar224"), "--out", str(out)]) == 0
+    assert read_csv(out / "table.csv")[("ranpac", "none", "cifar224", "average_accuracy")]["n"] == "3"
+
+
+def test_corrupt_file_is_skipped_with_a_warning(built):
+    assert f"warning: skipped {built['corrupt']}" in built["stderr"] and "not valid JSON" in built["stderr"]
+    section = built["md"].split("## Skipped files")[1].split("## Runs used")[0]
+    assert str(built["corrupt"]) in section
+    assert "1 file(s) skipped" in built["md"]
+
+
+def test_markdown_has_row_groups_n_counts_and_footnote(built):
+    md = built["md"]
+    for title in ("Average accuracy", "Last accuracy A_B", "Forgetting", "Backbone updated per step",
+                  "Backbone selected", "Wall time"):
+        assert f"## {title}" in md
+    table = md.split("## Average accuracy")[1].split("##")[0]
+    lines = [ln for ln in table.splitlines() if ln.startswith("|")]
+    assert lines[0] == "| Learner / method | cifar224 | cub |"
+    ranpac, simplecil = lines.index("| **RanPAC** | | |"), lines.index("| **SimpleCIL** | | |")
+    assert ranpac < simplecil
+    assert [ln.split("|")[1].strip() for ln in lines[ranpac + 1:simplecil]] == ["none", "rand", "mist"]
+    assert [ln.split("|")[1].strip() for ln in lines[simplecil + 1:]] == ["none", "mist"]
+    assert "| none | 82.00 ± 2.00 (n=3) |  |" in lines
+    assert "(n=3)" in md and "(n=2" in md and "(n=1)" in md
+    assert "ddof=1" in md
+    updated = md.split("## Backbone updated per step")[1].split("##")[0]
+    assert "| mist | 2.500 ± 0.707 (n=2, +1 incomplete) |  |" in updated
+    assert "| none | - |  |" in updated
+
+
+def test_plots_are_valid_pngs(built):
+    out = built["out"]
+    expected = ["curves_cifar224.png", "curves_cub.png", "matrix_ranpac_none_cifar224.png",
+                "matrix_ranpac_mist_cifar224.png", "matrix_ranpac_rand_cifar224.png",
+                "matrix_simplecil_none_cub.png", "matrix_simplecil_none_cifar224.png"]
+    for name in expected:
+        path = out / name
+        assert path.stat().st_size > 5000, name
+        with Image.open(path) as img:
+            assert img.format == "PNG"
+            assert img.width >= 300 and img.height >= 300
+            img.verify()
+        assert f"]({name})" in built["md"]
+    assert not (out / "matrix_simplecil_mist_cub.png").exists()  # all incomplete: nothing to draw
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(expected)
+
+
+def test_missing_folder_exits_2_with_a_clear_message(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    assert report.main([str(missing), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and str(missing) in err and "does not exist" in err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_no_results_and_only_invalid_files_exit_2(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert report.main([str(empty), "--out", str(tmp_path / "r")]) == 2
+    assert "no results.json found" in capsys.readouterr().err
+    bad = tmp_path / "bad" / "x" / "results.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text(json.dumps({"config": {"model_name": "ranpac"}}))  # no dataset
+    assert report.main([str(tmp_path / "bad"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "config.dataset" in err and len(err.strip().splitlines()) == 1
+
+
+def test_report_on_real_tiny_runs(make_config, image_folder, tmp_path):
+    root = image_folder("cub", "test", n_classes=6, train_per_class=4, test_per_class=2)
+    runs = tmp_path / "runs"
+    paths = trainer.run(make_config(root, model_name="simplecil", seed=[1993, 7]), runs)
+    results = [json.loads(p.read_text()) for p in paths]
+    out = tmp_path / "report"
+    assert report.main([str(runs), "--out", str(out)]) == 0
+    rows = read_csv(out / "table.csv")
+    r = rows[("simplecil", "none", "cub", "average_accuracy")]
+    assert r["n"] == "2" and r["seeds"] == "7;1993" and r["status"] == "complete"
+    values = [res["average_accuracy"] for res in results]
+    assert float(r["mean"]) == pytest.approx(statistics.mean(values))
+    assert float(r["std"]) == pytest.approx(statistics.stdev(values), abs=1e-8)
+    r = rows[("simplecil", "none", "cub", "wall_seconds")]
+    assert float(r["mean"]) == pytest.approx(statistics.mean(sum(t["seconds"] for t in res["tasks"])
+                                                             for res in results))
+    md = (out / "table.md").read_text()
+    assert "**SimpleCIL**" in md and "(n=2)" in md and "## Incomplete runs\n\nNone." in md
+    for name in ("curves_cub.png", "matrix_simplecil_none_cub.png"):
+        with Image.open(out / name) as img:
+            assert img.format == "PNG"
