@@ -136,15 +136,13 @@ class RidgeAccumulator:
         Args:
             ridge: lambda > 0 (the value chosen by :func:`select_ridge`).
             solver: ``"official"``: ``torch.linalg.solve`` (LU with partial pivoting), the original code bit
-                for bit. ``"fast"`` (default): G + ridge I is symmetric positive definite, so one Cholesky
-                factorisation (``torch.linalg.cholesky_ex``, n^3/3 flops instead of LU's 2n^3/3) and two
-                triangular solves. Both are backward stable; in float32 they differ by about the official
-                solve's own rounding error, up to eps_32 * cond(G + ridge I) in the worst direction: ~1e-5
-                relative (Frobenius) when G is well conditioned; 5e-4 at M = 10000, 5,000 rows, lambda = 1e5
-                in bench/ridge.py, where the official W_o is itself 4e-4 from the float64 solution (the fast
-                one 3.7e-4) and the logits differ by 1e-4 with the same top-1 class. If the factorisation
-                fails (G + ridge I not positive definite in float32) the official LU solve runs instead and
-                its result is returned (with a warning): never a silent wrong answer.
+                for bit. ``"fast"`` (default): where rho = eps * (trace(G) + ridge) / ridge <= SOLVE_TRUSTED_RHO,
+                G + ridge I is well enough conditioned that one Cholesky factorisation (n^3/3 flops instead of
+                LU's 2n^3/3) and two triangular solves give W_o within ~1e-5 relative (Frobenius) of the official
+                LU; otherwise (e.g. M = 10000, 5,000 rows, lambda = 1e5 in bench/ridge.py, where the official W_o
+                is itself 4e-4 from the float64 solution) the official LU runs, so W_o is the official one bit
+                for bit. If the factorisation fails (not positive definite in float32) the official LU runs too
+                (with a warning): never a silent wrong answer.
 
         Raises:
             ValueError: unknown ``solver``.
@@ -322,20 +320,18 @@ def select_ridge(H: torch.Tensor, Y: torch.Tensor, grid: Sequence[float] = RIDGE
         solver: ``"official"``: one dense M x M ``torch.linalg.solve`` per candidate, the original code bit for
             bit. ``"fast"`` (default): the same losses from one Gram matrix of the smaller side (k x k kernel
             form when k < M, M x M otherwise) and one Cholesky per distinct shifted matrix, see
-            :func:`_holdout_losses_fast`. The losses agree to rounding wherever the official float32 solve is
-            accurate (lambda well above eps_32 * ||H_a||_2^2) and are the official ones bit for bit where
-            Cholesky fails, so the choice is the same unless two losses tie to within rounding, or the
-            smallest loss lies where the official float32 solve is dominated by rounding (there the fast
-            losses are the accurate ones).
+            :func:`_holdout_losses_fast`; then every candidate where the official float32 solve is dominated by
+            rounding (rho > SEARCH_TRUSTED_RHO) and whose fast loss could win gets its official loss
+            (:func:`_official_where_rounding_dominates`). So the choice is the official one unless two losses
+            tie to within ~3e-4 relative.
 
     Returns:
         The chosen ridge value (a Python float).
 
     Raises:
         ValueError: unknown ``solver``.
-        torch.linalg.LinAlgError: an M x M system exactly singular in the dtype (official form). The fast form
-            meets M x M systems only where Cholesky fails, so it answers in cases where the official form
-            raises (e.g. k < M with lambda below the rounding of H_a^T H_a: the k x k kernel system is fine).
+        torch.linalg.LinAlgError: an M x M system exactly singular in the dtype (official form only; the fast
+            form gives such a candidate an infinite loss, so it is never chosen, where the official code stops).
     """
     _check_solver(solver)
     n_fit = int(train_fraction * H.shape[0])
