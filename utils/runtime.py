@@ -254,9 +254,13 @@ class _ReseedingDataset(Dataset):
         if self.run_seed is None:
             return self.dataset[index]
         sample = self.dataset.sample_id(index) if hasattr(self.dataset, "sample_id") else index
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.run_seed, epoch, int(sample)))
+        gen = torch.default_generator  # torchvision's random transforms draw from it
+        state = gen.get_state()
+        gen.manual_seed(sample_seed(self.run_seed, epoch, int(sample)))  # CPU only: cheaper than torch.manual_seed
+        try:
             return self.dataset[index]
+        finally:
+            gen.set_state(state)
 
 
 class SeededLoader(DataLoader):
