@@ -345,17 +345,20 @@ class GradientPlan:
             (flat indices (K,) int64 of the written entries, for :meth:`clear_`; non-zero backbone
             gradient entries after masking, a 0-dim int64 tensor on the device).
         """
-        idx = self.index[positions].long()
-        values = flat_grad[idx] * self.scale[positions]
+        idx = torch.index_select(self.index, 0, positions).long()
+        values = torch.index_select(flat_grad, 0, idx) * torch.index_select(self.scale, 0, positions)
         flat_grad.zero_()
-        flat_grad[idx] = values
+        if flat_grad.is_cuda and torch.are_deterministic_algorithms_enabled():
+            flat_grad.index_put_((idx,), values)  # index_copy_ has no deterministic CUDA kernel
+        else:
+            flat_grad.index_copy_(0, idx, values)  # duplicates only at the dummy slot, all writing 0
         nonzero = ((values != 0) & (idx < backbone_numel)).sum()
         return idx, nonzero
 
     @staticmethod
     def clear_(flat_grad: torch.Tensor, idx: torch.Tensor) -> None:
         """Zero the entries written by :meth:`apply_`, leaving the whole buffer zero for the next backward."""
-        flat_grad[idx] = 0.0
+        flat_grad.index_fill_(0, idx, 0.0)
 
     def dense(self, positions: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """Per-tensor float32 multipliers: ``scale`` at the kept (default: all eligible) entries, 0 elsewhere."""
