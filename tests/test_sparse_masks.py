@@ -277,24 +277,6 @@ def test_end_task_ignores_names_outside_the_state():
     assert "fc.weight" not in state.frozen
 
 
-def test_zero_frozen_sets_only_frozen_entries_to_zero():
-    state, params = _state()
-    name = "convnet.pos_embed"
-    mask = torch.zeros(1, 9, 4, dtype=torch.bool)
-    mask[0, 2, 1] = mask[0, 8, 3] = True
-    state.set_frozen(name, mask)
-    grads = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) for n, p in params}
-    grads["simclr.weight"] = None
-    original = {n: (g.clone() if g is not None else None) for n, g in grads.items()}
-    state.zero_frozen_(grads)
-    assert grads[name][0, 2, 1] == 0 and grads[name][0, 8, 3] == 0
-    keep = ~state.frozen[name]
-    assert torch.equal(grads[name][keep], original[name][keep])
-    for n in ("convnet.blocks.0.attn.qkv.weight", "convnet.blocks.0.attn.qkv.bias"):
-        assert torch.equal(grads[n], original[n])
-    assert grads["simclr.weight"] is None
-
-
 def test_state_dict_holds_frozen_and_counts():
     state, params = _state()
     name = "convnet.blocks.0.attn.qkv.weight"

@@ -245,12 +245,6 @@ class SparsityState:
             self._counts[name] = torch.clamp(counts.to(torch.int16) + selected[name].to(counts.device),
                                              max=MAX_COUNT).to(torch.uint8)
 
-    def zero_frozen_(self, grads: Mapping[str, Optional[torch.Tensor]]) -> None:
-        """Set frozen entries of the given gradients to zero in place (scoring pass, SPEC 4.4)."""
-        for name, g in grads.items():
-            if g is not None and name in self._frozen_bits:
-                g.masked_fill_(unpack_bits(self._frozen_bits[name], self.shapes[name]).to(g.device), 0.0)
-
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         """Compact state for checkpoints: ``frozen`` (packed uint8 bits) and ``update_count`` (uint8), by name."""
         return {"frozen": dict(self._frozen_bits), "update_count": dict(self._counts)}
