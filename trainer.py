@@ -222,6 +222,11 @@ def run_seed(cfg: ExperimentConfig, seed: int, out: Path, resume: bool = False) 
         logger.info("%s: %s", key, value)
     results: dict[str, Any] = {"config": resolved, "seed": seed, "status": "running", "complete": False, "tasks": [],
                                "top1_curve": [], "top5_curve": [], "att_curve": [], "accuracy_matrix": []}
+    if resume and (out / "results.json").is_file():  # keep what the stopped run wrote, whatever happens next
+        try:
+            results = {**json.loads((out / "results.json").read_text()), "status": "running"}
+        except (OSError, ValueError):
+            pass
     checkpoint = out / CHECKPOINT_NAME
     write = write_json if main else (lambda path, data: None)
     try:

@@ -86,7 +86,8 @@ def test_truncated_or_foreign_checkpoint_is_refused(images, tmp_path):
     torch.save({"something": torch.zeros(2)}, ckpt)
     with pytest.raises(CheckpointError, match="not a mist-cl checkpoint"):
         trainer.resume(seed_dir.parent)
-    assert json.loads((seed_dir / "results.json").read_text())["status"] == "failed"
+    after = json.loads((seed_dir / "results.json").read_text())
+    assert after["status"] == "failed" and len(after["tasks"]) == 1  # the finished task is kept
     # through the command line: one line, exit 2, the file named
     code = main.main(["--resume", str(seed_dir.parent)])
     assert code == 2
