@@ -71,7 +71,8 @@ class Learner(abc.ABC):
         if cfg.tuning is not None:
             from models.sparse import build_tuner  # local: models.sparse imports models.heads
 
-            self.tuner = build_tuner(cfg, self.backbone, device, seed, self.DEFAULTS)
+            # None when the learner's official code does not dispatch cfg.spr (SPEC 5; warned there)
+            self.tuner = build_tuner(cfg, self.backbone, device, seed, self.DEFAULTS, learner=cfg.model_name)
 
     # ---- configuration -----------------------------------------------------------------------
     @property
@@ -219,7 +220,10 @@ class Learner(abc.ABC):
         """Restore :meth:`head_state`, moving tensors to ``device``."""
 
     def modules(self) -> list[nn.Module]:
-        """Every module holding parameters (for the official parameter-count log lines)."""
+        """Every module of ours holding parameters (backbone, tuning-phase extras): what torchrun replicas compare.
+
+        Not what the parameter-count log lines count: see :meth:`count_parameters`.
+        """
         mods: list[nn.Module] = [self.backbone]
         if self.tuner is not None:
             mods.extend(self.tuner.extra_modules())
@@ -230,9 +234,30 @@ class Learner(abc.ABC):
         return list({id(p): p for m in self.modules() for p in m.parameters()}.values())
 
     def count_parameters(self) -> tuple[int, int]:
-        """(all, trainable) parameter counts of the network, as logged by the official trainer."""
-        params = {id(p): p for m in self.modules() for p in m.parameters()}.values()
-        return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+        """(all, trainable) parameter counts of the official network, as its log lines report them.
+
+        The official counts (``trainer.py``'s ``All params`` / ``Trainable params``, RanPAC's ``show_num_params``)
+        sum ``_network.parameters()``: ``convnet`` + ``simclr`` + the classifier heads (SPEC 1.1 step 9, 3.2).
+        Here: the backbone's parameters + the simclr projection ``Linear(D, 128)`` (D * 128 + 128; the official
+        network is always built with ``is_clr=True``, so it counts whether or not a tuning phase runs, and
+        whether or not our tuner object exists) + :meth:`head_parameter_count` (the heads as the official
+        network holds them now). Every official parameter is trainable; the backbone's own ``requires_grad``
+        flags decide its share of the trainable count, the simclr layer and the heads always count.
+        """
+        from models.sparse.strategies import PROJECTION_DIM  # local: models.sparse imports models.heads
+
+        backbone = list({id(p): p for p in self.backbone.parameters()}.values())
+        extra = self.feature_dim * PROJECTION_DIM + PROJECTION_DIM + self.head_parameter_count()
+        return (sum(p.numel() for p in backbone) + extra,
+                sum(p.numel() for p in backbone if p.requires_grad) + extra)
+
+    @abc.abstractmethod
+    def head_parameter_count(self) -> int:
+        """Parameters of the official network's classifier heads in the learner's current state.
+
+        ``fc`` is ``CosineLinear(D, seen)``: seen * D weights + 1 sigma, None (0) before the first task; RanPAC
+        adds ``rpfc``. Called at the start of a task (the previous task's heads) and after a head update.
+        """
 
 
 def one_hot(labels: torch.Tensor, n_classes: int) -> torch.Tensor:

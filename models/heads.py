@@ -34,3 +34,36 @@ class CosineLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, D) float -> logits (B, C)."""
         return self.sigma * F.linear(F.normalize(x, p=2, dim=1), F.normalize(self.weight, p=2, dim=1))
+
+
+def class_means(features: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Mean feature of each class. features (N, D) float32, labels (N,) int64, classes (K,) -> (K, D)."""
+    return torch.stack([features[labels == c].mean(dim=0) for c in classes.tolist()])
+
+
+def grow_prototypes(prototypes: "torch.Tensor | None", features: torch.Tensor, labels: torch.Tensor,
+                    seen: int) -> torch.Tensor:
+    """The official ``update_fc`` + ``replace_fc`` of a cosine prototype head (SPEC 6, 7).
+
+    Rows of earlier classes are kept; new rows start at zero and the classes present in ``labels`` get the
+    mean of their raw (unnormalised) features.
+
+    Args:
+        prototypes: (known, D) float32, or None before the first task.
+        features: (N, D) float32 features of the current task's images; labels: (N,) int64.
+        seen: classes after this task.
+
+    Returns:
+        (seen, D) float32 on ``features``' device.
+    """
+    grown = torch.zeros(seen, features.shape[1], device=features.device)
+    if prototypes is not None:
+        grown[: prototypes.shape[0]] = prototypes
+    classes = torch.unique(labels)
+    grown[classes] = class_means(features, labels, classes)
+    return grown
+
+
+def cosine_logits(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """sigma * cos(f, p_c) with sigma = 1 (official CosineLinear without RP). (B, D), (C, D) -> (B, C)."""
+    return F.linear(F.normalize(features, p=2, dim=1), F.normalize(prototypes, p=2, dim=1))

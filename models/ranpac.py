@@ -4,6 +4,8 @@ After the tuning phase of task 0 a random matrix W_rand ~ N(0, 1)^(D x M) is dra
 adds its features to the Gram matrix G = sum H^T H and Q = sum H^T Y, with H = ReLU(F W_rand) and Y the
 one-hot labels over all classes of the data set. The ridge lambda is chosen on an 80/20 split of the
 *current* task's rows; then W_o = ((G + lambda I)^-1 Q)^T and logits = ReLU(f W_rand) W_o^T (sigma = 1).
+With ``M <= 0`` the same ridge runs on the raw features (no projection). With ``use_RP`` false the official
+code keeps none of this: its cosine ``fc`` head holds class-mean prototypes (see :class:`RanPAC`).
 
 Two numerically equivalent solvers (config key ``ridge_solver``): ``"official"`` runs the original 17 + 1
 dense ``torch.linalg.solve`` calls bit for bit; ``"fast"`` (default) finds the same lambda from the smaller
@@ -24,6 +26,7 @@ import torch
 
 from models import register_learner
 from models.base import Learner, TaskData, one_hot
+from models.heads import cosine_logits, grow_prototypes
 from utils.runtime import make_generator
 
 logger = logging.getLogger(__name__)
@@ -349,19 +352,26 @@ class RanPAC(Learner):
     """RanPAC with an optional tuning phase before each head update (official ``ranpac_mist.Learner``).
 
     ``DEFAULTS["freeze_quantile"]`` = 0.9995 is the official RanPAC-MIST frozen-mask quantile (SPEC 4.7).
-    ``use_RP`` false or ``M <= 0`` gives ridge regression on the raw features (no projection, no ReLU),
-    as upstream RanPAC's decorrelated-prototype mode.
+    Heads, as the official code (SPEC 6):
+      - ``use_RP`` true, ``M > 0``: random projection + streaming ridge regression (``rpfc``, seen x M);
+      - ``use_RP`` true, ``M <= 0``: the same ridge regression on the raw features (no projection, no ReLU;
+        ``rpfc`` is seen x D);
+      - ``use_RP`` false: no G, Q, ridge search or ``Optimal lambda`` line; the cosine ``fc`` head becomes a
+        cosine-prototype classifier: each class's row is the mean of its raw features, from the task that
+        brought the class (old rows are kept), and logits = cos(f, row_c) (sigma = 1).
     """
 
     DEFAULTS = {"freeze_quantile": 1 - 0.0005}
 
     def __init__(self, cfg, backbone, device, seed) -> None:
         super().__init__(cfg, backbone, device, seed)
-        self.use_projection = bool(cfg.use_RP) and cfg.M > 0
+        self.use_RP = bool(cfg.use_RP)
+        self.use_projection = self.use_RP and cfg.M > 0
         self.proj_dim = cfg.M if self.use_projection else self.feature_dim
         self.ridge_device = torch.device("cpu") if cfg.ridge_device == "cpu" else device
         self.W_rand: Optional[torch.Tensor] = None  # (D, M) float32, drawn after task 0's tuning phase
-        self.W_o: Optional[torch.Tensor] = None  # (seen, M) float32 on device
+        self.W_o: Optional[torch.Tensor] = None  # (seen, M) float32 on device (use_RP true)
+        self.prototypes: Optional[torch.Tensor] = None  # (seen, D) float32 on device: the fc rows (use_RP false)
         self.accumulator: Optional[RidgeAccumulator] = None
 
     def setup_random_projection(self, n_classes: int) -> None:
@@ -386,6 +396,15 @@ class RanPAC(Learner):
         logger.info("Learning on classes %d-%d", task.known, task.seen - 1)
 
     def update_head(self, task: TaskData) -> None:
+        if self.use_RP:
+            self._update_ridge_head(task)
+        else:
+            self._update_prototype_head(task)
+        total, trainable = self.count_parameters()  # show_num_params, after the head update (SPEC 6, 6.4)
+        logger.info("%s total parameters.", f"{total:,}")
+        logger.info("%s training parameters.", f"{trainable:,}")
+
+    def _update_ridge_head(self, task: TaskData) -> None:
         if task.task_id == 0:
             self.setup_random_projection(task.n_classes)
         # shuffled loader order, as the official "CPs" loader: it decides the 80/20 ridge split
@@ -396,18 +415,37 @@ class RanPAC(Learner):
         ridge = select_ridge(H, Y, solver=self.cfg.ridge_solver)
         logger.info("Optimal lambda: %s", ridge)
         self.W_o = self.accumulator.solve(ridge, solver=self.cfg.ridge_solver)[: task.seen].to(self.device)
-        total, trainable = self.count_parameters()
-        logger.info("%s total parameters.", f"{total:,}")
-        logger.info("%s training parameters.", f"{trainable:,}")
+
+    def _update_prototype_head(self, task: TaskData) -> None:
+        """``use_RP`` false (official ``replace_fc`` else-branch): ``fc.weight[c]`` = mean raw feature of class c
+        for the current task's classes (the shuffled "CPs" loader, as with RP); old rows are kept."""
+        feats, labels = self.extract_features(task.train_eval, shuffle=True, desc="prototypes")
+        self.prototypes = grow_prototypes(self.prototypes, feats, labels, task.seen)
+
+    def head_parameter_count(self) -> int:
+        """Official heads now (SPEC 3.2, 6): ``fc`` = CosineLinear(D, seen), seen * D + 1; with ``use_RP``,
+        ``rpfc`` after ``replace_fc`` holds W_o[:seen], seen * M + 1 (seen * D + 1 when M <= 0). Both None (0)
+        before the first task; without ``use_RP`` there is no ``rpfc``."""
+        seen = self._n_seen()
+        if seen == 0:
+            return 0
+        fc = seen * self.feature_dim + 1
+        return fc + (seen * self.proj_dim + 1 if self.use_RP else 0)
+
+    def _n_seen(self) -> int:
+        head = self.W_o if self.use_RP else self.prototypes
+        return 0 if head is None else int(head.shape[0])
 
     def head_state(self) -> dict:
         acc = self.accumulator
         return {"W_rand": self.W_rand, "W_o": self.W_o, "G": None if acc is None else acc.G,
-                "Q": None if acc is None else acc.Q}
+                "Q": None if acc is None else acc.Q, "prototypes": self.prototypes}
 
     def load_head_state(self, state: dict) -> None:
         self.W_rand = None if state["W_rand"] is None else state["W_rand"].to(self.device)
         self.W_o = None if state["W_o"] is None else state["W_o"].to(self.device)
+        protos = state.get("prototypes")  # absent in checkpoints written before use_RP false had its own head
+        self.prototypes = None if protos is None else protos.to(self.device)
         self.accumulator = None
         if state["G"] is not None:
             self.accumulator = RidgeAccumulator(state["G"].shape[0], state["Q"].shape[1], self.ridge_device)
@@ -415,4 +453,6 @@ class RanPAC(Learner):
             self.accumulator.Q.copy_(state["Q"])
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
+        if not self.use_RP:  # the cosine fc head, sigma = 1
+            return cosine_logits(features, self.prototypes)
         return self.project(features) @ self.W_o.T

@@ -11,19 +11,14 @@ import logging
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from models import register_learner
 from models.base import Learner, TaskData, warn_ignored
+from models.heads import cosine_logits, grow_prototypes
 
 logger = logging.getLogger(__name__)
 
 OFFICIAL_BATCH_SIZE = 32  # simplecil_mist.py module constant; the JSON batch_size is ignored (SPEC 9.2)
-
-
-def class_means(features: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """Mean feature of each class. features (N, D) float32, labels (N,) int64, classes (K,) -> (K, D)."""
-    return torch.stack([features[labels == c].mean(dim=0) for c in classes.tolist()])
 
 
 @register_learner("simplecil", "simplecil_mist")
@@ -51,12 +46,11 @@ class SimpleCIL(Learner):
 
     def update_head(self, task: TaskData) -> None:
         feats, labels = self.extract_features(task.train_eval, shuffle=True, desc="prototypes")
-        grown = torch.zeros(task.seen, self.feature_dim, device=self.device)
-        if self.prototypes is not None:
-            grown[: self.prototypes.shape[0]] = self.prototypes
-        classes = torch.unique(labels)
-        grown[classes] = class_means(feats, labels, classes)
-        self.prototypes = grown
+        self.prototypes = grow_prototypes(self.prototypes, feats, labels, task.seen)
+
+    def head_parameter_count(self) -> int:
+        """Official ``fc`` = CosineLinear(D, seen): seen * D + 1 (sigma); None (0) before the first task."""
+        return 0 if self.prototypes is None else self.prototypes.numel() + 1
 
     def head_state(self) -> dict:
         return {"prototypes": self.prototypes}
@@ -66,4 +60,4 @@ class SimpleCIL(Learner):
         self.prototypes = None if protos is None else protos.to(self.device)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.normalize(features, p=2, dim=1), F.normalize(self.prototypes, p=2, dim=1))
+        return cosine_logits(features, self.prototypes)

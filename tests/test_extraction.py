@@ -205,7 +205,8 @@ def test_training_loader_keeps_the_batch_size_and_evaluation_uses_eval_batch_siz
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("model_name, overrides", [
     ("ranpac", {}),
-    ("ranpac", {"use_RP": False}),  # H is the extracted feature tensor itself
+    ("ranpac", {"M": 0}),  # H is the extracted feature tensor itself
+    ("ranpac", {"use_RP": False}),  # cosine prototypes from the extracted features
     ("ranpac", {"ridge_device": "device"}),
     ("simplecil", {}),
 ])
@@ -220,8 +221,10 @@ def test_heads_built_from_inference_features_are_ordinary_tensors(make_config, t
         learner.learn_task(task)
         y_topk, _ = learner.predict(task.test)
         assert y_topk.shape == (6, task.seen)
-    heads = [learner.prototypes] if model_name == "simplecil" else [learner.W_o, learner.accumulator.G,
-                                                                     learner.accumulator.Q]
+    if model_name == "simplecil" or not learner.use_RP:
+        heads = [learner.prototypes]
+    else:
+        heads = [learner.W_o, learner.accumulator.G, learner.accumulator.Q]
     for head in heads:
         assert not head.is_inference()
         head.add_(0.0)  # in place outside inference mode: fine for ordinary tensors

@@ -12,7 +12,8 @@ import models.ranpac as ranpac
 from models.base import TaskData, one_hot
 from models.heads import CosineLinear
 from models.ranpac import RIDGE_GRID, RanPAC, RidgeAccumulator, select_ridge
-from models.simplecil import SimpleCIL, class_means
+from models.heads import class_means
+from models.simplecil import SimpleCIL
 
 
 def gen(seed: int) -> torch.Generator:
@@ -254,7 +255,8 @@ def test_ranpac_head_accumulates_all_tasks_and_searches_ridge_on_current_rows(ma
 
 
 def test_ranpac_without_projection_uses_raw_features(make_config, tmp_path):
-    cfg = make_config(tmp_path, model_name="ranpac", use_RP=False)
+    """M <= 0 with RP on: ridge on the raw features (use_RP false is the official cosine-prototype head)."""
+    cfg = make_config(tmp_path, model_name="ranpac", M=0)
     learner = RanPAC(cfg, IdentityBackbone(8), torch.device("cpu"), seed=1993)
     tasks = make_tasks()
     learner.learn_task(tasks[0])

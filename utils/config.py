@@ -26,7 +26,7 @@ from typing import Any, Callable, Literal, Mapping, Optional, Sequence, Union
 
 from utils.errors import ConfigError
 
-SPR_CHOICES = ("mist", "none", "rand", "l2", "grad", "run", "cerun")
+SPR_CHOICES = ("mist", "none", "rand", "l2", "grad", "run", "cerun", "ce_finetune")
 DATASETS = ("cifar224", "cub", "imagenetr", "imageneta", "cars", "fmnist")
 SEED_MAX = 2**32 - 1  # numpy.random.seed accepts 0 .. 2**32 - 1
 NONFINITE_NOTE = "NaN, Infinity and numbers too large for a float (such as 1e400) are not allowed"
@@ -67,10 +67,17 @@ class ExperimentConfig:
         56, "Loader batch size. RanPAC uses it; SimpleCIL uses 32 unless use_config_batch_size (SPEC 9.2).", min=1
     )
     device: list[str] = _f(["0"], 'Device: ["0"] (cuda:0), "cpu", -1 (cpu), "cuda:N" or "mps". Only the first entry is used.')
-    use_RP: bool = _f(True, 'RanPAC random projection on/off. Accepts true/false and the strings "True"/"False".')
-    M: int = _f(10000, "RanPAC random-projection width; M <= 0 means no projection (ridge on raw features).")
+    use_RP: bool = _f(
+        True, 'RanPAC random projection on/off (off: the official cosine-prototype classifier). Accepts true/false '
+        'and the strings "True"/"False".',
+    )
+    M: int = _f(
+        10000, "RanPAC random-projection width; M <= 0 with use_RP true means no projection (ridge on raw features)."
+    )
     # ---- official keys: sparse tuning (SPEC 4, 5) ----
-    spr: str = _f("mist", f"Tuning phase before each head update: {', '.join(SPR_CHOICES)}. 'none' (or null) disables it.")
+    spr: str = _f("mist", f"Tuning phase before each head update: {', '.join(SPR_CHOICES)}. 'none' (or null) disables it. "
+                          "As in the official code, SimpleCIL ignores 'cerun' and RanPAC ignores 'run' (no tuning "
+                          "phase, with a warning); 'ce_finetune' (ours) is dense CE fine-tuning for both.")
     select_rate: float = _f(0.1, "Fraction of each maskable tensor selected by importance score (SPEC 4.5).", gt=0, le=1)
     drop_rate: float = _f(0.9, "Probability of DROPPING a selected gradient entry at each step; keep prob = 1 - drop_rate.", ge=0, lt=1)
     mi_epochs: int = _f(20, "MIST epochs per task, the scoring pass included (SPEC 4.4-4.6).", min=1)
@@ -116,7 +123,9 @@ class ExperimentConfig:
     sparse_weight_decay: bool = _f(False, "Apply weight decay only to entries the step may move (SPEC 9.4 fix).")
     hard_freeze: bool = _f(False, "Restore every entry with a zero gradient multiplier after each step (SPEC 9.4 fix).")
     freeze_bn_stats: bool = _f(False, "Keep BatchNorm running statistics fixed while tuning (CNN backbones; ViTs have none).")
-    ablation_epochs: int = _f(20, "Epochs of the CE ablations rand/l2/grad/run/cerun (official module constant 20).", min=1)
+    ablation_epochs: int = _f(
+        20, "Epochs of the CE tuning phases rand/l2/grad/run/cerun/ce_finetune (official module constant 20).", min=1
+    )
     ablation_random_init_rows: bool = _f(False, "Ablations: random instead of zero new cosine rows (SPEC 9.24 fix).")
     # ---- extras: runtime ----
     seed_torch_with_seed: bool = _f(False, "Seed torch with the run seed instead of the official constant 1 (SPEC 9.22).")

@@ -313,17 +313,22 @@ class CEAblationTuner(SparseTuner):
     ``ablation_epochs`` epochs of cross-entropy on a cosine head over the task's new classes (targets
     y - known; the head's rows start at zero from task 1 on, random on task 0; its sigma persists), with
     per-step gradient masks:
-    - ``run``/``cerun``: dense fine-tuning;
+    - ``run``/``cerun``: dense fine-tuning (SimpleCIL dispatches only ``run``, RanPAC only ``cerun``: see
+      ``models.sparse.tuner_for``);
+    - ``ce_finetune`` (ours, both learners): the same dense fine-tuning;
     - ``rand``: per tensor, a fresh uniformly random max(1, int(0.05 n)) entries;
     - ``l2``: per tensor, the int(0.005 n) entries of largest |theta| (none if that is 0);
     - ``grad``: globally, the int(0.005 N) entries of largest |g| (none if that is 0).
     """
 
     KEEP_RATIO = {"rand": 0.05, "l2": 0.005, "grad": 0.005}  # simplecil_mist.py constants
+    DENSE = ("run", "cerun", "ce_finetune")  # no gradient mask
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.policy = self.cfg.spr
+        if self.policy not in self.KEEP_RATIO and self.policy not in self.DENSE:
+            raise ValueError(f"CEAblationTuner: unknown policy {self.policy!r}")
         self.sigma = 1.0
         self.mask_generator = make_generator(self.seed, self.device, "ablation_mask")
 
@@ -425,5 +430,6 @@ class CEAblationTuner(SparseTuner):
                 "backbone_entries": self.backbone_numel, "steps": steps, "epoch_losses": losses}
 
 
+#: every tuning method by ``spr``; which learner runs which is decided in ``models.sparse.tuner_for`` (SPEC 5)
 TUNERS = {"mist": MistTuner, "rand": CEAblationTuner, "l2": CEAblationTuner, "grad": CEAblationTuner,
-          "run": CEAblationTuner, "cerun": CEAblationTuner}
+          "run": CEAblationTuner, "cerun": CEAblationTuner, "ce_finetune": CEAblationTuner}
