@@ -112,10 +112,22 @@ class Learner(abc.ABC):
         report: dict[str, Any] = {}
         self.announce(task)
         if self.tuner is not None and (self.cfg.mist_tasks == "all" or task.task_id == 0):
-            report["tuning"] = self.tuner.tune(self.loader(task.train, shuffle=True, train=True), task)
+            rows = self.tuning_head_rows(task)
+            report["tuning"] = self.tuner.tune(self.loader(task.train, shuffle=True, train=True), task, head_rows=rows)
+            if rows is not None:
+                self.set_tuned_head_rows(self.tuner.trained_rows)
         self.backbone.eval()
         self.update_head(task)
         return report
+
+    def tuning_head_rows(self, task: TaskData) -> Optional[torch.Tensor]:
+        """The classifier rows of the classes before ``task`` when the tuning phase trains on the learner's own
+        head (SimpleCIL's official CE ablations), else None (the default)."""
+        return None
+
+    def set_tuned_head_rows(self, rows: torch.Tensor) -> None:
+        """Take back the rows returned by such a tuning phase (see :meth:`tuning_head_rows`)."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def announce(self, task: TaskData) -> None:

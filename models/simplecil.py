@@ -41,6 +41,21 @@ class SimpleCIL(Learner):
     def batch_size(self) -> int:
         return self.cfg.batch_size if self.cfg.use_config_batch_size else OFFICIAL_BATCH_SIZE
 
+    # the official SimpleCIL-MIST ablations train on the learner's own fc (SPEC 5); ce_finetune (ours) does not
+    OWN_HEAD_POLICIES = ("run", "rand", "l2", "grad")
+
+    def tuning_head_rows(self, task: TaskData) -> Optional[torch.Tensor]:
+        """Old prototypes as the CE ablations' head rows (official ``update_fc`` before ``_sparse_training``)."""
+        if self.cfg.spr not in self.OWN_HEAD_POLICIES:
+            return None
+        if self.prototypes is None:
+            return torch.zeros(0, self.feature_dim, device=self.device)
+        return self.prototypes
+
+    def set_tuned_head_rows(self, rows: torch.Tensor) -> None:
+        """The old rows after the ablation epochs (moved by weight decay and momentum) stay the old prototypes."""
+        self.prototypes = rows if rows.shape[0] else self.prototypes
+
     def announce(self, task: TaskData) -> None:
         logger.info("Learning on %d-%d", task.known, task.seen)
 

@@ -124,3 +124,58 @@ def test_ranpac_ce_finetune_and_cerun_tune(cub_root, tmp_path):
     for res, spr in ((cerun, "cerun"), (fine, "ce_finetune")):
         assert [t["tuning"]["method"] for t in res["tasks"]] == [spr, spr]
     assert fine["accuracy_matrix"] == cerun["accuracy_matrix"]
+
+
+# ---------------------------------------------------------------------------------------------
+# SimpleCIL's ablations train on the learner's full cosine head (issue 6 item 0, SPEC 5)
+# ---------------------------------------------------------------------------------------------
+def test_simplecil_l2_from_task_1_gives_the_official_dead_loss(tmp_path):
+    """Old rows hold the prototypes, new rows are zero: the |theta| threshold over the whole fc tensor never
+    selects the zero rows, so the new-class logits stay 0, the loss stays ln(new classes) and the backbone
+    gets no CE gradient (without weight decay and momentum its weights do not move)."""
+    import math
+
+    from models.simplecil import SimpleCIL
+    from models.sparse.strategies import CEAblationTuner, SGDSettings
+    from tests.test_sparse_tuning import make_cfg, make_loader, make_task, tiny_backbone
+
+    cfg = make_cfg("spr=l2", "model_name=simplecil", "ablation_epochs=2", "num_workers=0")
+    learner = SimpleCIL(cfg, tiny_backbone(), torch.device("cpu"), seed=3)
+    learner.tuner = CEAblationTuner(cfg, learner.backbone, torch.device("cpu"), 3, learner.DEFAULTS,
+                                    sgd=SGDSettings(momentum=0.0, weight_decay=0.0))
+    task0 = make_task(0, make_loader())
+    learner.learn_task(task0)
+    assert learner.prototypes.shape == (4, learner.feature_dim)
+    rows0 = learner.prototypes.clone()
+    before = {n: p.detach().clone() for n, p in learner.backbone.named_parameters()}
+    loader1 = make_loader(seed=1, first=4)
+    task1 = make_task(1, loader1)
+    report = learner.learn_task(task1)
+    assert report["tuning"]["epoch_losses"] == pytest.approx([math.log(4)] * 2, rel=1e-6)
+    for n, p in learner.backbone.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n
+    torch.testing.assert_close(learner.prototypes[:4], rows0)  # no decay: the old rows come back unchanged
+
+
+def test_simplecil_ablation_head_spans_every_seen_class(tmp_path):
+    from models.simplecil import SimpleCIL
+    from tests.test_sparse_tuning import make_cfg, make_loader, make_task, tiny_backbone
+
+    cfg = make_cfg("spr=rand", "model_name=simplecil", "ablation_epochs=1")
+    learner = SimpleCIL(cfg, tiny_backbone(), torch.device("cpu"), seed=3)
+    shapes = []
+    real = learner.tuner.make_head
+
+    def spy(task, head_rows=None):
+        head = real(task, head_rows)
+        shapes.append(tuple(head.weight.shape))
+        return head
+
+    learner.tuner.make_head = spy
+    for t in range(2):
+        learner.learn_task(make_task(t, make_loader(seed=t, first=4 * t)))
+    assert shapes == [(4, learner.feature_dim), (8, learner.feature_dim)]
+    assert learner.tuning_head_rows(make_task(2, make_loader())).shape == (8, learner.feature_dim)
+    cfg_ours = make_cfg("spr=ce_finetune", "model_name=simplecil")
+    assert SimpleCIL(cfg_ours, tiny_backbone(), torch.device("cpu"), seed=3).tuning_head_rows(
+        make_task(0, make_loader())) is None  # ce_finetune keeps the new-class head

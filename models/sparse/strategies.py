@@ -195,8 +195,12 @@ class SparseTuner:
         total = sum(masks[n].numel() for n in names)
         return float(sum(int(masks[n].sum()) for n in names) / max(total, 1))
 
-    def tune(self, loader, task) -> dict[str, Any]:
-        """Run the tuning phase of ``task`` on ``loader`` and return its accounting for results.json."""
+    def tune(self, loader, task, head_rows: Optional[torch.Tensor] = None) -> dict[str, Any]:
+        """Run the tuning phase of ``task`` on ``loader`` and return its accounting for results.json.
+
+        ``head_rows``: the learner's classifier rows of the classes seen before the task, (known, D) float32, for
+        a phase that trains on the learner's own head (SimpleCIL's CE ablations); None otherwise.
+        """
         raise NotImplementedError
 
 
@@ -220,7 +224,7 @@ class MistTuner(SparseTuner):
             y = distributed.gather_rows(y, counts)
         return supervised_nt_xent(proj, y, exclude_self_positive=self.cfg.exclude_self_positive)
 
-    def tune(self, loader, task) -> dict[str, Any]:
+    def tune(self, loader, task, head_rows: Optional[torch.Tensor] = None) -> dict[str, Any]:
         cfg, t = self.cfg, task.task_id
         epochs = cfg.mi_epochs
         self._remember_loader(loader, task)
@@ -343,11 +347,22 @@ class CEAblationTuner(SparseTuner):
         self.sigma = float(state["sigma"])
         self.mask_generator.set_state(state["generators"]["ablation_mask"])
 
-    def make_head(self, task) -> CosineLinear:
-        head = CosineLinear(int(self.network.convnet.out_dim), task.seen - task.known).to(self.device)
+    def make_head(self, task, head_rows: Optional[torch.Tensor] = None) -> CosineLinear:
+        """The cosine head the CE is computed on (official ``update_fc``, SPEC 3.2, 5).
+
+        Without ``head_rows``: a head over the task's new classes. With them (SimpleCIL): the learner's full
+        head over every seen class, rows [0, known) holding ``head_rows`` (the class prototypes) and the new
+        rows zero from task 1 on (random on task 0), as the official ``fc``; the CE then uses the new-class
+        logits only, and every mask budget counts the whole tensor.
+        """
+        dim = int(self.network.convnet.out_dim)
+        full = head_rows is not None
+        head = CosineLinear(dim, task.seen if full else task.seen - task.known).to(self.device)
         with torch.no_grad():
             if task.task_id > 0 and not self.cfg.ablation_random_init_rows:
                 head.weight.zero_()  # official update_fc: new rows are zeros (SPEC 9.24)
+            if full:
+                head.weight[: task.known] = head_rows.to(self.device)
             head.sigma.fill_(self.sigma)
         return head
 
@@ -380,10 +395,11 @@ class CEAblationTuner(SparseTuner):
             return {n: (p.grad.abs() >= thr).float() for n, p in with_grad.items()}
         return {}
 
-    def tune(self, loader, task) -> dict[str, Any]:
+    def tune(self, loader, task, head_rows: Optional[torch.Tensor] = None) -> dict[str, Any]:
         cfg, t, epochs = self.cfg, task.task_id, self.cfg.ablation_epochs
         self._remember_loader(loader, task)
-        head = self.make_head(task)
+        head = self.make_head(task, head_rows)
+        new = slice(task.known, task.seen) if head_rows is not None else slice(None)  # CE on the new classes
         optimizer, scheduler = self.make_optimizer(head)
         params = self.named_trainables(head)
         losses, nonzero, steps = [], 0, 0
@@ -398,7 +414,7 @@ class CEAblationTuner(SparseTuner):
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True) - task.known
                 with autocast(self.device, self.cfg.precision):
                     features = self.network.convnet(x).float()
-                logits = head(features)
+                logits = head(features)[:, new]
                 rows = distributed.step_rows(step, self._n_items, self._batch_size)
                 if rows is None:
                     loss = F.cross_entropy(logits, y)
@@ -424,6 +440,8 @@ class CEAblationTuner(SparseTuner):
             logger.info("Task %d, Epoch %d/%d => Loss %.3f, Train_accy %.2f", t, epoch, epochs, losses[-1],
                         100.0 * int(correct) / max(seen, 1))
         self.sigma = float(head.sigma.detach())
+        # the learner's old rows after the phase (weight decay and momentum moved them, as in the official fc)
+        self.trained_rows = head.weight.detach()[: task.known].clone() if head_rows is not None else None
         self.network.eval()
         return {"method": self.policy,
                 "updated_fraction_per_step": float(nonzero) / max(steps, 1) / self.backbone_numel if steps else 0.0,
