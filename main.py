@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     """
     args = parse_args(argv)
     from utils import distributed  # imported late so --help stays fast
-    from utils.errors import UserError
+    from utils.errors import RunStopped, UserError
 
     where = f"[rank {distributed.launch_rank()}] " if distributed.launched() else ""
 
@@ -62,14 +62,14 @@ def main(argv=None) -> int:
     except UserError as exc:
         print(f"{where}error: {exc}", file=sys.stderr)
         return 2
+    except RunStopped as exc:
+        print(str(exc), file=sys.stderr)
+        return 0
     except KeyboardInterrupt:
         print("interrupted; results.json holds every finished task (status 'interrupted'); continue with "
               "python main.py --resume <run folder>.", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - one line here, the traceback is in the run's log
-        if type(exc).__name__ == "RunStopped":
-            print(str(exc), file=sys.stderr)
-            return 0
         print(f"{where}error: the run failed: {type(exc).__name__}: {exc} (traceback in the run's log; results.json "
               "has status 'failed')", file=sys.stderr)
         return 1

@@ -33,7 +33,7 @@ from utils.config import ExperimentConfig, config_from_dict, load_config, parse_
 from utils.data_manager import DataManager
 from utils.datasets import default_norm, load_source
 from utils.metrics import grouped_accuracy, summarize, task_accuracies, topk_accuracy
-from utils.errors import CheckpointError, ConfigError, UserError
+from utils.errors import CheckpointError, ConfigError, RunStopped, UserError  # noqa: F401 (RunStopped re-exported)
 from utils.runtime import (OFFICIAL_TORCH_SEED, log_traceback, resolve_device, rng_state, runtime_info, seed_torch,
                            set_rng_state, setup_logging)
 
@@ -97,10 +97,6 @@ def write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(_finite(data), indent=2, default=_json_default, allow_nan=False))
     tmp.replace(path)
-
-
-class RunStopped(Exception):
-    """The run stopped on purpose before its last task (``stop_after_task``); it can be resumed."""
 
 
 def run(cfg: ExperimentConfig, output_dir: Path) -> list[Path]:

@@ -23,3 +23,7 @@ class CheckpointError(UserError):
 
 class NonFiniteError(RuntimeError):
     """A loss or a solved head became NaN or infinite; the message names the task, epoch and step."""
+
+
+class RunStopped(Exception):
+    """The run stopped on purpose before its last task (``stop_after_task``); it can be resumed."""
