@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backbones import build_backbone  # noqa: E402
 from bench.reference import ReferenceState, reference_draw, reference_masked_grads_  # noqa: E402
 from models.sparse.masks import FlatGradients  # noqa: E402
-from models.sparse.strategies import MistTuner  # noqa: E402
+from models.sparse.strategies import SparseTuner  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.runtime import seed_torch  # noqa: E402
 
@@ -69,7 +69,7 @@ def main() -> None:
     cfg = load_config(None, [f"device={args.device}", f"precision={args.precision}", "progress=false"])
     seed_torch(0, cfg.allow_tf32)  # the TF32 setting of real runs
     backbone = build_backbone(VIT_B16, pretrained=False).to(device)
-    tuner = MistTuner(cfg, backbone, device, 0, {"freeze_quantile": 1 - 0.0005})
+    tuner = SparseTuner(cfg, backbone, device, 0, {"freeze_quantile": 1 - 0.0005})
     params = tuner.named_trainables()
     plist = list(params.items())
     n_params = sum(p.numel() for p in params.values())

@@ -5,7 +5,7 @@
   tensor by tensor (SPEC 4.6): zero the frozen entries, draw the Bernoulli keep decisions on the selected
   entries, multiply by mask and draw, by 0.9 ** count, zero the frozen entries again.
 - :class:`ReferenceMistTuner`: a whole MIST task (SPEC 4.4-4.7) on that state and sequence, for comparing
-  masks, frozen sets, counts and weights with :class:`models.sparse.strategies.MistTuner`.
+  masks, frozen sets, counts and weights with :class:`models.sparse.strategies.SparseTuner`.
 
 These are deliberately slow and literal; nothing in the package imports them.
 """
@@ -18,7 +18,7 @@ import torch
 
 from models.sparse.importance import mi_fisher
 from models.sparse.masks import OVERLAP_BASE, quantile, select_top
-from models.sparse.strategies import MistTuner
+from models.sparse.strategies import SparseTuner
 
 ZERO_1_SKIP = ("fc.weight", "fc.sigma", "norm", "simclr")  # first frozen zeroing skips these names (SPEC 4.6.2)
 ZERO_2_SKIP = ("fc.weight", "fc.sigma", "bias", "norm")  # zeroing inside masked_update skips these (4.6.3.3)
@@ -75,7 +75,7 @@ def reference_end_task(scores, selected, state: ReferenceState, freeze_quantile:
             state.overlap[name] += selected[name]
 
 
-class ReferenceMistTuner(MistTuner):
+class ReferenceMistTuner(SparseTuner):
     """MIST as the official ``_mist_run`` does it (official exemption names), on :class:`ReferenceState`."""
 
     def __init__(self, *args, **kwargs) -> None:

@@ -29,3 +29,8 @@ def build_learner(cfg, backbone, device, seed: int):
 
 
 from models import ranpac, simplecil  # noqa: E402,F401  (explicit registration, no directory scan)
+
+from utils.names import LEARNER_NAMES  # noqa: E402
+
+if set(LEARNERS) != set(LEARNER_NAMES):  # the config validates model_name against utils/names.py
+    raise ImportError(f"registered learners {sorted(LEARNERS)} differ from utils.names.LEARNER_NAMES")

@@ -13,6 +13,8 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from models.sparse import build_tuner
+from models.sparse.strategies import PROJECTION_DIM
 from utils import distributed
 from utils.config import ExperimentConfig
 from utils.runtime import autocast, make_generator, make_loader
@@ -69,8 +71,6 @@ class Learner(abc.ABC):
         self.seed = seed
         self.tuner = None
         if cfg.tuning is not None:
-            from models.sparse import build_tuner  # local: models.sparse imports models.heads
-
             # None when the learner's official code does not dispatch cfg.spr (SPEC 5; warned there)
             self.tuner = build_tuner(cfg, self.backbone, device, seed, self.DEFAULTS, learner=cfg.model_name)
 
@@ -256,8 +256,6 @@ class Learner(abc.ABC):
         network holds them now). Every official parameter is trainable; the backbone's own ``requires_grad``
         flags decide its share of the trainable count, the simclr layer and the heads always count.
         """
-        from models.sparse.strategies import PROJECTION_DIM  # local: models.sparse imports models.heads
-
         backbone = list({id(p): p for p in self.backbone.parameters()}.values())
         extra = self.feature_dim * PROJECTION_DIM + PROJECTION_DIM + self.head_parameter_count()
         return (sum(p.numel() for p in backbone) + extra,
@@ -275,11 +273,3 @@ class Learner(abc.ABC):
 def one_hot(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     """labels (N,) int64 -> (N, n_classes) float32 one-hot."""
     return torch.nn.functional.one_hot(labels, n_classes).float()
-
-
-def warn_ignored(key: str, value: Any, used: Any, reason: str = "") -> None:
-    """Log that a JSON key is ignored in favour of the official constant, when the two differ (STYLE 3.2)."""
-    if value != used:
-        logger.warning("Config key '%s' = %r is ignored: %r is used, as the official code does. %s",
-                       key, value, used, reason)
-

@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 
 from models import register_learner
-from models.base import Learner, TaskData, warn_ignored
+from models.base import Learner, TaskData
+from utils.config import warn_ignored
 from models.heads import cosine_logits, grow_prototypes
 
 logger = logging.getLogger(__name__)

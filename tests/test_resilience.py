@@ -96,7 +96,7 @@ def test_truncated_or_foreign_checkpoint_is_refused(images, tmp_path):
 def test_nan_loss_stops_the_run_with_task_epoch_and_step(images, tmp_path, monkeypatch, capsys):
     from models.sparse import strategies
 
-    real = strategies.MistTuner.loss
+    real = strategies.SparseTuner.loss
     calls = {"n": 0}
 
     def poisoned(self, x, y, step=None):
@@ -104,7 +104,7 @@ def test_nan_loss_stops_the_run_with_task_epoch_and_step(images, tmp_path, monke
         loss = real(self, x, y, step)
         return loss * float("nan") if calls["n"] == 3 else loss  # 2 scoring steps, then epoch 2 step 0
 
-    monkeypatch.setattr(strategies.MistTuner, "loss", poisoned)
+    monkeypatch.setattr(strategies.SparseTuner, "loss", poisoned)
     config = tmp_path / "c.json"
     config.write_text("{}")
     args = ["--config", str(config), "--output-dir", str(tmp_path / "runs")]

@@ -20,7 +20,7 @@ from bench.reference import ReferenceMistTuner, ReferenceState, reference_masked
 from models.sparse.masks import FlatGradients, SparsityState
 from tests.test_sparse_tuning import (CPU, RANPAC_DEFAULTS, make_cfg, make_loader, make_task, snapshot,
                                       tiny_backbone)
-from models.sparse.strategies import MistTuner
+from models.sparse.strategies import SparseTuner
 
 ODD = [("convnet.cls_token", (1, 1, 1)), ("convnet.blocks.0.attn.qkv.weight", (7, 13)),
        ("convnet.blocks.0.attn.qkv.bias", (7,)), ("convnet.patch_embed.proj.weight", (5, 3, 2, 3)),
@@ -34,7 +34,7 @@ def odd_params():
 
 
 def vit_params():
-    net = MistTuner(make_cfg(), tiny_backbone(), CPU, 0, RANPAC_DEFAULTS).network
+    net = SparseTuner(make_cfg(), tiny_backbone(), CPU, 0, RANPAC_DEFAULTS).network
     return list(net.named_parameters())
 
 
@@ -157,7 +157,7 @@ def test_mist_task_with_the_drop_off_equals_the_reference():
     """Selections, frozen sets, counts and weights after each of three tasks (momentum and weight decay on) are
     bit-equal to the literal per-tensor implementation (the fix keys are pinned in test_sparse_tuning.py)."""
     cfg = make_cfg("drop_rate=0.0", "freeze_quantile=0.95")
-    fast = MistTuner(cfg, tiny_backbone(), CPU, 7, RANPAC_DEFAULTS)
+    fast = SparseTuner(cfg, tiny_backbone(), CPU, 7, RANPAC_DEFAULTS)
     ref = ReferenceMistTuner(cfg, tiny_backbone(), CPU, 7, RANPAC_DEFAULTS)
     selections = []
     original = fast.state.select
@@ -186,7 +186,7 @@ def test_mist_task_with_the_drop_off_equals_the_reference():
 def test_state_bytes_are_under_three_quarters_of_the_parameter_bytes():
     """Between tasks: frozen bits + uint8 counts; in the sparse epochs: plus the plan (int32 index, fp32 scale)."""
     cfg = make_cfg()
-    tuner = MistTuner(cfg, tiny_backbone(), CPU, 0, RANPAC_DEFAULTS)
+    tuner = SparseTuner(cfg, tiny_backbone(), CPU, 0, RANPAC_DEFAULTS)
     param_bytes = 4 * tuner.state.numel
     between = sum(tuner.state.nbytes().values())
     scores = {n: torch.rand(s) for n, s in tuner.state.shapes.items()}

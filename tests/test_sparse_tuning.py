@@ -29,7 +29,7 @@ from models.sparse import build_tuner
 from models.sparse.importance import mi_fisher
 from models.sparse.losses import SecondViewAugment, supervised_nt_xent, two_views
 from models.sparse.masks import SparsityState
-from models.sparse.strategies import CEAblationTuner, MistTuner, SGDSettings
+from models.sparse.strategies import SGDSettings, SparseTuner
 from utils.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,8 +93,7 @@ def make_task(t: int, loader: DataLoader, n_classes: int = 4) -> TaskData:
 
 
 def make_tuner(cfg, sgd: SGDSettings = SGDSettings(), seed: int = 7, defaults=None, backbone_seed: int = 0):
-    cls = MistTuner if cfg.spr == "mist" else CEAblationTuner
-    return cls(cfg, tiny_backbone(backbone_seed), CPU, seed, defaults or RANPAC_DEFAULTS, sgd=sgd)
+    return SparseTuner(cfg, tiny_backbone(backbone_seed), CPU, seed, defaults or RANPAC_DEFAULTS, sgd=sgd)
 
 
 def snapshot(tuner) -> dict[str, torch.Tensor]:
@@ -456,12 +455,14 @@ def test_second_task_uses_counts_and_frozen_from_the_first(record_select):
 
 
 def test_build_tuner_dispatch_and_learner_default_freeze_quantile():
-    assert isinstance(build_tuner(make_cfg(), tiny_backbone(), CPU, 0, {"freeze_quantile": 1.0}), MistTuner)
+    tuner = build_tuner(make_cfg(), tiny_backbone(), CPU, 0, {"freeze_quantile": 1.0})
+    assert isinstance(tuner, SparseTuner) and tuner.recipe.importance == "mi_fisher" and tuner.recipe.drop
     assert build_tuner(make_cfg(), tiny_backbone(), CPU, 0, {"freeze_quantile": 1.0}).freeze_quantile == 1.0
     assert build_tuner(make_cfg("freeze_quantile=0.5"), tiny_backbone(), CPU, 0, {"freeze_quantile": 1.0}
                        ).freeze_quantile == 0.5
     for spr in ("rand", "l2", "grad", "run", "cerun"):
-        assert isinstance(build_tuner(make_cfg(f"spr={spr}"), tiny_backbone(), CPU, 0, {}), CEAblationTuner)
+        tuner = build_tuner(make_cfg(f"spr={spr}"), tiny_backbone(), CPU, 0, {})
+        assert isinstance(tuner, SparseTuner) and not tuner.recipe.selective and tuner.recipe.loss == "ce"
 
 
 class SmallCNN(nn.Module):
@@ -481,7 +482,7 @@ class SmallCNN(nn.Module):
 def test_exempt_rule_on_a_batchnorm_backbone(record_select, rule):
     torch.manual_seed(0)
     cfg = make_cfg(f"exempt_rule={rule}", "mi_epochs=2")
-    tuner = MistTuner(cfg, SmallCNN(), CPU, 0, RANPAC_DEFAULTS)
+    tuner = SparseTuner(cfg, SmallCNN(), CPU, 0, RANPAC_DEFAULTS)
     loader = make_loader()
     tuner.tune(loader, make_task(0, loader))
     selected = record_select[0][1]
@@ -499,7 +500,7 @@ def test_exempt_rule_on_a_batchnorm_backbone(record_select, rule):
 @pytest.mark.parametrize("freeze", [False, True])
 def test_freeze_bn_stats(freeze):
     torch.manual_seed(0)
-    tuner = MistTuner(make_cfg(f"freeze_bn_stats={str(freeze).lower()}", "mi_epochs=2"), SmallCNN(), CPU, 0,
+    tuner = SparseTuner(make_cfg(f"freeze_bn_stats={str(freeze).lower()}", "mi_epochs=2"), SmallCNN(), CPU, 0,
                       RANPAC_DEFAULTS)
     bn = tuner.network.convnet.body[1]
     mean0, var0 = bn.running_mean.clone(), bn.running_var.clone()
@@ -520,9 +521,9 @@ def test_freeze_bn_stats(freeze):
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture
 def record_masks(monkeypatch):
-    """Record every CE-ablation step: (masks, weights, gradients) as seen by ``CEAblationTuner.masks``."""
+    """Record every CE-ablation step: (masks, weights, gradients) as seen by ``SparseTuner.masks``."""
     calls = []
-    original = CEAblationTuner.masks
+    original = SparseTuner.masks
 
     def wrapper(self, params):
         out = original(self, params)
@@ -531,7 +532,7 @@ def record_masks(monkeypatch):
                       {n: p.grad.clone() for n, p in params.items() if p.grad is not None}))
         return out
 
-    monkeypatch.setattr(CEAblationTuner, "masks", wrapper)
+    monkeypatch.setattr(SparseTuner, "masks", wrapper)
     return calls
 
 

@@ -17,7 +17,7 @@ import torch
 import trainer
 from models import build_learner
 from models.sparse import build_tuner, tuner_for
-from models.sparse.strategies import CEAblationTuner, MistTuner
+from models.sparse.strategies import SparseTuner
 from utils.config import SPR_CHOICES, load_config
 
 from test_sparse_tuning import CPU, make_cfg, make_loader, make_task, tiny_backbone, tiny_overrides, write_image_folder
@@ -72,7 +72,7 @@ def test_dispatched_ce_spr_builds_the_ce_tuner_and_trains(caplog, learner, spr):
         model = build_learner(cfg, tiny_backbone(), CPU, 0)
     assert not [r for r in caplog.records if r.name == "models.sparse"]
     tuner = model.tuner
-    assert isinstance(tuner, CEAblationTuner) and tuner.policy == spr
+    assert isinstance(tuner, SparseTuner) and tuner.policy == spr and not tuner.recipe.selective
     before = {n: p.detach().clone() for n, p in tuner.network.convnet.named_parameters()}
     loader = make_loader(n=16, batch=8)
     report = tuner.tune(loader, make_task(0, loader))
@@ -83,12 +83,12 @@ def test_dispatched_ce_spr_builds_the_ce_tuner_and_trains(caplog, learner, spr):
 @pytest.mark.parametrize("learner", ["simplecil", "ranpac_mist"])
 @pytest.mark.parametrize("spr", ["mist", "rand", "l2", "grad"])
 def test_other_official_values_dispatched_by_both(learner, spr):
-    assert tuner_for(spr, learner) is (MistTuner if spr == "mist" else CEAblationTuner)
+    assert tuner_for(spr, learner) is SparseTuner
 
 
 def test_no_learner_dispatches_every_name():
     for spr in ("rand", "l2", "grad", "run", "cerun", "ce_finetune"):
-        assert tuner_for(spr, None) is CEAblationTuner
+        assert tuner_for(spr, None) is SparseTuner
     assert tuner_for("none", "ranpac") is None and tuner_for(None, "simplecil") is None
 
 
@@ -136,12 +136,12 @@ def test_simplecil_l2_from_task_1_gives_the_official_dead_loss(tmp_path):
     import math
 
     from models.simplecil import SimpleCIL
-    from models.sparse.strategies import CEAblationTuner, SGDSettings
+    from models.sparse.strategies import SGDSettings, SparseTuner
     from tests.test_sparse_tuning import make_cfg, make_loader, make_task, tiny_backbone
 
     cfg = make_cfg("spr=l2", "model_name=simplecil", "ablation_epochs=2", "num_workers=0")
     learner = SimpleCIL(cfg, tiny_backbone(), torch.device("cpu"), seed=3)
-    learner.tuner = CEAblationTuner(cfg, learner.backbone, torch.device("cpu"), 3, learner.DEFAULTS,
+    learner.tuner = SparseTuner(cfg, learner.backbone, torch.device("cpu"), 3, learner.DEFAULTS,
                                     sgd=SGDSettings(momentum=0.0, weight_decay=0.0))
     task0 = make_task(0, make_loader())
     learner.learn_task(task0)

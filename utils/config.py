@@ -15,6 +15,7 @@ import codecs
 import dataclasses
 import difflib
 import json
+import logging
 import math
 import re
 import sys
@@ -25,8 +26,8 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Optional, Sequence, Union
 
 from utils.errors import ConfigError
-
-SPR_CHOICES = ("mist", "none", "rand", "l2", "grad", "run", "cerun", "ce_finetune")
+from utils.names import (GATE_MEMORY_RULES, IMPORTANCE_ESTIMATORS, LEARNER_NAMES, SCORING_LOSSES, SELECTION_SCOPES,
+                         SELECTIVE_PRESETS, SPR_CHOICES, TUNING_OPTIMIZERS)
 DATASETS = ("cifar224", "cub", "imagenetr", "imageneta", "cars", "fmnist")
 SEED_MAX = 2**32 - 1  # numpy.random.seed accepts 0 .. 2**32 - 1
 NONFINITE_NOTE = "NaN, Infinity and numbers too large for a float (such as 1e400) are not allowed"
@@ -75,9 +76,10 @@ class ExperimentConfig:
         10000, "RanPAC random-projection width; M <= 0 with use_RP true means no projection (ridge on raw features)."
     )
     # ---- official keys: sparse tuning (SPEC 4, 5) ----
-    spr: str = _f("mist", f"Tuning phase before each head update: {', '.join(SPR_CHOICES)}. 'none' (or null) disables it. "
-                          "As in the official code, SimpleCIL ignores 'cerun' and RanPAC ignores 'run' (no tuning "
-                          "phase, with a warning); 'ce_finetune' (ours) is dense CE fine-tuning for both.")
+    spr: str = _f("mist", f"Tuning phase before each head update, a named preset: {', '.join(SPR_CHOICES)}. 'none' (or "
+                          "null) disables it. As in the official code, SimpleCIL ignores 'cerun' and RanPAC ignores "
+                          "'run' (no tuning phase, with a warning); 'ce_finetune' (dense CE fine-tuning), 'piece_f', "
+                          "'piece_s', 'magnitude_gate' and 'mist_random' are ours (README, docs/deviations.md).")
     select_rate: float = _f(0.1, "Fraction of each maskable tensor selected by importance score (SPEC 4.5).", gt=0, le=1)
     drop_rate: float = _f(0.9, "Probability of DROPPING a selected gradient entry at each step; keep prob = 1 - drop_rate.", ge=0, lt=1)
     mi_epochs: int = _f(20, "MIST epochs per task, the scoring pass included (SPEC 4.4-4.6).", min=1)
@@ -127,6 +129,47 @@ class ExperimentConfig:
         20, "Epochs of the CE tuning phases rand/l2/grad/run/cerun/ce_finetune (official module constant 20).", min=1
     )
     ablation_random_init_rows: bool = _f(False, "Ablations: random instead of zero new cosine rows (SPEC 9.24 fix).")
+    # ---- extras: the tuning phase as a composition (issue 6; models/sparse/recipes.py) ----
+    # null = the value of the spr preset; the keys apply to the presets with a scoring pass and a task mask
+    importance: Optional[str] = _f(
+        None, f"Importance estimator: {', '.join(IMPORTANCE_ESTIMATORS)}; null = the preset's.",
+        choices=IMPORTANCE_ESTIMATORS,
+    )
+    scoring_loss: Optional[str] = _f(
+        None, f"Loss of the scoring pass and the training epochs: {', '.join(SCORING_LOSSES)}; null = the preset's.",
+        choices=SCORING_LOSSES,
+    )
+    selection_scope: Optional[str] = _f(
+        None, f"Where the budget is applied: {', '.join(SELECTION_SCOPES)}; null = the preset's.", choices=SELECTION_SCOPES
+    )
+    budget: Optional[float] = _f(
+        None, "Selected fraction; null = the preset's key (select_rate for MIST, top_ratio for PIECE).", gt=0, le=1
+    )
+    tuning_optimizer: Optional[str] = _f(
+        None, f"Optimizer of the tuning phase: {', '.join(TUNING_OPTIMIZERS)}; null = the preset's.",
+        choices=TUNING_OPTIMIZERS,
+    )
+    gradient_drop: Optional[bool] = _f(None, "MIST's per-step random drop of selected gradients on/off; null = preset's.")
+    overlap_penalty: Optional[bool] = _f(None, "MIST's 0.9**count overlap penalty on/off; null = the preset's.")
+    freeze_rule: Optional[bool] = _f(None, "MIST's end-of-task frozen sets on/off; null = the preset's.")
+    exclude_embeddings: Optional[bool] = _f(
+        None, "Keep patch/position embeddings, class token and CNN stem out of selection and frozen; null = preset's."
+    )
+    top_ratio: float = _f(0.001, "PIECE: global fraction of backbone entries selected per task (SPEC 13.3).", gt=0, le=1)
+    strict_mask: bool = _f(
+        False, "PIECE: a tensor with no selected entry stays frozen (official PIECE: it stays fully trainable, SPEC 13.4)."
+    )
+    adam_lr: float = _f(1e-5, "Adam tuning optimizer: backbone learning rate (PIECE's 1e-5, SPEC 13.5).", gt=0)
+    adam_head_lr: float = _f(1e-3, "Adam tuning optimizer: learning rate of the CE head and projection head.", gt=0)
+    gate_threshold: float = _f(
+        0.5, "magnitude_gate: cosine similarity below which a task gets the large budget (SPEC 14.3).", ge=-1, le=1
+    )
+    gate_budget_large: float = _f(0.01, "magnitude_gate: selected fraction of the 'initialized' regime.", gt=0, le=1)
+    gate_budget_small: float = _f(0.001, "magnitude_gate: selected fraction of the 'frozen' regime.", gt=0, le=1)
+    gate_memory: str = _f(
+        "previous", f"magnitude_gate reference gradient: {', '.join(GATE_MEMORY_RULES)}.", choices=GATE_MEMORY_RULES
+    )
+    gate_ema: float = _f(0.5, "magnitude_gate: decay of the reference EMA (gate_memory 'ema').", ge=0, lt=1)
     # ---- extras: runtime ----
     seed_torch_with_seed: bool = _f(False, "Seed torch with the run seed instead of the official constant 1 (SPEC 9.22).")
     allow_tf32: bool = _f(True, "TF32 matmuls on Ampere+ GPUs (PyTorch 1.11, used by the original, had them on).")
@@ -269,12 +312,16 @@ def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
 
 
 def _check_range(key: str, value: Any, where: str) -> None:
-    """Check the metadata bounds (min/ge/gt/le/lt) of a field on a value or on each item of a list."""
+    """Check the metadata choices and bounds (min/ge/gt/le/lt) of a field on a value or on each item of a list."""
     if isinstance(value, list):
         for item in value:
             _check_range(key, item, where)
         return
     meta = FIELDS[key].metadata
+    if "choices" in meta and value is not None and value not in meta["choices"]:
+        close = difflib.get_close_matches(str(value), meta["choices"], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{where}: key '{key}' has value {value!r}; expected one of {', '.join(meta['choices'])}{hint}.")
     if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
         return
     checks = [("min", lambda v, b: v >= b, ">="), ("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
@@ -397,15 +444,27 @@ def _validate(cfg: ExperimentConfig, origin: Callable[[str], str]) -> None:
         where_w, where_p = origin("weights_path"), origin("pretrained")
         where = where_w if where_w == where_p else f"{where_w} and {where_p}"
         raise ConfigError(f"{where}: key 'weights_path' is set but key 'pretrained' is false; remove one of them.")
-    from models import LEARNERS  # local import: models depends on utils
-
-    if cfg.model_name not in LEARNERS:
-        close = difflib.get_close_matches(cfg.model_name, list(LEARNERS), n=1)
+    if cfg.model_name not in LEARNER_NAMES:
+        close = difflib.get_close_matches(cfg.model_name, list(LEARNER_NAMES), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(
             f"{origin('model_name')}: key 'model_name' has value {cfg.model_name!r}; "
-            f"expected one of {', '.join(sorted(LEARNERS))}{hint}."
+            f"expected one of {', '.join(sorted(LEARNER_NAMES))}{hint}."
         )
+    for key in COMPOSITION_KEYS:
+        if getattr(cfg, key) is not None and cfg.spr not in SELECTIVE_PRESETS:
+            raise ConfigError(
+                f"{origin(key)}: key '{key}' is set but spr {cfg.spr!r} has no scoring pass and task mask; "
+                f"it applies to the presets {', '.join(SELECTIVE_PRESETS)} (null leaves the preset's value)."
+            )
+    if cfg.budget is not None and cfg.spr == "magnitude_gate":
+        raise ConfigError(f"{origin('budget')}: key 'budget' is set but spr 'magnitude_gate' takes its budget from "
+                          "the gate; set gate_budget_large and gate_budget_small instead.")
+
+
+#: keys that override a part of the spr preset (null = the preset's value)
+COMPOSITION_KEYS = ("importance", "scoring_loss", "selection_scope", "budget", "tuning_optimizer", "gradient_drop",
+                    "overlap_penalty", "freeze_rule", "exclude_embeddings")
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -559,3 +618,10 @@ def load_config(path: Optional[Union[str, Path]], overrides: Sequence[str] = ())
         raw[key] = value
         origins[key] = origin
     return config_from_dict(raw, where, origins)
+
+
+def warn_ignored(key: str, value: Any, used: Any, reason: str = "") -> None:
+    """Log that a JSON key is ignored in favour of the official constant, when the two differ (STYLE 3.2)."""
+    if value != used:
+        logging.getLogger(__name__).warning("Config key '%s' = %r is ignored: %r is used, as the official code does. %s",
+                                           key, value, used, reason)

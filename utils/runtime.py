@@ -112,21 +112,27 @@ def autocast(device: torch.device, precision: str):
 
 # Independent random streams of a run, each from its own generator seeded with (seed, stream).
 STREAMS = ("loader", "drop", "augment", "ablation_mask", "projection")
+# Streams added later are seeded past 2**40, so adding one leaves the sequences of STREAMS unchanged.
+LATER_STREAMS = ("importance",)
+_LATER_OFFSET = 2**40
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu", stream: str = "loader") -> torch.Generator:
     """A torch generator on ``device`` for one named random stream of the run seeded with ``seed``.
 
-    Streams (``STREAMS``) never share a sequence, and none touches the global RNG, so e.g. RanPAC's
+    Streams (``STREAMS``, ``LATER_STREAMS``) never share a sequence, and none touches the global RNG, so e.g. RanPAC's
     W_rand is the same whether or not a tuning phase ran before it.
 
     Raises:
         ValueError: unknown stream name.
     """
-    if stream not in STREAMS:
-        raise ValueError(f"unknown random stream {stream!r}; expected one of {STREAMS}")
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed * len(STREAMS) + STREAMS.index(stream))
+    if stream in STREAMS:
+        gen.manual_seed(seed * len(STREAMS) + STREAMS.index(stream))
+    elif stream in LATER_STREAMS:
+        gen.manual_seed(_LATER_OFFSET + seed * len(LATER_STREAMS) + LATER_STREAMS.index(stream))
+    else:
+        raise ValueError(f"unknown random stream {stream!r}; expected one of {STREAMS + LATER_STREAMS}")
     return gen
 
 

@@ -1,10 +1,12 @@
 """The sparse-tuning phase (SPEC 4-5), used by any learner through ``cfg.spr``.
 
 - ``masks.py``: exemption predicate, per-tensor selection, frozen masks and update counts;
-- ``importance.py``: the scoring pass (MIST's mini-batch squared-gradient "MI-Fisher");
+- ``importance.py``: the scoring pass and the importance estimators (MIST's "MI-Fisher", PIECE's Fisher and
+  second-order scores, |theta|, random);
 - ``losses.py``: supervised NT-Xent and the batched second-view augmentation;
-- ``strategies.py``: the tuners (``mist``; the CE ablations ``rand``, ``l2``, ``grad``, ``run``, ``cerun``;
-  our dense CE fine-tuning ``ce_finetune``).
+- ``recipes.py``: the parts of a tuning phase and the ``spr`` presets composed from them;
+- ``gate.py``: update-magnitude control's cosine gate (SPEC 14.3);
+- ``strategies.py``: :class:`SparseTuner`, which runs a recipe.
 
 Which ``spr`` values build a tuner for which learner is decided here, in :func:`tuner_for` (SPEC 5).
 """
@@ -14,7 +16,8 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-from models.sparse.strategies import TUNERS, SparseTuner
+from models.sparse.strategies import SparseTuner
+from utils.names import OFFICIAL_PRESETS, OUR_PRESETS
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +31,7 @@ OFFICIAL_DISPATCH: dict[str, frozenset[str]] = {
 #: the official file each learner reproduces, as named in the warning
 OFFICIAL_FILE = {"simplecil": "SimpleCIL-MIST", "ranpac": "RanPAC-MIST"}
 #: ``spr`` values of ours, dispatched by every learner
-OURS = frozenset({"ce_finetune"})
+OURS = frozenset(OUR_PRESETS)
 
 
 def official_learner(model_name: Optional[str]) -> Optional[str]:
@@ -40,7 +43,7 @@ def official_learner(model_name: Optional[str]) -> Optional[str]:
 
 
 def tuner_for(spr: Optional[str], learner: Optional[str]) -> Optional[type[SparseTuner]]:
-    """The tuner class that ``spr`` runs for the learner ``learner`` (a ``model_name``), or None for no tuning phase.
+    """The tuner class (:class:`SparseTuner`) that ``spr`` runs for ``learner`` (a ``model_name``), or None.
 
     ``spr`` "none"/None gives None. An official value that the learner's official file does not dispatch
     (SimpleCIL ``cerun``, RanPAC ``run``) gives None with a WARNING, as the official code runs the plain
@@ -51,13 +54,14 @@ def tuner_for(spr: Optional[str], learner: Optional[str]) -> Optional[type[Spars
     """
     if spr is None or spr == "none":
         return None
-    cls = TUNERS[spr]
+    if spr not in OFFICIAL_PRESETS and spr not in OURS:
+        raise KeyError(spr)
     official = official_learner(learner)
     if official is not None and spr not in OURS and spr not in OFFICIAL_DISPATCH[official]:
         logger.warning("spr %r is not dispatched by the official %s code, so no tuning phase runs; "
                        "use spr 'ce_finetune' for dense cross-entropy fine-tuning", spr, OFFICIAL_FILE[official])
         return None
-    return cls
+    return SparseTuner
 
 
 def build_tuner(cfg, backbone, device, seed: int, learner_defaults: dict,

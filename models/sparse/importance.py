@@ -1,4 +1,11 @@
-"""Importance estimators: per-entry scores from one pass over a task's data without optimizer steps."""
+"""Importance estimators: per-entry scores from one pass over a task's data without optimizer steps.
+
+- :func:`mi_fisher`: MIST's score (SPEC 4.4), sum_b g_b^2 / n_b^2;
+- :func:`gradient_moments`: the sums S1 = sum_b g_b and S2 = sum_b g_b^2 of the same pass (PIECE, SPEC 13.2),
+  from which :func:`fisher` (S2), :func:`second_order` (|S1| / sqrt(S2 + 1)) and the task's mean gradient
+  S1 / n_b (update-magnitude control, SPEC 14.3) follow;
+- :func:`magnitude` (|theta|) and :func:`random_scores` need no pass.
+"""
 
 from __future__ import annotations
 
@@ -43,9 +50,58 @@ def mi_fisher(network: nn.Module, batches: Iterable, n_batches: int, loss_fn: Lo
     Raises:
         NonFiniteError: a batch loss was NaN or infinite (checked once, after the pass).
     """
+    acc, loss = _scoring_pass(network, batches, n_batches, loss_fn, state, device, progress, where, moments=False)
+    return {name: a / n_batches for name, a in acc[0].items()}, loss
+
+
+def gradient_moments(network: nn.Module, batches: Iterable, n_batches: int, loss_fn: LossFn, state: SparsityState,
+                     device: torch.device, progress: bool = False, where: str = ""
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
+    """One scoring pass (no optimizer step) returning the gradient sums of PIECE (SPEC 13.2).
+
+    Same pass as :func:`mi_fisher` (frozen entries zeroed, gradients summed over torchrun ranks per batch).
+
+    Returns:
+        (S1: name -> float32 sum_b g_b, S2: name -> float32 sum_b g_b^2, both of the parameter's shape;
+        mean batch loss).
+
+    Raises:
+        NonFiniteError: a batch loss was NaN or infinite.
+    """
+    acc, loss = _scoring_pass(network, batches, n_batches, loss_fn, state, device, progress, where, moments=True)
+    return acc[0], acc[1], loss
+
+
+def fisher(s2: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PIECE-F (SPEC 13.2): the empirical diagonal Fisher as PIECE computes it, F = S2 = sum_b g_b^2 (a sum,
+    not a mean; the ranking does not depend on the scale). NaN -> 0 (official ``importance`` scripts)."""
+    return {name: torch.nan_to_num(v, nan=0.0) for name, v in s2.items()}
+
+
+def second_order(s1: dict[str, torch.Tensor], s2: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PIECE-S (SPEC 13.2): s = |S1| / sqrt(S2 + 1) with sums over the batches (not means, so the weight of
+    the +1 depends on the number of batches and the gradient scale, as in the official code). NaN -> 0."""
+    return {name: torch.nan_to_num(s1[name].abs() / torch.sqrt(s2[name] + 1.0), nan=0.0) for name in s1}
+
+
+def magnitude(network: nn.Module) -> dict[str, torch.Tensor]:
+    """|theta| of every trainable parameter at the task's start (float32, parameter shape)."""
+    return {name: p.detach().abs().float() for name, p in network.named_parameters() if p.requires_grad}
+
+
+def random_scores(network: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Uniform [0, 1) scores from ``generator`` (on the parameters' device), one per entry, in parameter order."""
+    return {name: torch.rand(p.shape, generator=generator, device=p.device)
+            for name, p in network.named_parameters() if p.requires_grad}
+
+
+def _scoring_pass(network, batches, n_batches, loss_fn, state, device, progress, where, moments: bool):
+    """The pass behind :func:`mi_fisher` (``moments`` False: acc += g^2 / n_b) and :func:`gradient_moments`
+    (True: S1 += g, S2 += g^2). Returns ([accumulators], mean batch loss)."""
     network.train()
     params = {name: p for name, p in network.named_parameters() if p.requires_grad}
     acc = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+    sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()} if moments else None
     frozen = {}  # unpacked once per pass, only for tensors with frozen entries
     for name in params:
         if name in state.shapes and not state.exempt[name]:
@@ -57,6 +113,7 @@ def mi_fisher(network: nn.Module, batches: Iterable, n_batches: int, loss_fn: Lo
     flat.attach()
     grads = [params[n].grad for n in names]
     accs = [acc[n] for n in names]
+    firsts = [sums[n] for n in names] if moments else None
     monitor = LossMonitor(device, f"scoring pass ({where})")
     for step, (_, x, y) in enumerate(tqdm(distributed.fill_empty(batches), total=n_batches, desc="scoring",
                                           leave=False, disable=not progress)):
@@ -67,10 +124,13 @@ def mi_fisher(network: nn.Module, batches: Iterable, n_batches: int, loss_fn: Lo
         for name, mask in frozen.items():
             params[name].grad.masked_fill_(mask, 0.0)
         squares = torch._foreach_pow(grads, 2)
-        torch._foreach_div_(squares, float(n_batches))
+        if moments:
+            torch._foreach_add_(firsts, grads)
+        else:
+            torch._foreach_div_(squares, float(n_batches))
         torch._foreach_add_(accs, squares)
         monitor.add(loss)
     if not flat.attached():
         raise RuntimeError("the scoring pass's gradient buffer was detached by the loss function")
     flat.detach()
-    return {name: a / n_batches for name, a in acc.items()}, monitor.mean(n_batches)
+    return ([sums, acc] if moments else [acc]), monitor.mean(n_batches)

@@ -22,6 +22,7 @@ gather, one fill and one scatter, with no host synchronisation.
 from __future__ import annotations
 
 import math
+import re
 from types import MappingProxyType
 from typing import Iterable, Mapping, Optional
 
@@ -71,6 +72,66 @@ def quantile(values: torch.Tensor, q: float) -> torch.Tensor:
 def select_top(scores: torch.Tensor, rate: float) -> torch.Tensor:
     """Bool mask of the entries at or above the (1 - rate) quantile of ``scores`` (ties included)."""
     return scores >= quantile(scores, 1.0 - rate)
+
+
+#: parameter-name parts of input embeddings, never selected by the ported PIECE (SPEC 13.2, 13.7: the analogue of
+#: an LLM's input embedding): ViT patch/position embeddings, class and register tokens; a timm CNN's stem conv
+EMBEDDING_PARTS = ("patch_embed", "pos_embed", "cls_token", "reg_token", "conv_stem")
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+
+
+def is_embedding(name: str) -> bool:
+    """True for the input-embedding tensors of :data:`EMBEDDING_PARTS` (e.g. ``convnet.pos_embed``)."""
+    return any(part in name for part in EMBEDDING_PARTS)
+
+
+def block_of(name: str) -> str:
+    """The group of a parameter for per-block selection: ``"blocks.<i>"`` (the first ``blocks.<i>.`` in the name:
+    a ViT's transformer block, an EfficientNet's stage), else ``"outside"`` (embeddings, stem, final norm)."""
+    match = _BLOCK.search(name)
+    return f"blocks.{match.group(1)}" if match else "outside"
+
+
+def select_global(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """PIECE's global selection (SPEC 13.3): exactly the ``k`` largest scores over all tensors of ``scores``.
+
+    The scores are flattened and concatenated in the mapping's order and ``torch.topk`` picks k positions
+    (ties broken by topk, so exactly k entries are selected); the official code stores per-tensor index
+    lists from the same topk.
+
+    Args:
+        scores: name -> float scores (any shapes, one device); the candidates only.
+        k: entries to select, 0 <= k <= total.
+
+    Returns:
+        name -> bool mask of the tensor's shape.
+
+    Raises:
+        ValueError: k outside [0, total].
+    """
+    names = list(scores)
+    sizes = [scores[n].numel() for n in names]
+    total = sum(sizes)
+    if not 0 <= k <= total:
+        raise ValueError(f"global selection of k={k} entries out of {total}")
+    flat = torch.cat([scores[n].reshape(-1).float() for n in names]) if names else torch.zeros(0)
+    chosen = torch.zeros(total, dtype=torch.bool, device=flat.device)
+    if k:
+        chosen[torch.topk(flat, k, sorted=False).indices] = True
+    return {n: part.view(scores[n].shape) for n, part in zip(names, torch.split(chosen, sizes))}
+
+
+def select_per_block(scores: Mapping[str, torch.Tensor], rate: float) -> dict[str, torch.Tensor]:
+    """Per-block selection: within each group of :func:`block_of`, the floor(rate * n_group) largest scores
+    (PIECE's per-layer variant, SPEC 13.3; the entries outside every block form one more group)."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for name, s in scores.items():
+        groups.setdefault(block_of(name), {})[name] = s
+    out: dict[str, torch.Tensor] = {}
+    for members in groups.values():
+        n = sum(s.numel() for s in members.values())
+        out.update(select_global(members, int(math.floor(rate * n))))
+    return {name: out[name] for name in scores}
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -233,17 +294,19 @@ class SparsityState:
         return GradientPlan(index, scale, self.numel, self.offsets, self.shapes)
 
     def end_task(self, scores: Mapping[str, torch.Tensor], selected: Mapping[str, torch.Tensor],
-                 freeze_quantile: float) -> None:
-        """Grow frozen sets by ``score >= quantile(score, freeze_quantile)`` and add this task's selection
-        to the update counts, for every non-exempt tensor (SPEC 4.7)."""
+                 freeze_quantile: float, freeze: bool = True, count: bool = True) -> None:
+        """Grow frozen sets by ``score >= quantile(score, freeze_quantile)`` (``freeze``) and add this task's
+        selection to the update counts (``count``), for every non-exempt tensor (SPEC 4.7; MIST does both)."""
         for name, s in scores.items():
             if name not in self._frozen_bits:
                 continue
-            frozen = self.frozen_mask(name).to(s.device) | (s >= quantile(s, freeze_quantile))
-            self._frozen_bits[name] = pack_bits(frozen).to(self._frozen_bits[name].device)
-            counts = self._counts[name]
-            self._counts[name] = torch.clamp(counts.to(torch.int16) + selected[name].to(counts.device),
-                                             max=MAX_COUNT).to(torch.uint8)
+            if freeze:
+                frozen = self.frozen_mask(name).to(s.device) | (s >= quantile(s, freeze_quantile))
+                self._frozen_bits[name] = pack_bits(frozen).to(self._frozen_bits[name].device)
+            if count:
+                counts = self._counts[name]
+                self._counts[name] = torch.clamp(counts.to(torch.int16) + selected[name].to(counts.device),
+                                                 max=MAX_COUNT).to(torch.uint8)
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         """Compact state for checkpoints: ``frozen`` (packed uint8 bits) and ``update_count`` (uint8), by name."""
