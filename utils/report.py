@@ -8,7 +8,8 @@ Every ``results.json`` under the given folders (searched recursively; the layout
 ``<output_dir>/<model_name>_<spr>_<dataset>/<timestamp>/seed<seed>/results.json``) is read. A run is
 identified by (learner, method, dataset, seed): the learner is ``config.model_name`` without its ``_mist``
 alias suffix (``ranpac``/``ranpac_mist`` -> RanPAC, ``simplecil``/``simplecil_mist`` -> SimpleCIL), the
-method is ``config.spr`` (``none`` = no tuning phase). Written into DIR:
+method is ``config.spr`` (``none`` = no tuning phase), followed by the composition keys that replace a part
+of the preset, e.g. ``mist (importance="random")``. Written into DIR:
 
 - ``table.md``: one table per metric (rows grouped by learner, one column per data set), each cell
   ``mean ± sample std (n=seeds)``; then the incomplete runs, the duplicate runs that were ignored, the
@@ -44,6 +45,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from utils.config import COMPOSITION_KEYS
 from utils.errors import UserError
 
 RESULTS_NAME = "results.json"
@@ -52,7 +54,8 @@ RESULTS_NAME = "results.json"
 LEARNER_NAMES = {"ranpac": "RanPAC", "simplecil": "SimpleCIL"}
 LEARNER_ORDER = ("ranpac", "simplecil")
 # baseline first, ablations next, the proposed method last (as in the paper's tables)
-METHOD_ORDER = ("none", "rand", "l2", "grad", "run", "cerun", "piece_f", "piece_s", "magnitude_gate", "mist")
+METHOD_ORDER = ("none", "rand", "l2", "grad", "run", "cerun", "ce_finetune", "mist_random", "piece_f", "piece_s",
+                "magnitude_gate", "mist")
 DATASET_ORDER = ("cifar224", "imagenetr", "imageneta", "cub", "omnibenchmark", "vtab", "cars", "fmnist")
 # config keys that do not change the results: runs differing only in these are the "same" experiment
 RUNTIME_KEYS = frozenset({"seed", "device", "num_workers", "progress", "eval_batch_size", "stop_after_task",
@@ -263,6 +266,9 @@ def load_run(path: Path) -> RunRecord:
     method = "none" if method is None else method
     if not isinstance(method, str):
         raise InvalidResults(f"'config.spr' is {method!r}, expected a name")
+    overrides = [f"{key}={json.dumps(cfg[key])}" for key in COMPOSITION_KEYS if cfg.get(key) is not None]
+    if overrides:  # a preset with parts replaced is another method
+        method = f"{method} ({', '.join(overrides)})"
     seed = data.get("seed", cfg.get("seed"))
     if isinstance(seed, list) and len(seed) == 1:
         seed = seed[0]

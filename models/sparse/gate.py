@@ -44,7 +44,8 @@ class GateDecision:
 
 
 def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
-    """cos(a, b) = <a, b> / (|a| |b|) of two flat vectors, in float64; 0.0 when either is all zeros.
+    """cos(a, b) = <a, b> / (|a| |b|) of two flat vectors, in float64, clamped to [-1, 1] (rounding can reach
+    1 + 2e-16); 0.0 when either is all zeros.
 
     Raises:
         ValueError: different sizes.
@@ -53,7 +54,7 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
         raise ValueError(f"gradients of different sizes: {a.numel()} and {b.numel()} entries")
     a64, b64 = a.reshape(-1).double(), b.reshape(-1).double()
     norm = float(a64.norm() * b64.norm())
-    return 0.0 if norm == 0.0 else float(torch.dot(a64, b64)) / norm
+    return 0.0 if norm == 0.0 else min(1.0, max(-1.0, float(torch.dot(a64, b64)) / norm))
 
 
 class MagnitudeGate:
