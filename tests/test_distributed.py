@@ -141,3 +141,26 @@ def test_zero_and_two_workers_give_identical_results(image_folder, tmp_path):
     a, b = results
     assert a["accuracy_matrix"] == b["accuracy_matrix"] and a["top1_curve"] == b["top1_curve"]
     assert [t["tuning"]["epoch_losses"] for t in a["tasks"]] == [t["tuning"]["epoch_losses"] for t in b["tasks"]]
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside this Python")
+@pytest.mark.parametrize("spr", ["piece_f", "magnitude_gate"])
+def test_two_processes_equal_one_process_for_the_ce_presets(image_folder, tmp_path, spr):
+    """The CE loss of the ported methods under torchrun: per-rank shares of the batch's mean, gradients summed,
+    the logged value the whole batch's; the prototype head's class means reduced over the ranks."""
+    config = _tiny_config(image_folder, tmp_path, model_name="simplecil", spr=spr, strict_mask=True,
+                          top_ratio=0.01, gate_threshold=0.0, adam_lr=1e-3)
+    a = json.loads(_run(config, tmp_path / "one", 1).read_text())
+    b = json.loads(_run(config, tmp_path / "two", 2).read_text())
+    assert a["status"] == b["status"] == "complete"
+    for ta, tb in zip(a["tasks"], b["tasks"]):
+        assert ta["tuning"]["selected_fraction"] == tb["tuning"]["selected_fraction"]
+        assert ta["tuning"]["epoch_losses"] == pytest.approx(tb["tuning"]["epoch_losses"], rel=1e-4)
+        if spr == "magnitude_gate":
+            ga, gb = ta["tuning"]["gate"], tb["tuning"]["gate"]
+            assert ga["regime"] == gb["regime"] and ga["budget"] == gb["budget"]
+            assert (ga["similarity"] is None) == (gb["similarity"] is None)
+            if ga["similarity"] is not None:
+                assert ga["similarity"] == pytest.approx(gb["similarity"], abs=1e-4)
+    for ra, rb in zip(a["accuracy_matrix"], b["accuracy_matrix"]):
+        assert ra == pytest.approx(rb, abs=1e-4)

@@ -283,15 +283,17 @@ class SparseTuner:
     def ce_loss(self, head: nn.Module, known: int, x: torch.Tensor, y: torch.Tensor,
                 step: Optional[int] = None) -> torch.Tensor:
         """Cross-entropy of ``head`` (a cosine head over the task's classes) on the backbone features; targets
-        y - known. Under torchrun: this rank's part of the global batch's mean (the gradients are summed over
-        the ranks, so they are the single-process ones)."""
+        y - known. Under torchrun the gradient is this rank's part of the global batch's mean (the gradients are
+        summed over the ranks, so they are the single-process ones) and the value is the whole batch's mean."""
         with autocast(self.device, self.cfg.precision):
             features = self.network.convnet(x).float()
         logits = head(features)
         rows = None if step is None else distributed.step_rows(step, self._n_items, self._batch_size)
         if rows is None:
             return F.cross_entropy(logits, y - known)
-        return F.cross_entropy(logits, y - known, reduction="sum") / rows[1]
+        part = F.cross_entropy(logits, y - known, reduction="sum") / rows[1]
+        whole = distributed.all_reduce_sum_(part.detach().clone())
+        return part + (whole - part.detach())
 
     # ---- the phase ---------------------------------------------------------------------------
     def tune(self, loader, task, head_rows: Optional[torch.Tensor] = None) -> dict[str, Any]:
