@@ -180,3 +180,21 @@ def test_official_ranpac_json_keys_load(tmp_path):
     assert cfg.seed == [1993] and cfg.device == ["0"]
     assert cfg.keep_prob == pytest.approx(0.1)
     assert cfg.min_lr == 0.0
+
+
+def test_the_lower_floor_does_not_import_the_upper_one():
+    """utils/ never imports models/ (checked by importing it alone), and models/sparse/ never imports the
+    learner modules that build it (checked in the source) (issue 6, tidy house)."""
+    import ast
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    code = ("import sys; import utils.config, utils.report, utils.names, utils.metrics; "
+            "bad = [m for m in sys.modules if m == 'models' or m.startswith('models.')]; assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for path in sorted((repo / "models" / "sparse").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert node.module not in ("models", "models.base", "models.ranpac", "models.simplecil"), path.name
