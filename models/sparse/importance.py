@@ -74,13 +74,15 @@ def gradient_moments(network: nn.Module, batches: Iterable, n_batches: int, loss
 
 def fisher(s2: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """PIECE-F (SPEC 13.2): the empirical diagonal Fisher as PIECE computes it, F = S2 = sum_b g_b^2 (a sum,
-    not a mean; the ranking does not depend on the scale). NaN -> 0 (official ``importance`` scripts)."""
+    not a mean; the ranking does not depend on the scale). NaN -> 0. Official: github wanglingxiang0717/PIECE, training/PIECE/param_protection/
+    process_mask_file.py (gradient hooks accumulate the squares, ``nan_to_num``)."""
     return {name: torch.nan_to_num(v, nan=0.0) for name, v in s2.items()}
 
 
 def second_order(s1: dict[str, torch.Tensor], s2: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """PIECE-S (SPEC 13.2): s = |S1| / sqrt(S2 + 1) with sums over the batches (not means, so the weight of
-    the +1 depends on the number of batches and the gradient scale, as in the official code). NaN -> 0."""
+    the +1 depends on the number of batches and the gradient scale, as in the official code). NaN -> 0.
+    Official: github wanglingxiang0717/PIECE, training/PIECE/param_protection/get_parameters_import_files.py (the active one of four commented variants)."""
     return {name: torch.nan_to_num(s1[name].abs() / torch.sqrt(s2[name] + 1.0), nan=0.0) for name in s1}
 
 

@@ -75,7 +75,8 @@ def select_top(scores: torch.Tensor, rate: float) -> torch.Tensor:
 
 
 #: parameter-name parts of input embeddings, never selected by the ported PIECE (SPEC 13.2, 13.7: the analogue of
-#: an LLM's input embedding): ViT patch/position embeddings, class and register tokens; a timm CNN's stem conv
+#: an LLM's input embedding, which PIECE skips by ``"embed" in name`` in param_protection/extract_and_save_new.py
+#: and freezes in training/main.py): ViT patch/position embeddings, class and register tokens; a CNN's stem conv
 EMBEDDING_PARTS = ("patch_embed", "pos_embed", "cls_token", "reg_token", "conv_stem")
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 
@@ -97,7 +98,8 @@ def select_global(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch
 
     The scores are flattened and concatenated in the mapping's order and ``torch.topk`` picks k positions
     (ties broken by topk, so exactly k entries are selected); the official code stores per-tensor index
-    lists from the same topk.
+    lists from the same topk (github wanglingxiang0717/PIECE, training/PIECE/param_protection/
+    extract_and_save_new.py, ``topk_threshold_indices`` and ``unravel_indices``).
 
     Args:
         scores: name -> float scores (any shapes, one device); the candidates only.
@@ -123,7 +125,9 @@ def select_global(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch
 
 def select_per_block(scores: Mapping[str, torch.Tensor], rate: float) -> dict[str, torch.Tensor]:
     """Per-block selection: within each group of :func:`block_of`, the floor(rate * n_group) largest scores
-    (PIECE's per-layer variant, SPEC 13.3; the entries outside every block form one more group)."""
+    (PIECE's per-layer variant ``generation_mask_file_layer`` in training/PIECE/param_protection/
+    extract_and_save_new.py, not wired into its pipeline, SPEC 13.3; entries outside every block form one
+    more group)."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for name, s in scores.items():
         groups.setdefault(block_of(name), {})[name] = s

@@ -59,7 +59,8 @@ class SGDSettings:
 
 @dataclass(frozen=True)
 class AdamSettings:
-    """PIECE's optimizer (SPEC 13.4-13.5): Adam, betas (0.9, 0.95), weight decay 0, constant learning rate.
+    """PIECE's optimizer (SPEC 13.4-13.5): Adam, betas (0.9, 0.95), weight decay 0, constant learning rate
+    (github wanglingxiang0717/PIECE, training/PIECE/training/main.py and the scripts' ``--weight_decay 0.0``).
 
     With weight decay 0, an entry whose gradient is always zero keeps zero moments and never moves.
     """
@@ -398,8 +399,9 @@ class SparseTuner:
         floor(budget * backbone entries) scores over the candidate tensors (PIECE counts every entry of the
         model in N and zeroes the embedding scores, SPEC 13.3). ``per_block``: see ``select_per_block``.
         For ``global``/``per_block``, a candidate tensor with no selected entry is fully trainable unless
-        ``strict_mask`` (PIECE's hook with no index file, SPEC 13.4); the projection head is always trainable.
-        Excluded embeddings are never selected (SPEC 13.7).
+        ``strict_mask`` (PIECE's gradient hook uses ``torch.ones_like(grad)`` when the tensor has no index file:
+        github wanglingxiang0717/PIECE, training/PIECE/training/train_base_model.py; SPEC 13.4); the projection
+        head is always trainable. Excluded embeddings are never selected (SPEC 13.7).
         """
         r = self.recipe
         candidates = self._candidates()
