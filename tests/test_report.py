@@ -257,3 +257,25 @@ def test_report_on_real_tiny_runs(make_config, image_folder, tmp_path):
     for name in ("curves_cub.png", "matrix_simplecil_none_cub.png"):
         with Image.open(out / name) as img:
             assert img.format == "PNG"
+
+
+def test_composed_and_reparametrised_presets_are_separate_methods(tmp_path):
+    """A preset with a replaced part, or with one of its own keys off its default, is another row, never a
+    duplicate of the preset's runs."""
+    runs = tmp_path / "runs"
+    write_run(runs, "ranpac", "magnitude_gate", "fmnist", 1, avg=70.0)
+    for path, extra in ((write_run(runs, "ranpac", "magnitude_gate", "fmnist", 1, "20260101-130000", avg=60.0),
+                         {"gate_threshold": 0.05, "gate_budget_small": 0.001}),
+                        (write_run(runs, "ranpac", "mist", "fmnist", 1, avg=50.0), {"importance": "random"}),
+                        (write_run(runs, "ranpac", "mist", "fmnist", 1, "20260101-130000", avg=40.0),
+                         {"importance": None, "top_ratio": 0.5})):
+        data = json.loads(path.read_text())
+        data["config"].update(extra)
+        path.write_text(json.dumps(data))
+    col = report.collect([runs])
+    cells = {(l, m): c for (l, m, d), c in col.cells.items()}
+    assert set(m for _, m in cells) == {"magnitude_gate", "magnitude_gate (gate_threshold=0.05)",
+                                        'mist (importance="random")', "mist"}
+    assert cells[("ranpac", "magnitude_gate")].values("average_accuracy")[1] == [70.0]
+    assert cells[("ranpac", "magnitude_gate (gate_threshold=0.05)")].values("average_accuracy")[1] == [60.0]
+    assert cells[("ranpac", "mist")].values("average_accuracy")[1] == [40.0]  # top_ratio is not MIST's key

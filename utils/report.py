@@ -9,7 +9,8 @@ Every ``results.json`` under the given folders (searched recursively; the layout
 identified by (learner, method, dataset, seed): the learner is ``config.model_name`` without its ``_mist``
 alias suffix (``ranpac``/``ranpac_mist`` -> RanPAC, ``simplecil``/``simplecil_mist`` -> SimpleCIL), the
 method is ``config.spr`` (``none`` = no tuning phase), followed by the composition keys that replace a part
-of the preset, e.g. ``mist (importance="random")``. Written into DIR:
+of the preset and the preset's own keys set to a non-default value, e.g. ``mist (importance="random")``,
+``magnitude_gate (gate_threshold=0.05)``. Written into DIR:
 
 - ``table.md``: one table per metric (rows grouped by learner, one column per data set), each cell
   ``mean ± sample std (n=seeds)``; then the incomplete runs, the duplicate runs that were ignored, the
@@ -45,7 +46,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from utils.config import COMPOSITION_KEYS
+from utils.config import COMPOSITION_KEYS, FIELDS
 from utils.errors import UserError
 
 RESULTS_NAME = "results.json"
@@ -57,6 +58,11 @@ LEARNER_ORDER = ("ranpac", "simplecil")
 METHOD_ORDER = ("none", "rand", "l2", "grad", "run", "cerun", "ce_finetune", "mist_random", "piece_f", "piece_s",
                 "magnitude_gate", "mist")
 DATASET_ORDER = ("cifar224", "imagenetr", "imageneta", "cub", "omnibenchmark", "vtab", "cars", "fmnist")
+# keys of one preset's own parameters: a run that sets one to a non-default value is another method, named with it
+_PIECE, _GATE = ("piece_f", "piece_s"), ("magnitude_gate",)
+PRESET_KEYS = {"top_ratio": _PIECE, "strict_mask": _PIECE + _GATE, "adam_lr": _PIECE + _GATE,
+               "adam_head_lr": _PIECE + _GATE, "gate_threshold": _GATE, "gate_budget_large": _GATE,
+               "gate_budget_small": _GATE, "gate_memory": _GATE, "gate_ema": _GATE}
 # config keys that do not change the results: runs differing only in these are the "same" experiment
 RUNTIME_KEYS = frozenset({"seed", "device", "num_workers", "progress", "eval_batch_size", "stop_after_task",
                           "verify_images", "data_root", "download", "config", "check_replicas", "prefix",
@@ -267,6 +273,8 @@ def load_run(path: Path) -> RunRecord:
     if not isinstance(method, str):
         raise InvalidResults(f"'config.spr' is {method!r}, expected a name")
     overrides = [f"{key}={json.dumps(cfg[key])}" for key in COMPOSITION_KEYS if cfg.get(key) is not None]
+    overrides += [f"{key}={json.dumps(cfg[key])}" for key, presets in PRESET_KEYS.items()
+                  if method in presets and key in cfg and cfg[key] != FIELDS[key].default]
     if overrides:  # a preset with parts replaced is another method
         method = f"{method} ({', '.join(overrides)})"
     seed = data.get("seed", cfg.get("seed"))
