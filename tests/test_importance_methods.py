@@ -291,3 +291,27 @@ def test_new_presets_run_end_to_end(images, tmp_path, learner, spr):
     for task in results["tasks"]:
         assert task["tuning"]["method"] == spr and task["tuning"]["steps"] > 0
         assert 0 < task["tuning"]["selected_fraction"] <= 1
+
+
+def test_comparison_runner_jobs_and_configs():
+    """exps/importance: the 14 demo configs cover every method for both learners; --base expands each base
+    config into one run per method, dense fine-tuning with ablation_epochs = mi_epochs - 1."""
+    import importlib.util
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("importance_run", repo / "exps" / "importance" / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    configs = sorted((repo / "exps" / "importance").glob("*.json"))
+    seen = set()
+    for path in configs:
+        cfg = load_config(str(path), [])
+        seen.add((cfg.model_name, cfg.spr))
+        assert cfg.seed == [1993, 1994, 1995] and cfg.dataset == "fmnist"
+        if cfg.spr == "ce_finetune":
+            assert cfg.ablation_epochs == cfg.mi_epochs - 1
+    assert seen == {(l, m) for l in ("ranpac", "simplecil") for m in run.METHODS}
+    base = repo / "exps" / "ranpac" / "cub.json"
+    jobs = run.jobs([], [base], ["mist", "ce_finetune"])
+    assert [extra for _, _, extra in jobs] == [["spr=mist"], ["spr=ce_finetune", "ablation_epochs=19"]]
+    assert run.main(["--base", str(repo / "exps" / "nowhere.json")]) == 2
