@@ -279,3 +279,22 @@ def test_composed_and_reparametrised_presets_are_separate_methods(tmp_path):
     assert cells[("ranpac", "magnitude_gate")].values("average_accuracy")[1] == [70.0]
     assert cells[("ranpac", "magnitude_gate (gate_threshold=0.05)")].values("average_accuracy")[1] == [60.0]
     assert cells[("ranpac", "mist")].values("average_accuracy")[1] == [40.0]  # top_ratio is not MIST's key
+
+
+def test_paired_differences_from_no_tuning_use_the_common_seeds(tmp_path):
+    runs = tmp_path / "runs"
+    for seed, base, mist in ((1, 80.0, 82.0), (2, 70.0, 69.0), (3, 75.0, None)):
+        write_run(runs, "ranpac", "none", "fmnist", seed, avg=base)
+        if mist is not None:
+            write_run(runs, "ranpac", "mist", "fmnist", seed, avg=mist)
+    write_run(runs, "ranpac", "mist", "fmnist", 4, avg=90.0)  # no baseline for seed 4: not paired
+    col = report.collect([runs])
+    seeds, diffs = report.paired_differences(col, "ranpac", "mist", "fmnist", "average_accuracy")
+    assert seeds == [1, 2] and diffs == [2.0, -1.0]
+    lines = report.paired_table(col)
+    (row,) = [ln for ln in lines if ln.startswith("| RanPAC / mist")]
+    assert f"+0.50 ± {statistics.stdev([2.0, -1.0]):.2f} (n=2, 1 > 0)" in row
+    assert report.paired_differences(col, "ranpac", "none", "fmnist", "average_accuracy") == ([], [])
+    out = tmp_path / "report"
+    assert report.main([str(runs), "--out", str(out)]) == 0
+    assert "## Paired differences from no tuning phase" in (out / "table.md").read_text()

@@ -13,7 +13,8 @@ of the preset and the preset's own keys set to a non-default value, e.g. ``mist 
 ``magnitude_gate (gate_threshold=0.05)``. Written into DIR:
 
 - ``table.md``: one table per metric (rows grouped by learner, one column per data set), each cell
-  ``mean ± sample std (n=seeds)``; then the incomplete runs, the duplicate runs that were ignored, the
+  ``mean ± sample std (n=seeds)``; the paired differences of each method from the same learner's ``none``
+  runs (per seed, so the same class order: Ā, A_B, forgetting); then the incomplete runs, the duplicate runs that were ignored, the
   files that could not be read, the runs used, and the plots.
 - ``table.csv``: long format, one row per (learner, method, dataset, metric) with mean, std, n, the seeds
   and their values, and the number of seeds that have only incomplete runs.
@@ -459,6 +460,51 @@ def metric_table(col: Collection, metric: Metric) -> list[str]:
     return lines
 
 
+PAIRED_METRICS = ("average_accuracy", "last_accuracy", "forgetting")
+BASELINE = "none"
+
+
+def paired_differences(col: Collection, learner: str, method: str, dataset: str, metric: str
+                       ) -> tuple[list[int], list[float]]:
+    """(seeds, method - baseline) over the seeds where both the method and the learner's ``none`` run completed.
+
+    Runs of one seed share the class order, so the per-seed difference removes the spread that the class order
+    alone causes (on small data it dominates the seed standard deviation)."""
+    base = col.cells.get((learner, BASELINE, dataset))
+    cell = col.cells.get((learner, method, dataset))
+    if base is None or cell is None or method == BASELINE:
+        return [], []
+    b = dict(zip(*base.values(metric)))
+    pairs = [(seed, v - b[seed]) for seed, v in zip(*cell.values(metric)) if seed in b]
+    return [s for s, _ in pairs], [d for _, d in pairs]
+
+
+def paired_table(col: Collection) -> list[str]:
+    """Markdown lines: per learner, method and data set, the mean ± std over seeds of (method - none) for
+    Ā, A_B and forgetting, with the number of paired seeds and how many differences are positive."""
+    titles = {m.key: m.title.split(" (")[0] for m in METRICS}
+    lines = ["| Learner / method | Dataset | " + " | ".join(f"Δ {titles[m]}" for m in PAIRED_METRICS) + " |",
+             "|---|---|" + "---:|" * len(PAIRED_METRICS)]
+    rows = 0
+    for learner in col.learners:
+        for method in col.methods(learner):
+            for dataset in col.datasets:
+                cells = []
+                for metric in PAIRED_METRICS:
+                    _, diffs = paired_differences(col, learner, method, dataset, metric)
+                    mean, std, n = mean_std(diffs)
+                    if mean is None:
+                        cells.append("-")
+                        continue
+                    text = f"{mean:+.2f}" + (f" ± {std:.2f}" if std is not None else "")
+                    cells.append(f"{text} (n={n}, {sum(d > 0 for d in diffs)} > 0)")
+                if any(c != "-" for c in cells):
+                    rows += 1
+                    lines.append(f"| {_md(learner_title(learner))} / {_md(method)} | {_md(dataset)} | "
+                                 + " | ".join(cells) + " |")
+    return lines if rows else []
+
+
 def markdown(col: Collection, plots: Sequence[Path], command: str = "") -> str:
     """The whole table.md: metric tables with footnotes, then incomplete, duplicate, skipped and used runs, plots."""
     n_used = sum(len(c.runs) for c in col.cells.values())
@@ -474,6 +520,9 @@ def markdown(col: Collection, plots: Sequence[Path], command: str = "") -> str:
                 "[Skipped files](#skipped-files).", ""]
     for metric in METRICS:
         out += [f"## {metric.title}", ""] + metric_table(col, metric) + [""]
+    paired = paired_table(col)
+    if paired:
+        out += ["## Paired differences from no tuning phase (same seed = same class order)", ""] + paired + [""]
     out += ["Notes:", "",
             "- Each cell: mean ± sample standard deviation (ddof=1) over seeds; n = number of seeds with a complete "
             "run; n=1 shows no ±. Only runs with status `complete` are averaged.",
@@ -487,6 +536,9 @@ def markdown(col: Collection, plots: Sequence[Path], command: str = "") -> str:
             "`updated_fraction_per_step` / `selected_fraction`, in % of the backbone's entries "
             "(`-`: no tuning phase, or the method reports no selection).",
             "- Wall time: sum over tasks of each task's `seconds` (learning and evaluation).",
+            "- Paired differences: for each seed where both ran, the method's value minus the same learner's `none` "
+            "run (same class order); mean ± sample std over those seeds, and how many differences are > 0. A "
+            "difference whose ± spans 0 is inside the seed spread.",
             "- Several runs of the same learner, method, data set and seed: the newest complete one is used "
             "(see [Duplicate runs](#duplicate-runs)).", ""]
     mixed = [(k, config_differences(c.runs)) for k, c in col.cells.items()]
