@@ -213,6 +213,8 @@ def test_every_preset_resolves_and_the_lists_agree():
     assert (piece.importance, piece.scope, piece.budget, piece.optimizer, piece.loss) == \
         ("second_order", "global", 0.001, "adam", "ce")
     assert not (piece.drop or piece.overlap or piece.freeze) and piece.exclude_embeddings
+    assert not piece.strict_mask and resolve_recipe(make_cfg("spr=piece_f", "strict_mask=true")).strict_mask
+    assert resolve_recipe(make_cfg("spr=magnitude_gate")).strict_mask  # else a small budget trains more
     mist = resolve_recipe(make_cfg("importance=fisher", "gradient_drop=false", "budget=0.2"))
     assert (mist.importance, mist.drop, mist.budget, mist.overlap) == ("fisher", False, 0.2, True)
 

@@ -156,8 +156,9 @@ class ExperimentConfig:
         None, "Keep patch/position embeddings, class token and CNN stem out of selection and frozen; null = preset's."
     )
     top_ratio: float = _f(0.001, "PIECE: global fraction of backbone entries selected per task (SPEC 13.3).", gt=0, le=1)
-    strict_mask: bool = _f(
-        False, "PIECE: a tensor with no selected entry stays frozen (official PIECE: it stays fully trainable, SPEC 13.4)."
+    strict_mask: Optional[bool] = _f(
+        None, "A tensor with no selected entry stays frozen (true) or fully trainable (false: official PIECE, SPEC "
+        "13.4); null = the preset's (piece_f/piece_s false, magnitude_gate true).",
     )
     adam_lr: float = _f(1e-5, "Adam tuning optimizer: backbone learning rate (PIECE's 1e-5, SPEC 13.5).", gt=0)
     adam_head_lr: float = _f(1e-3, "Adam tuning optimizer: learning rate of the CE head and projection head.", gt=0)
@@ -464,7 +465,7 @@ def _validate(cfg: ExperimentConfig, origin: Callable[[str], str]) -> None:
 
 #: keys that override a part of the spr preset (null = the preset's value)
 COMPOSITION_KEYS = ("importance", "scoring_loss", "selection_scope", "budget", "tuning_optimizer", "gradient_drop",
-                    "overlap_penalty", "freeze_rule", "exclude_embeddings")
+                    "overlap_penalty", "freeze_rule", "exclude_embeddings", "strict_mask")
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -61,7 +61,7 @@ METHOD_ORDER = ("none", "rand", "l2", "grad", "run", "cerun", "ce_finetune", "mi
 DATASET_ORDER = ("cifar224", "imagenetr", "imageneta", "cub", "omnibenchmark", "vtab", "cars", "fmnist")
 # keys of one preset's own parameters: a run that sets one to a non-default value is another method, named with it
 _PIECE, _GATE = ("piece_f", "piece_s"), ("magnitude_gate",)
-PRESET_KEYS = {"top_ratio": _PIECE, "strict_mask": _PIECE + _GATE, "adam_lr": _PIECE + _GATE,
+PRESET_KEYS = {"top_ratio": _PIECE, "adam_lr": _PIECE + _GATE,
                "adam_head_lr": _PIECE + _GATE, "gate_threshold": _GATE, "gate_budget_large": _GATE,
                "gate_budget_small": _GATE, "gate_memory": _GATE, "gate_ema": _GATE}
 # config keys that do not change the results: runs differing only in these are the "same" experiment
