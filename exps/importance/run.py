@@ -3,7 +3,12 @@
 Default: every ``exps/importance/*.json`` (Fashion-MNIST + EfficientNet-Lite0, both learners; no tuning,
 MIST, PIECE-F, PIECE-S, update-magnitude control, MIST with random scores, dense CE fine-tuning; 3 seeds
 each), one ``main.py`` process per config, one after another, then ``python -m utils.report`` on the
-output folder. About 50-60 minutes on 2 CPU cores.
+output folder. About 35 minutes on 2 CPU cores (docs/comparison.md).
+
+``*_magnitude_gate_tau0.032.json``: the gate with ``gate_threshold`` 0.032, the median of the cosine
+similarities of tasks 1-4 in a calibration run on seed 7 (not one of the reported seeds):
+``python main.py --config exps/importance/fmnist_ranpac_magnitude_gate.json --set 'seed=[7]'`` gave
+0.0891, -0.0242, 0.3117, -0.1660 (every task "initialized" at the default 0.5).
 
     python exps/importance/run.py [--out runs/importance] [--set KEY=VALUE ...]
 
