@@ -629,7 +629,9 @@ def _figure(width: float, height: float):
 
 
 def plot_curves(col: Collection, out_dir: Path) -> list[Path]:
-    """Write ``curves_<dataset>.png`` per data set: mean top-1 curve over seeds per learner/method, ± std band.
+    """Write ``curves_<dataset>.png`` per data set: one panel per learner (shared y axis), the mean top-1 curve
+    over seeds per method (one colour per method in every panel), a light ± std band, the legend under each
+    panel.
 
     Reads the complete runs' ``top1_curve``; returns the files written.
     """
@@ -637,13 +639,17 @@ def plot_curves(col: Collection, out_dir: Path) -> list[Path]:
 
     colours = matplotlib.colormaps["tab10"]
     all_methods = _ordered({k[1] for k in col.cells}, METHOD_ORDER)
-    styles, markers = ["-", "--", ":", "-."], ["o", "s", "^", "D"]  # per learner; colour per method
+    markers = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
     written = []
     for dataset in col.datasets:
-        fig = _figure(7.0, 4.5)
-        ax = fig.add_subplot()
-        plotted = 0
-        for li, learner in enumerate(col.learners):
+        learners = [l for l in col.learners if any(col.cells.get((l, m, dataset)) and col.cells[(l, m, dataset)].runs
+                                                   for m in col.methods(l))]
+        if not learners:
+            continue
+        n_lines = max(len(col.methods(l)) for l in learners)
+        fig = _figure(5.2 * len(learners), 4.2 + 0.22 * ((n_lines + 1) // 2))
+        axes = fig.subplots(1, len(learners), sharey=True, squeeze=False)[0]
+        for ax, learner in zip(axes, learners):
             for method in col.methods(learner):
                 cell = col.cells.get((learner, method, dataset))
                 if cell is None or not cell.runs:
@@ -651,22 +657,21 @@ def plot_curves(col: Collection, out_dir: Path) -> list[Path]:
                 width = max(len(r.top1_curve) for r in cell.runs)
                 mean, std = _nan_mean_std(_padded([r.top1_curve for r in cell.runs], width))
                 x = np.arange(1, width + 1)
-                colour = colours(all_methods.index(method) % 10)
-                ax.plot(x, mean, linestyle=styles[li % 4], color=colour, marker=markers[li % 4], markersize=3.5,
-                        label=f"{learner_title(learner)} / {method} (n={len(cell.runs)})")
+                k = all_methods.index(method)
+                colour = colours(k % 10)
+                ax.plot(x, mean, color=colour, marker=markers[k % len(markers)], markersize=3.5,
+                        linestyle="-" if k < 10 else "--", label=f"{method} (n={len(cell.runs)})")
                 if len(cell.runs) > 1:
                     band = np.nan_to_num(std)
                     ax.fill_between(x, np.clip(mean - band, 0, 100), np.clip(mean + band, 0, 100), color=colour,
-                                    alpha=0.18, linewidth=0)
-                plotted += 1
-        if not plotted:
-            continue
-        ax.set_title(f"{dataset}: top-1 accuracy after each task (mean ± std over seeds)", fontsize=10)
-        ax.set_xlabel("task")
-        ax.set_ylabel("top-1 accuracy on all seen classes (%)")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
+                                    alpha=0.07, linewidth=0)
+            ax.set_title(f"{learner_title(learner)}", fontsize=10)
+            ax.set_xlabel("task")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+        axes[0].set_ylabel("top-1 accuracy on all seen classes (%)")
+        fig.suptitle(f"{dataset}: top-1 accuracy after each task (mean, band ± std over seeds)", fontsize=10)
         fig.tight_layout()
         path = out_dir / f"curves_{safe_name(dataset)}.png"
         fig.savefig(path)
