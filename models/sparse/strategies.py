@@ -122,7 +122,6 @@ class SparseTuner:
                  recipe: Optional[Recipe] = None) -> None:
         self.cfg, self.device, self.sgd, self.seed = cfg, device, sgd, seed
         self.recipe = recipe or resolve_recipe(cfg)
-        self.policy = self.recipe.preset
         self._n_items, self._batch_size = 0, 1  # the current task's loader (set by tune)
         self.network = TunedNetwork(backbone, freeze_bn_stats=cfg.freeze_bn_stats).to(device)
         self.state = SparsityState(self.network.named_parameters(), cfg.exempt_rule)
@@ -143,6 +142,11 @@ class SparseTuner:
         # the flat gradient layout is the network's parameter order: backbone first, then the projection head
         if list(self.state.shapes)[: len(self.backbone_names)] != self.backbone_names:
             raise RuntimeError("the projection head's parameters must follow the backbone's in the network")
+
+    @property
+    def policy(self) -> str:
+        """The ``spr`` preset this tuner runs (the report's ``method``)."""
+        return self.recipe.preset
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs besides the backbone: projection head, sparsity state, random streams, the CE
@@ -286,15 +290,24 @@ class SparseTuner:
         """Cross-entropy of ``head`` (a cosine head over the task's classes) on the backbone features; targets
         y - known. Under torchrun the gradient is this rank's part of the global batch's mean (the gradients are
         summed over the ranks, so they are the single-process ones) and the value is the whole batch's mean."""
-        with autocast(self.device, self.cfg.precision):
-            features = self.network.convnet(x).float()
-        logits = head(features)
-        rows = None if step is None else distributed.step_rows(step, self._n_items, self._batch_size)
-        if rows is None:
-            return F.cross_entropy(logits, y - known)
-        part = F.cross_entropy(logits, y - known, reduction="sum") / rows[1]
+        _, part, sharded = self._ce(head, x, y - known, step)
+        if not sharded:
+            return part
         whole = distributed.all_reduce_sum_(part.detach().clone())
         return part + (whole - part.detach())
+
+    def _ce(self, head: nn.Module, x: torch.Tensor, targets: torch.Tensor, step: Optional[int],
+            columns: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Logits ``head(backbone(x))[:, columns]`` (B, C) and their cross-entropy with ``targets`` (B,) int64: the
+        batch mean, or under torchrun (``step`` given) this rank's part of the global batch's mean (sum / global
+        batch size). Returns (logits, loss, True if the loss is a rank's part)."""
+        with autocast(self.device, self.cfg.precision):
+            features = self.network.convnet(x).float()
+        logits = head(features)[:, columns]
+        rows = None if step is None else distributed.step_rows(step, self._n_items, self._batch_size)
+        if rows is None:
+            return logits, F.cross_entropy(logits, targets), False
+        return logits, F.cross_entropy(logits, targets, reduction="sum") / rows[1], True
 
     # ---- the phase ---------------------------------------------------------------------------
     def tune(self, loader, task, head_rows: Optional[torch.Tensor] = None) -> dict[str, Any]:
@@ -591,17 +604,11 @@ class SparseTuner:
                                                   desc=f"{self.policy} epoch {epoch}/{epochs}", leave=False,
                                                   disable=not cfg.progress)):
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True) - task.known
-                with autocast(self.device, self.cfg.precision):
-                    features = self.network.convnet(x).float()
-                logits = head(features)[:, new]
-                rows = distributed.step_rows(step, self._n_items, self._batch_size)
-                if rows is None:
-                    loss = F.cross_entropy(logits, y)
-                else:  # torchrun: this rank's part of the global batch's mean; gradients summed over ranks
-                    loss = F.cross_entropy(logits, y, reduction="sum") / rows[1]
+                # torchrun: this rank's part of the global batch's mean; gradients summed over ranks below
+                logits, loss, sharded = self._ce(head, x, y, step, new)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if rows is not None:
+                if sharded:
                     for p in params.values():
                         if p.grad is not None:
                             distributed.all_reduce_sum_(p.grad)
