@@ -1,15 +1,25 @@
-"""The ``spr`` presets behave exactly as before the tuning phase became a composition (issue 6, item 1).
+"""Every ``spr`` preset (and no tuning phase) behaves exactly as when it was pinned.
 
-``tests/golden/presets.json`` was written by ``python tests/test_presets_unchanged.py --write`` at commit
-0b0f7f5, before the refactor: for every official ``spr`` value (and ``ce_finetune``) on both learners, a
-tiny 2-task run (tiny random ViT, 6 colour classes, 2 epochs per tuning phase, official momentum and
-weight decay, the random drop on). Each entry holds the top-1/top-5 curves, the tuning reports (wall times
-left out) and a SHA-256 per tensor of what the checkpoint keeps: backbone weights, projection head,
-frozen sets and update counts, and the classifier.
+``tests/golden/presets.json`` holds, for every case, a tiny 2-task run (tiny random ViT, 6 colour classes, 2 epochs
+per tuning phase, official momentum and weight decay, the random drop on) summarised as: the top-1/top-5 curves,
+the tuning reports (wall times left out), the SHA-256 of every integer tensor of the checkpoint (frozen sets and
+update counts) and the float64 sum and norm of every float tensor (backbone, projection head, classifier).
 
-Masks, counts, accuracies and reports must match exactly. Weights must match bit for bit on the platform
-the file was written on (same torch version and CPU capability); elsewhere, float kernels may differ in
-the last bits, so the weights are compared through their float64 sums and norms (relative 1e-5) instead.
+The official presets and ``ce_finetune`` were pinned at commit 0b0f7f5, before the tuning phase became a
+composition (issue 6); ``none``, ``piece_f``, ``piece_s``, ``magnitude_gate`` and ``mist_random`` at 4ad82a4,
+before the registries, the tuning loop and the learner hooks (issue 12).
+
+Float kernels differ in their last bits between CPU capabilities (AVX2, AVX512) and torch builds, so
+``exact`` holds one pin per platform: on a pinned platform the tuning reports and a SHA-256 of every tensor must
+match bit for bit. On another platform, curves and integer tensors must still match exactly, the reports'
+numbers to a relative 1e-4 (a gradient entry that rounds to exactly zero on one platform moves an
+updated fraction by 1 entry in 32,224), and the float tensors through their sums and norms (to 1e-5 of the norm), except
+RanPAC's ridge head ``W_o``: on 12 rows of a random tiny ViT the hold-out losses of several ridge values are
+within rounding of each other, so the chosen lambda (and W_o) may differ between platforms while the
+accuracies do not.
+
+``python tests/test_presets_unchanged.py --write`` pins the cases missing from the file (all platforms) and
+``--platform`` adds this platform's exact pin of every case already there.
 """
 
 from __future__ import annotations
@@ -32,9 +42,11 @@ from utils.config import load_config  # noqa: E402
 from test_sparse_tuning import tiny_overrides, write_image_folder  # noqa: E402
 
 GOLDEN = HERE / "golden" / "presets.json"
-CASES = [(learner, spr) for learner in ("ranpac", "simplecil")
-         for spr in ("mist", "rand", "l2", "grad", "run", "cerun", "ce_finetune")]
+PRESETS = ("none", "mist", "rand", "l2", "grad", "run", "cerun", "ce_finetune", "piece_f", "piece_s",
+           "magnitude_gate", "mist_random")
+CASES = [(learner, spr) for learner in ("ranpac", "simplecil") for spr in PRESETS]
 WALL = ("wall_time_s", "seconds", "time_s")
+PLATFORM_DEPENDENT = ("head.W_o",)  # see the module docstring
 
 
 def platform() -> str:
@@ -83,6 +95,17 @@ def digest(root: Path, out: Path, learner: str, spr: str) -> dict:
     }
 
 
+def _approx(got, want):
+    """``want`` with every float replaced by pytest.approx (relative 1e-4), recursively."""
+    if isinstance(want, float):
+        return pytest.approx(want, rel=1e-4, abs=1e-7)
+    if isinstance(want, dict) and isinstance(got, dict):
+        return {k: _approx(got.get(k), v) for k, v in want.items()}
+    if isinstance(want, list) and isinstance(got, list) and len(got) == len(want):
+        return [_approx(g, w) for g, w in zip(got, want)]
+    return want
+
+
 @pytest.fixture(scope="module")
 def image_root(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("presets_images"))
@@ -93,33 +116,53 @@ def golden() -> dict:
     return json.loads(GOLDEN.read_text())
 
 
+def test_every_case_is_pinned(golden):
+    assert sorted(golden["cases"]) == sorted(f"{learner}/{spr}" for learner, spr in CASES)
+    for pins in golden["exact"].values():
+        assert set(pins) <= set(golden["cases"])
+
+
 @pytest.mark.parametrize("learner,spr", CASES)
-def test_preset_matches_the_run_before_the_refactor(image_root, tmp_path, golden, learner, spr):
-    want = golden["cases"][f"{learner}/{spr}"]
+def test_preset_matches_its_pinned_run(image_root, tmp_path, golden, learner, spr):
+    case = f"{learner}/{spr}"
+    want = golden["cases"][case]
     got = digest(image_root, tmp_path, learner, spr)
     assert got["top1"] == want["top1"] and got["top5"] == want["top5"]
-    assert got["tuning"] == want["tuning"]
     assert got["masks"] == want["masks"]
-    assert sorted(got["sha"]) == sorted(want["sha"])
-    if golden["platform"] == platform():
-        assert got["sha"] == want["sha"]
-    else:
-        for name, (s, n) in want["sums"].items():
-            assert got["sums"][name] == pytest.approx([s, n], rel=1e-5, abs=1e-7), name
+    assert sorted(got["sha"]) == sorted([*want["sums"], *want["masks"]])
+    exact = golden["exact"].get(platform(), {}).get(case)
+    if exact is not None:
+        assert got["tuning"] == exact["tuning"]
+        assert got["sha"] == exact["sha"]
+        return
+    assert got["tuning"] == _approx(got["tuning"], want["tuning"])
+    for name, (s, n) in want["sums"].items():
+        if name in PLATFORM_DEPENDENT:
+            continue
+        tol = 1e-5 * max(n, 1e-3)
+        assert got["sums"][name][0] == pytest.approx(s, abs=tol), name
+        assert got["sums"][name][1] == pytest.approx(n, rel=1e-5, abs=1e-7), name
 
 
 def main() -> None:
     import tempfile
 
-    if "--write" not in sys.argv:
-        raise SystemExit("usage: python tests/test_presets_unchanged.py --write  (rewrites tests/golden/presets.json)")
+    if not {"--write", "--platform"} & set(sys.argv):
+        raise SystemExit("usage: python tests/test_presets_unchanged.py --write | --platform  (see the docstring)")
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
+    data = json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {"cases": {}, "exact": {}}
+    todo = [(l, s) for l, s in CASES if "--platform" in sys.argv or f"{l}/{s}" not in data["cases"]]
     with tempfile.TemporaryDirectory() as tmp:
         root = write_image_folder(Path(tmp) / "images")
-        cases = {f"{l}/{s}": digest(root, Path(tmp) / f"{l}_{s}", l, s) for l, s in CASES}
-    GOLDEN.write_text(json.dumps({"platform": platform(), "cases": cases}, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {GOLDEN} ({len(cases)} cases, {platform()})")
+        for learner, spr in todo:
+            case = f"{learner}/{spr}"
+            got = digest(root, Path(tmp) / f"{learner}_{spr}", learner, spr)
+            if case not in data["cases"]:
+                data["cases"][case] = {k: got[k] for k in ("top1", "top5", "tuning", "masks", "sums")}
+            data["exact"].setdefault(platform(), {})[case] = {"tuning": got["tuning"], "sha": got["sha"]}
+    GOLDEN.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    print(f"pinned {len(todo)} case(s) in {GOLDEN} ({platform()})")
 
 
 if __name__ == "__main__":
