@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from backbones import backbone_mean_std, build_backbone
+from backbones import backbone_mean_std
 from models import build_learner
 from models.base import TaskData
 from utils import distributed
@@ -233,9 +233,7 @@ def run_seed(cfg: ExperimentConfig, seed: int, out: Path, resume: bool = False) 
         write(out / "results.json", results)
         data = _data_manager(cfg, seed)
         seed_torch(seed if cfg.seed_torch_with_seed else OFFICIAL_TORCH_SEED, cfg.allow_tf32, cfg.deterministic)
-        backbone = build_backbone(cfg.convnet_type, cfg.pretrained, cfg.weights_path, cfg.input_size,
-                                  **cfg.backbone_kwargs)
-        learner = build_learner(cfg, backbone, device, seed)
+        learner = build_learner(cfg, device, seed)
         results.update({"class_order": data.class_order, "task_sizes": data.increments, "device": str(device)})
         first = 0
         if resume and checkpoint.is_file():

@@ -118,7 +118,7 @@ def main() -> None:
     device = resolve_device(cfg.device)
     seed_torch(OFFICIAL_TORCH_SEED, cfg.allow_tf32)  # what real runs call: TF32 per the config
     backbone = build_backbone(cfg.convnet_type, cfg.pretrained, None, cfg.input_size, **cfg.backbone_kwargs)
-    learner = build_learner(cfg, backbone, device, cfg.seed[0])
+    learner = build_learner(cfg, device, cfg.seed[0], backbone)
     model = learner.backbone  # the same module (and device) for both loops
 
     gen = torch.Generator().manual_seed(0)

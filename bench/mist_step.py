@@ -1,7 +1,7 @@
 """MIST's per-step gradient masking and its tuning state, fast path against the plain reference, on ViT-B/16.
 
 Figures (one per line, ``mist_step.<figure>: <value>`` and ``mist_state.<figure>: <value>``):
-- ``mask.reference_ms``: the official per-tensor sequence of SPEC 4.6 (bench/reference.py: zero frozen,
+- ``mask.reference_ms``: the official per-tensor sequence of SPEC 4.6 (models/sparse/reference.py: zero frozen,
   Bernoulli draws on the selected entries through boolean indexing, mask x draw, 0.9 ** count, zero frozen);
 - ``mask.previous_ms``: the implementation before issue 7 (a uniform draw for every entry of every tensor,
   times dense per-task multipliers, ``grad.mul_``);
@@ -32,9 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backbones import build_backbone  # noqa: E402
-from bench.reference import ReferenceState, reference_draw, reference_masked_grads_  # noqa: E402
+from models.sparse.reference import ReferenceState, reference_draw, reference_masked_grads_  # noqa: E402
 from models.sparse.masks import FlatGradients  # noqa: E402
-from models.sparse.strategies import SparseTuner  # noqa: E402
+from models.sparse.tuner import SparseTuner  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.runtime import seed_torch  # noqa: E402
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backbones import build_backbone  # noqa: E402
 from models.sparse.masks import SparsityState  # noqa: E402
-from models.sparse.strategies import TunedNetwork  # noqa: E402
+from models.sparse.network import TunedNetwork  # noqa: E402
 
 
 def measure(select_rate: float, drop_rate: float, steps: int, seed: int = 0) -> dict:

@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from models.loop import TuningLoop
 from models.sparse import build_tuner
-from models.sparse.strategies import PROJECTION_DIM
 from utils import distributed
 from utils.config import ExperimentConfig
 from utils.runtime import autocast, make_generator, make_loader
@@ -46,21 +46,30 @@ class TaskData:
 
 
 class Learner(abc.ABC):
-    """A class-incremental learner = frozen-or-tuned backbone + a classifier rule + an optional tuning phase.
+    """A class-incremental learner: a backbone, a classifier rule, and the hooks a task goes through.
 
-    Subclasses implement ``update_head`` (features of the tuned backbone -> classifier) and ``logits``.
-    The tuning phase (``spr``, SPEC 4-5) runs in ``learn_task`` before the head update; it is the
-    only place where the backbone changes.
+    Per task (:meth:`learn_task`): the tuning phase named by ``spr`` (SPEC 4-5; MIST is "applied before" its
+    host learner), then :meth:`train_task` (the learner's own training: a slow-learning backbone, prompts,
+    adapters; nothing for SimpleCIL and RanPAC), then :meth:`update_head` (features of the trained backbone ->
+    classifier). A learner is one file: register it with ``@LEARNERS.register(name)`` (utils/registry.py) and
+    give it the class attributes below; ``docs/extending.md`` walks through SLCA.
 
     Args:
         cfg: the experiment config.
-        backbone: feature extractor, ``backbone(x)`` -> (B, D), with ``out_dim`` = D.
+        backbone: what :meth:`build_backbone` returned: ``backbone(x)`` -> (B, D), with ``out_dim`` = D.
         device: where the backbone and heads live.
-        seed: the run seed (loader shuffling, the tuner's random streams).
+        seed: the run seed (loader shuffling, the tuner's and the learner's random streams).
     """
 
     #: learner-specific constants of the official code (overridable by config keys where noted)
     DEFAULTS: ClassVar[dict[str, Any]] = {}
+    #: the report's name and position of the learner
+    TITLE: ClassVar[str] = ""
+    ORDER: ClassVar[int] = 100
+    #: the official file the learner reproduces (named in warnings), and the ``spr`` presets it dispatches to a
+    #: tuning phase (SPEC 5); None: every preset runs. Presets marked ``official=False`` always run.
+    OFFICIAL_FILE: ClassVar[Optional[str]] = None
+    OFFICIAL_DISPATCH: ClassVar[Optional[frozenset[str]]] = None
 
     def __init__(self, cfg: ExperimentConfig, backbone: nn.Module, device: torch.device, seed: int) -> None:
         self.cfg = cfg
@@ -69,10 +78,26 @@ class Learner(abc.ABC):
         self.feature_dim = int(backbone.out_dim)
         self.loader_generator = make_generator(seed, stream="loader")
         self.seed = seed
+        self.loop = TuningLoop(device, cfg.progress)
         self.tuner = None
         if cfg.tuning is not None:
             # None when the learner's official code does not dispatch cfg.spr (SPEC 5; warned there)
-            self.tuner = build_tuner(cfg, self.backbone, device, seed, self.DEFAULTS, learner=cfg.model_name)
+            self.tuner = build_tuner(cfg, self.backbone, device, seed, self.DEFAULTS, learner=type(self))
+
+    @classmethod
+    def build_backbone(cls, cfg: ExperimentConfig) -> nn.Module:
+        """The feature extractor of this learner, built before the learner (``models.build_learner``).
+
+        Default: the timm model of ``cfg.convnet_type`` with its pretrained weights (``backbones.build_backbone``).
+        A learner that adds prompts or adapters to the timm model does it here.
+
+        Raises:
+            WeightsError, ConfigError: see ``backbones.build_backbone``.
+        """
+        from backbones import build_backbone
+
+        return build_backbone(cfg.convnet_type, cfg.pretrained, cfg.weights_path, cfg.input_size,
+                              **cfg.backbone_kwargs)
 
     # ---- configuration -----------------------------------------------------------------------
     @property
@@ -104,30 +129,36 @@ class Learner(abc.ABC):
 
     # ---- protocol ----------------------------------------------------------------------------
     def learn_task(self, task: TaskData) -> dict[str, Any]:
-        """Learn one task: run the tuning phase (if any, on the configured tasks), then update the head.
+        """Learn one task: the tuning phase (if any, on the configured tasks), :meth:`train_task`, then
+        :meth:`update_head`.
 
         Returns:
-            A report for results.json (the tuning phase's sparsity accounting, if it ran).
+            A report for results.json: ``tuning`` (the tuning phase's accounting, if it ran) and whatever
+            :meth:`train_task` returns (under ``training``).
         """
         report: dict[str, Any] = {}
         self.announce(task)
         if self.tuner is not None and (self.cfg.mist_tasks == "all" or task.task_id == 0):
-            rows = self.tuning_head_rows(task)
-            report["tuning"] = self.tuner.tune(self.loader(task.train, shuffle=True, train=True), task, head_rows=rows)
-            if rows is not None:
-                self.set_tuned_head_rows(self.tuner.trained_rows)
+            report["tuning"] = self.tune(task)
+        trained = self.train_task(task, self.loop)
+        if trained:
+            report["training"] = trained
         self.backbone.eval()
         self.update_head(task)
         return report
 
-    def tuning_head_rows(self, task: TaskData) -> Optional[torch.Tensor]:
-        """The classifier rows of the classes before ``task`` when the tuning phase trains on the learner's own
-        head (SimpleCIL's official CE ablations), else None (the default)."""
-        return None
+    def tune(self, task: TaskData) -> dict[str, Any]:
+        """Run the tuning phase on ``task``'s training images (a seeded, augmented, per-process loader)."""
+        return self.tuner.tune(self.loader(task.train, shuffle=True, train=True), task)
 
-    def set_tuned_head_rows(self, rows: torch.Tensor) -> None:
-        """Take back the rows returned by such a tuning phase (see :meth:`tuning_head_rows`)."""
-        raise NotImplementedError
+    def train_task(self, task: TaskData, loop: TuningLoop) -> Optional[dict[str, Any]]:
+        """The learner's own training on ``task`` (after the tuning phase, before the head update).
+
+        Nothing by default (SimpleCIL and RanPAC keep their backbone as the tuning phase leaves it). A learner that
+        trains uses ``loop`` (the project's one training loop: epochs, NaN guard, gradient sync, progress) and
+        returns its accounting for results.json, or None.
+        """
+        return None
 
     @abc.abstractmethod
     def announce(self, task: TaskData) -> None:
@@ -203,11 +234,19 @@ class Learner(abc.ABC):
         return torch.cat(preds).cpu().numpy(), torch.cat(labels).long().numpy()
 
     # ---- checkpoints -------------------------------------------------------------------------
+    def stateful(self) -> dict[str, Any]:
+        """Everything later tasks need, by checkpoint key: objects with ``state_dict``/``load_state_dict``.
+
+        Base: the backbone, the loader's random stream, the tuning phase (None without one) and the classifier
+        (:meth:`head_state`). A learner with more state (modules it trains, an optimizer kept across tasks, a
+        random stream) adds entries.
+        """
+        return {"backbone": self.backbone, "loader_generator": GeneratorState(self.loader_generator),
+                "tuner": self.tuner, "head": Stateful(self.head_state, self.load_head_state)}
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything later tasks need: backbone, tuning phase (head, sparsity state, random streams), the
-        loader's random stream and the classifier (``head_state``). Tensors, lists and numbers only."""
-        return {"backbone": self.backbone.state_dict(), "loader_generator": self.loader_generator.get_state(),
-                "tuner": self.tuner.state_dict() if self.tuner is not None else None, "head": self.head_state()}
+        """:meth:`stateful`'s states by key (tensors, lists and numbers only; None for an absent part)."""
+        return {key: None if obj is None else obj.state_dict() for key, obj in self.stateful().items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`.
@@ -215,13 +254,14 @@ class Learner(abc.ABC):
         Raises:
             KeyError, ValueError, RuntimeError: the state does not fit this learner (other backbone or method).
         """
-        self.backbone.load_state_dict(state["backbone"])
-        self.loader_generator.set_state(state["loader_generator"])
-        if (state["tuner"] is None) != (self.tuner is None):
-            raise ValueError("the checkpoint's tuning phase does not match the config's spr")
-        if self.tuner is not None:
-            self.tuner.load_state_dict(state["tuner"])
-        self.load_head_state(state["head"])
+        for key, obj in self.stateful().items():
+            if key not in state:
+                raise KeyError(f"the checkpoint has no {key!r} state")
+            if (state[key] is None) != (obj is None):
+                what = "tuning phase does not match the config's spr" if key == "tuner" else f"{key!r} state does not fit"
+                raise ValueError(f"the checkpoint's {what}")
+            if obj is not None:
+                obj.load_state_dict(state[key])
 
     @abc.abstractmethod
     def head_state(self) -> dict[str, Any]:
@@ -232,10 +272,8 @@ class Learner(abc.ABC):
         """Restore :meth:`head_state`, moving tensors to ``device``."""
 
     def modules(self) -> list[nn.Module]:
-        """Every module of ours holding parameters (backbone, tuning-phase extras): what torchrun replicas compare.
-
-        Not what the parameter-count log lines count: see :meth:`count_parameters`.
-        """
+        """Every module of ours holding parameters (backbone, tuning-phase extras, a learner's trained heads): what
+        torchrun replicas compare. Not what the parameter-count log lines count: see :meth:`count_parameters`."""
         mods: list[nn.Module] = [self.backbone]
         if self.tuner is not None:
             mods.extend(self.tuner.extra_modules())
@@ -246,28 +284,47 @@ class Learner(abc.ABC):
         return list({id(p): p for m in self.modules() for p in m.parameters()}.values())
 
     def count_parameters(self) -> tuple[int, int]:
-        """(all, trainable) parameter counts of the official network, as its log lines report them.
+        """(all, trainable) parameter counts of the learner's network, as its official log lines report them.
 
-        The official counts (``trainer.py``'s ``All params`` / ``Trainable params``, RanPAC's ``show_num_params``)
-        sum ``_network.parameters()``: ``convnet`` + ``simclr`` + the classifier heads (SPEC 1.1 step 9, 3.2).
-        Here: the backbone's parameters + the simclr projection ``Linear(D, 128)`` (D * 128 + 128; the official
-        network is always built with ``is_clr=True``, so it counts whether or not a tuning phase runs, and
-        whether or not our tuner object exists) + :meth:`head_parameter_count` (the heads as the official
-        network holds them now). Every official parameter is trainable; the backbone's own ``requires_grad``
-        flags decide its share of the trainable count, the simclr layer and the heads always count.
+        The backbone's parameters (its ``requires_grad`` flags decide its trainable share) + :meth:`extra_parameter_count`
+        + :meth:`head_parameter_count`, both counted as trainable.
         """
         backbone = list({id(p): p for p in self.backbone.parameters()}.values())
-        extra = self.feature_dim * PROJECTION_DIM + PROJECTION_DIM + self.head_parameter_count()
+        extra = self.extra_parameter_count() + self.head_parameter_count()
         return (sum(p.numel() for p in backbone) + extra,
                 sum(p.numel() for p in backbone if p.requires_grad) + extra)
 
+    def extra_parameter_count(self) -> int:
+        """Parameters besides the backbone and the heads that the official network counts: by default those of
+        the tuning phase's extra modules (MIST's projection head), 0 without a tuning phase."""
+        if self.tuner is None:
+            return 0
+        return sum(p.numel() for m in self.tuner.extra_modules() for p in m.parameters())
+
     @abc.abstractmethod
     def head_parameter_count(self) -> int:
-        """Parameters of the official network's classifier heads in the learner's current state.
+        """Parameters of the classifier heads in the learner's current state (called at the start of a task, with
+        the previous task's heads, and after a head update)."""
 
-        ``fc`` is ``CosineLinear(D, seen)``: seen * D weights + 1 sigma, None (0) before the first task; RanPAC
-        adds ``rpfc``. Called at the start of a task (the previous task's heads) and after a head update.
-        """
+
+class Stateful:
+    """An object with ``state_dict``/``load_state_dict`` made of two functions (for :meth:`Learner.stateful`)."""
+
+    def __init__(self, get: Any, put: Any) -> None:
+        self.state_dict, self.load_state_dict = get, put
+
+
+class GeneratorState:
+    """A ``torch.Generator`` as a checkpoint entry (its state is a uint8 tensor)."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def state_dict(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def load_state_dict(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
 
 
 def one_hot(labels: torch.Tensor, n_classes: int) -> torch.Tensor:

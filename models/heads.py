@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+PROJECTION_DIM = 128  # MIST's projection head ``simclr``: Linear(D, 128) with bias (SPEC 3.2)
+
 
 class CosineLinear(nn.Module):
     """Cosine classifier ``logits = sigma * normalize(x) @ normalize(W)^T`` (official ``CosineLinear``, SPEC 3.2).

@@ -8,21 +8,21 @@ are never recomputed, even though the tuning phase keeps changing the backbone (
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
-from models import register_learner
 from models.base import Learner, TaskData
+from models.heads import PROJECTION_DIM, cosine_logits, grow_prototypes
 from utils.config import warn_ignored
-from models.heads import cosine_logits, grow_prototypes
+from utils.registry import LEARNERS
 
 logger = logging.getLogger(__name__)
 
 OFFICIAL_BATCH_SIZE = 32  # simplecil_mist.py module constant; the JSON batch_size is ignored (SPEC 9.2)
 
 
-@register_learner("simplecil", "simplecil_mist")
+@LEARNERS.register("simplecil", aliases=("simplecil_mist",))
 class SimpleCIL(Learner):
     """Prototype classifier with an optional tuning phase before each prototype extraction.
 
@@ -30,7 +30,12 @@ class SimpleCIL(Learner):
     frozen, SPEC 4.7) and the hard-coded loader batch of 32 (``use_config_batch_size`` uses the JSON).
     """
 
+    TITLE, ORDER = "SimpleCIL", 20
+    OFFICIAL_FILE = "SimpleCIL-MIST"
+    OFFICIAL_DISPATCH = frozenset({"mist", "run", "rand", "l2", "grad"})
     DEFAULTS = {"freeze_quantile": 1.0, "batch_size": OFFICIAL_BATCH_SIZE}
+    #: the official SimpleCIL-MIST ablations train on the learner's own fc (SPEC 5); ce_finetune (ours) does not
+    OWN_HEAD_PRESETS = ("run", "rand", "l2", "grad")
 
     def __init__(self, cfg, backbone, device, seed) -> None:
         super().__init__(cfg, backbone, device, seed)
@@ -42,20 +47,23 @@ class SimpleCIL(Learner):
     def batch_size(self) -> int:
         return self.cfg.batch_size if self.cfg.use_config_batch_size else OFFICIAL_BATCH_SIZE
 
-    # the official SimpleCIL-MIST ablations train on the learner's own fc (SPEC 5); ce_finetune (ours) does not
-    OWN_HEAD_POLICIES = ("run", "rand", "l2", "grad")
+    def tune(self, task: TaskData) -> dict[str, Any]:
+        """The tuning phase; the official CE ablations train on the learner's own head (SPEC 5): its old rows are the
+        old prototypes (official ``update_fc`` before ``_sparse_training``), and stay them after the phase (moved by
+        weight decay and momentum)."""
+        rows = self.tuning_head_rows(task)
+        report = self.tuner.tune(self.loader(task.train, shuffle=True, train=True), task, head_rows=rows)
+        if rows is not None and self.tuner.trained_rows.shape[0]:
+            self.prototypes = self.tuner.trained_rows
+        return report
 
     def tuning_head_rows(self, task: TaskData) -> Optional[torch.Tensor]:
-        """Old prototypes as the CE ablations' head rows (official ``update_fc`` before ``_sparse_training``)."""
-        if self.cfg.spr not in self.OWN_HEAD_POLICIES:
+        """(known, D) old prototypes for the CE ablations that train on the learner's own head, else None."""
+        if self.cfg.spr not in self.OWN_HEAD_PRESETS:
             return None
         if self.prototypes is None:
             return torch.zeros(0, self.feature_dim, device=self.device)
         return self.prototypes
-
-    def set_tuned_head_rows(self, rows: torch.Tensor) -> None:
-        """The old rows after the ablation epochs (moved by weight decay and momentum) stay the old prototypes."""
-        self.prototypes = rows if rows.shape[0] else self.prototypes
 
     def announce(self, task: TaskData) -> None:
         logger.info("Learning on %d-%d", task.known, task.seen)
@@ -63,6 +71,11 @@ class SimpleCIL(Learner):
     def update_head(self, task: TaskData) -> None:
         feats, labels = self.extract_features(task.train_eval, shuffle=True, desc="prototypes")
         self.prototypes = grow_prototypes(self.prototypes, feats, labels, task.seen)
+
+    def extra_parameter_count(self) -> int:
+        """The official network is always built with the projection head ``simclr`` = Linear(D, 128) (SPEC 3.2),
+        counted whether or not a tuning phase runs."""
+        return self.feature_dim * PROJECTION_DIM + PROJECTION_DIM
 
     def head_parameter_count(self) -> int:
         """Official ``fc`` = CosineLinear(D, seen): seen * D + 1 (sigma); None (0) before the first task."""

@@ -62,7 +62,7 @@ def make_learner(make_config, tmp_path: Path, model_name: str = "ranpac", **over
     cfg = make_config(tmp_path, model_name=model_name, **overrides)
     torch.manual_seed(0)
     backbone = build_backbone(TINY_VIT_NAME, False, None, 32, **TINY_VIT_KWARGS)
-    return build_learner(cfg, backbone, CPU, SEED)
+    return build_learner(cfg, CPU, SEED, backbone)
 
 
 def reference_features(backbone, dataset: Dataset, batch_size: int, loader=None):

@@ -19,12 +19,18 @@ import pytest
 import torch
 
 import trainer
-from models.sparse import build_tuner, importance
-from models.sparse.masks import block_of, is_embedding, select_global, select_per_block
-from models.sparse.recipes import resolve_recipe
+from models.sparse import build_tuner
+from models.sparse.estimators import PassSums, fisher, magnitude, mi_fisher, random_scores, scoring_pass, second_order
+from models.sparse.presets import resolve_recipe
+from models.sparse.scopes import block_of, is_embedding, select_global, select_per_block
+from models.sparse.selective import SelectivePhase
 from utils.config import load_config
 from utils.errors import ConfigError
-from utils.names import OUR_PRESETS, SELECTIVE_PRESETS, SPR_CHOICES
+from utils.registry import PRESETS
+
+SPR_CHOICES = ("none", *PRESETS.names())
+SELECTIVE_PRESETS = ("mist", "mist_random", "piece_f", "piece_s", "magnitude_gate")
+OUR_PRESETS = ("ce_finetune", "piece_f", "piece_s", "magnitude_gate", "mist_random")
 
 from test_sparse_tuning import (CPU, RANPAC_DEFAULTS, make_cfg, make_loader, make_task, snapshot, tiny_backbone,
                                 tiny_overrides, write_image_folder)
@@ -36,13 +42,12 @@ def tuner_for_cfg(*overrides: str, seed: int = 3):
 
 def batch_gradients(tuner, loader, task) -> list[dict[str, torch.Tensor]]:
     """Per-batch gradients of the CE loss on a prototype head, computed one batch at a time (no update)."""
-    head = tuner._prototype_head(loader, task)
-    tuner._remember_loader(loader, task)
+    head = tuner.prototype_head(loader, task)
     tuner.network.train()
     grads = []
-    for step, (_, x, y) in enumerate(loader):
+    for _, x, y in loader:
         tuner.network.zero_grad(set_to_none=True)
-        tuner.ce_loss(head, task.known, x, y, step).backward()
+        tuner.ce_loss(head, task.known, x, y).backward()
         grads.append({n: p.grad.detach().clone() for n, p in tuner.network.named_parameters() if p.grad is not None})
     tuner.network.zero_grad(set_to_none=True)
     return grads, head
@@ -57,8 +62,9 @@ def test_gradient_sums_fisher_and_second_order_closed_forms():
     task = make_task(0, loader)
     before = snapshot(tuner)
     grads, head = batch_gradients(tuner, loader, task)
-    loss_fn = lambda x, y, step: tuner.ce_loss(head, task.known, x, y, step)  # noqa: E731
-    s1, s2, _ = importance.gradient_moments(tuner.network, loader, len(loader), loss_fn, tuner.state, CPU)
+    loss_fn = lambda batch: tuner.ce_loss(head, task.known, batch.x, batch.y, batch.rows)  # noqa: E731
+    sums = scoring_pass(tuner.loop, tuner.network, loader, loss_fn, tuner.state, moments=True)
+    s1, s2 = sums.firsts, sums.squares
     for name, w in snapshot(tuner).items():
         assert torch.equal(w, before[name])  # no update in the scoring pass
     checked = 0
@@ -67,8 +73,8 @@ def test_gradient_sums_fisher_and_second_order_closed_forms():
         want_s2 = sum(g[name] ** 2 for g in grads)
         torch.testing.assert_close(s1[name], want_s1, rtol=1e-5, atol=1e-9)
         torch.testing.assert_close(s2[name], want_s2, rtol=1e-5, atol=1e-12)
-        torch.testing.assert_close(importance.fisher(s2)[name], s2[name], rtol=0, atol=0)
-        torch.testing.assert_close(importance.second_order(s1, s2)[name],
+        torch.testing.assert_close(fisher(sums, None, None)[name], s2[name], rtol=0, atol=0)
+        torch.testing.assert_close(second_order(sums, None, None)[name],
                                    s1[name].abs() / torch.sqrt(s2[name] + 1.0), rtol=0, atol=0)
         checked += 1
     assert checked > 10 and any(float(v.abs().sum()) > 0 for v in s1.values())
@@ -79,23 +85,25 @@ def test_mi_fisher_from_the_sums_equals_mists_own_pass():
     tuner = tuner_for_cfg()
     loader = make_loader(n=16, batch=8)
     task = make_task(0, loader)
-    tuner._remember_loader(loader, task)
     gen_state = tuner.augment.generator.get_state()
-    scores, _ = importance.mi_fisher(tuner.network, loader, len(loader), tuner.loss, tuner.state, CPU)
+    forward = lambda batch: tuner.loss(batch.x, batch.y, batch.rows)  # noqa: E731
+    own = scoring_pass(tuner.loop, tuner.network, loader, forward, tuner.state, moments=False)
+    scores = mi_fisher(own, tuner.network, None)
     tuner.augment.generator.set_state(gen_state)  # same second views
-    s1, s2, _ = importance.gradient_moments(tuner.network, loader, len(loader), tuner.loss, tuner.state, CPU)
-    again = tuner._scores(s1, s2, len(loader))
+    sums = scoring_pass(tuner.loop, tuner.network, loader, forward, tuner.state, moments=True)
+    again = mi_fisher(sums, tuner.network, None)
+    assert own.scaled and not sums.scaled
     for name in scores:
         torch.testing.assert_close(again[name], scores[name], rtol=1e-5, atol=1e-12)
 
 
 def test_magnitude_and_random_estimators():
     tuner = tuner_for_cfg("importance=magnitude")
-    mags = importance.magnitude(tuner.network)
+    mags = magnitude(PassSums({}, None, 1, 0.0), tuner.network, None)
     for name, p in tuner.network.named_parameters():
         assert torch.equal(mags[name], p.detach().abs())
-    a = importance.random_scores(tuner.network, torch.Generator().manual_seed(1))
-    b = importance.random_scores(tuner.network, torch.Generator().manual_seed(1))
+    a = random_scores(PassSums({}, None, 1, 0.0), tuner.network, torch.Generator().manual_seed(1))
+    b = random_scores(PassSums({}, None, 1, 0.0), tuner.network, torch.Generator().manual_seed(1))
     assert all(torch.equal(a[n], b[n]) and 0 <= float(a[n].min()) and float(a[n].max()) < 1 for n in a)
 
 
@@ -111,7 +119,7 @@ def distinct_scores(tuner) -> dict[str, torch.Tensor]:
 def test_global_top_k_picks_exactly_k_entries_never_an_embedding(ratio):
     tuner = tuner_for_cfg("spr=piece_f", f"top_ratio={ratio}", "strict_mask=true")
     scores = distinct_scores(tuner)
-    selected, fully = tuner._select(scores, ratio)
+    selected, fully = SelectivePhase(tuner).select(scores, ratio)
     k = math.floor(ratio * tuner.backbone_numel)
     assert fully == 0
     assert sum(int(selected[n].sum()) for n in tuner.backbone_names) == k
@@ -140,7 +148,7 @@ def test_per_block_picks_the_fraction_inside_each_block():
     tuner = tuner_for_cfg("spr=piece_f", "selection_scope=per_block", "strict_mask=true")
     scores = distinct_scores(tuner)
     rate = 0.05
-    selected, _ = tuner._select(scores, rate)
+    selected, _ = SelectivePhase(tuner).select(scores, rate)
     groups: dict[str, list[str]] = {}
     for n in tuner.backbone_names:
         if not is_embedding(n):
@@ -160,7 +168,7 @@ def test_default_mask_leaves_tensors_without_a_selected_entry_fully_trainable_st
     for strict in (False, True):
         tuner = tuner_for_cfg("spr=piece_f", f"strict_mask={str(strict).lower()}")
         scores = scores or distinct_scores(tuner)
-        results[strict] = tuner._select(scores, 0.001)
+        results[strict] = SelectivePhase(tuner).select(scores, 0.001)
     (loose, n_full), (strict_sel, n_strict) = results[False], results[True]
     empty = [n for n in strict_sel if n.startswith("convnet.") and not is_embedding(n) and not strict_sel[n].any()]
     assert len(empty) == n_full > 0 and n_strict == 0
@@ -178,14 +186,14 @@ def test_default_mask_leaves_tensors_without_a_selected_entry_fully_trainable_st
 def test_adam_with_weight_decay_0_leaves_unselected_entries_bit_identical(monkeypatch, spr):
     tuner = tuner_for_cfg(f"spr={spr}", "top_ratio=0.02", "strict_mask=true", "mi_epochs=3", "adam_lr=1e-3")
     captured = {}
-    original = tuner._select
+    original = SelectivePhase.select
 
-    def spy(scores, budget):
-        out = original(scores, budget)
+    def spy(self, scores, budget):
+        out = original(self, scores, budget)
         captured["selected"] = out[0]
         return out
 
-    monkeypatch.setattr(tuner, "_select", spy)
+    monkeypatch.setattr(SelectivePhase, "select", spy)
     loader = make_loader(n=16, batch=8)
     before = snapshot(tuner)
     report = tuner.tune(loader, make_task(0, loader))

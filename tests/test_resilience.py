@@ -94,17 +94,17 @@ def test_truncated_or_foreign_checkpoint_is_refused(images, tmp_path):
 
 
 def test_nan_loss_stops_the_run_with_task_epoch_and_step(images, tmp_path, monkeypatch, capsys):
-    from models.sparse import strategies
+    from models.sparse import losses
 
-    real = strategies.SparseTuner.loss
+    real = losses.contrastive_loss
     calls = {"n": 0}
 
-    def poisoned(self, x, y, step=None):
+    def poisoned(tuner, batch):
         calls["n"] += 1
-        loss = real(self, x, y, step)
+        loss = real(tuner, batch)
         return loss * float("nan") if calls["n"] == 3 else loss  # 2 scoring steps, then epoch 2 step 0
 
-    monkeypatch.setattr(strategies.SparseTuner, "loss", poisoned)
+    monkeypatch.setattr(losses, "contrastive_loss", poisoned)
     config = tmp_path / "c.json"
     config.write_text("{}")
     args = ["--config", str(config), "--output-dir", str(tmp_path / "runs")]
@@ -121,7 +121,7 @@ def test_nan_loss_stops_the_run_with_task_epoch_and_step(images, tmp_path, monke
 
 
 def test_loss_monitor_names_the_first_bad_step():
-    from models.sparse.losses import LossMonitor
+    from models.loop import LossMonitor
 
     monitor = LossMonitor(torch.device("cpu"), "task 2, epoch 4/20")
     for value in (1.0, 2.0, float("inf"), float("nan")):

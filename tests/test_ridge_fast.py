@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import models.ranpac as ranpac
+import models.ridge as ranpac
 from models.base import one_hot
 from models.ranpac import RIDGE_GRID, RanPAC, RidgeAccumulator, select_ridge
 
@@ -336,7 +336,9 @@ def test_ranpac_learner_uses_the_configured_solver(make_config, tmp_path, monkey
         seen["solve"].append(kwargs.get("solver"))
         return real_solve(self, ridge, *args, **kwargs)
 
-    monkeypatch.setattr(ranpac, "select_ridge", spy_select)
+    import models.ranpac
+
+    monkeypatch.setattr(models.ranpac, "select_ridge", spy_select)
     monkeypatch.setattr(RidgeAccumulator, "solve", spy_solve)
     cfg = make_config(tmp_path, model_name="ranpac", M=16, ridge_solver=solver)
     learner = RanPAC(cfg, Identity(), torch.device("cpu"), seed=1993)
@@ -361,7 +363,7 @@ def near_rank_deficient_problem(seed: int = 1, rows: int = 60, M: int = 2000, cl
 
 
 def test_rounding_dominated_candidates_take_the_official_losses():
-    from models.ranpac import _holdout_losses_fast
+    from models.ridge import _holdout_losses_fast
 
     H, Y = near_rank_deficient_problem()
     k = int(0.8 * H.shape[0])

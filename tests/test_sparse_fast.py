@@ -1,4 +1,4 @@
-"""The compact sparse-gradient step (issue 7) against the plain per-tensor reference of SPEC 4.6 (bench/reference.py).
+"""The compact sparse-gradient step (issue 7) against the plain per-tensor reference of SPEC 4.6 (models/sparse/reference.py).
 
 - given the same keep decisions, the masked gradients equal the reference's bit for bit, on a tiny ViT's
   parameter set and on odd shapes (1 entry, primes, 4-D);
@@ -16,11 +16,11 @@ import pytest
 import torch
 from scipy import stats
 
-from bench.reference import ReferenceMistTuner, ReferenceState, reference_masked_grads_, reference_select
+from models.sparse.reference import ReferenceMistTuner, ReferenceState, reference_masked_grads_, reference_select
 from models.sparse.masks import FlatGradients, SparsityState
 from tests.test_sparse_tuning import (CPU, RANPAC_DEFAULTS, make_cfg, make_loader, make_task, snapshot,
                                       tiny_backbone)
-from models.sparse.strategies import SparseTuner
+from models.sparse.tuner import SparseTuner
 
 ODD = [("convnet.cls_token", (1, 1, 1)), ("convnet.blocks.0.attn.qkv.weight", (7, 13)),
        ("convnet.blocks.0.attn.qkv.bias", (7,)), ("convnet.patch_embed.proj.weight", (5, 3, 2, 3)),

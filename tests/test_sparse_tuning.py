@@ -1,4 +1,4 @@
-"""The tuning phases (models/sparse/strategies.py, importance.py) and MIST end to end through trainer.run.
+"""The tuning phases (models/sparse/tuner.py, selective.py, estimators.py) and MIST end to end through trainer.run.
 
 Everything runs on the CPU with a tiny random timm ViT (32x32 inputs, 8x8 patches, width 32, 2 blocks:
 32,224 backbone entries, 11 maskable tensors). Closed forms come from SPEC 4.4-4.7 and 5:
@@ -26,10 +26,12 @@ import trainer
 from backbones import build_backbone
 from models.base import TaskData
 from models.sparse import build_tuner
-from models.sparse.importance import mi_fisher
+from models.loop import TuningLoop
+from models.sparse.estimators import mi_fisher, scoring_pass
 from models.sparse.losses import SecondViewAugment, supervised_nt_xent, two_views
 from models.sparse.masks import SparsityState
-from models.sparse.strategies import SGDSettings, SparseTuner
+from models.sparse.optim import MaskedStep, SGDSettings, step_decay
+from models.sparse.tuner import SparseTuner
 from utils.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -223,6 +225,16 @@ def test_fixes_keep_unselected_and_frozen_entries_with_default_sgd(record_select
         assert torch.equal(after1[name][frozen0[name]], after[name][frozen0[name]]), name
 
 
+def masked_step(tuner, optimizer, params, keep):
+    """One optimizer step through the tuning phase's masked step (``MaskedStep``), as the phases take it."""
+    cfg = tuner.cfg
+    rule = MaskedStep(params, lambda: keep, step_decay(tuner), cfg.sparse_weight_decay, cfg.hard_freeze, tuner.device)
+    nonzero = rule.before_step([])
+    optimizer.step()
+    rule.after_step([])
+    return nonzero
+
+
 def _one_backward(tuner, seed: int = 0):
     _, x, y = next(iter(make_loader(seed=seed)))
     optimizer, _ = tuner.make_optimizer()
@@ -248,7 +260,7 @@ def test_overlap_factor_and_frozen_zero_applied_to_gradients():
     optimizer = _one_backward(tuner)
     raw = {n: p.grad.clone() for n, p in params.items()}
     before = {n: p.detach().clone() for n, p in params.items()}
-    nonzero = tuner.step(optimizer, params, keep)
+    nonzero = masked_step(tuner, optimizer, params, keep)
 
     factor = {n: torch.ones_like(raw[n], dtype=torch.float64) for n in params}
     factor[fc1] = 0.9 ** counts.double()
@@ -278,7 +290,7 @@ def test_weight_decay_quirk_and_fixes_in_one_step():
     params = tuner.named_trainables()
     optimizer = _one_backward(tuner)
     w0 = params[name].detach().clone()
-    tuner.step(optimizer, params, {name: torch.zeros(32, 32)})
+    masked_step(tuner, optimizer, params, {name: torch.zeros(32, 32)})
     torch.testing.assert_close(w0 - params[name].detach(), lr * wd * w0, rtol=1e-3, atol=1e-9)
 
     # sparse_weight_decay: zero-multiplier entries bit-unchanged, the others take lr (g + wd w)
@@ -286,7 +298,7 @@ def test_weight_decay_quirk_and_fixes_in_one_step():
     params = tuner.named_trainables()
     optimizer = _one_backward(tuner)
     w0, g0 = params[name].detach().clone(), params[name].grad.clone()
-    tuner.step(optimizer, params, {name: half})
+    masked_step(tuner, optimizer, params, {name: half})
     w1 = params[name].detach()
     assert torch.equal(w1[:, 16:], w0[:, 16:])
     torch.testing.assert_close(w1[:, :16], w0[:, :16] - lr * (g0[:, :16] + wd * w0[:, :16]), rtol=1e-5, atol=1e-8)
@@ -296,7 +308,7 @@ def test_weight_decay_quirk_and_fixes_in_one_step():
     params = tuner.named_trainables()
     optimizer = _one_backward(tuner)
     w0 = params[name].detach().clone()
-    tuner.step(optimizer, params, {name: half})
+    masked_step(tuner, optimizer, params, {name: half})
     assert torch.equal(params[name].detach()[:, 16:], w0[:, 16:])
     assert (params[name].detach()[:, :16] != w0[:, :16]).any()
 
@@ -335,7 +347,8 @@ def test_mi_fisher_equals_hand_derived_squared_gradients():
     frozen[1, 2] = True
     state.set_frozen("convnet.weight", frozen)
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
-    scores, mean_loss = mi_fisher(net, batches, len(batches), loss_fn, state, CPU)
+    sums = scoring_pass(TuningLoop(CPU), net, batches, lambda b: loss_fn(b.x, b.y, None), state, moments=False)
+    scores, mean_loss = mi_fisher(sums, net, None), sums.loss
 
     W, b = before["convnet.weight"].double(), before["convnet.bias"].double()
     acc_w, acc_b, losses = torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.float64), []
@@ -521,9 +534,11 @@ def test_freeze_bn_stats(freeze):
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture
 def record_masks(monkeypatch):
-    """Record every CE-ablation step: (masks, weights, gradients) as seen by ``SparseTuner.masks``."""
+    """Record every CE-ablation step: (masks, weights, gradients) as seen by ``PerStepPhase.masks``."""
+    from models.sparse.per_step import PerStepPhase
+
     calls = []
-    original = SparseTuner.masks
+    original = PerStepPhase.masks
 
     def wrapper(self, params):
         out = original(self, params)
@@ -532,7 +547,7 @@ def record_masks(monkeypatch):
                       {n: p.grad.clone() for n, p in params.items() if p.grad is not None}))
         return out
 
-    monkeypatch.setattr(SparseTuner, "masks", wrapper)
+    monkeypatch.setattr(PerStepPhase, "masks", wrapper)
     return calls
 
 

@@ -17,8 +17,9 @@ import torch
 import trainer
 from models import build_learner
 from models.sparse import build_tuner, tuner_for
-from models.sparse.strategies import SparseTuner
-from utils.config import SPR_CHOICES, load_config
+from models.sparse.tuner import SparseTuner
+from utils.config import load_config
+from utils.registry import LEARNERS, PRESETS
 
 from test_sparse_tuning import CPU, make_cfg, make_loader, make_task, tiny_backbone, tiny_overrides, write_image_folder
 
@@ -43,7 +44,7 @@ def run_results(cfg, out: Path) -> tuple[dict, Path]:
 
 
 def test_ce_finetune_is_a_config_choice():
-    assert "ce_finetune" in SPR_CHOICES
+    assert "ce_finetune" in PRESETS
     assert make_cfg("spr=ce_finetune").tuning == "ce_finetune"
 
 
@@ -51,16 +52,16 @@ def test_ce_finetune_is_a_config_choice():
 def test_undispatched_spr_builds_no_tuner_and_warns(caplog, learner, spr):
     official = "SimpleCIL-MIST" if learner.startswith("simplecil") else "RanPAC-MIST"
     with caplog.at_level(logging.WARNING, logger="models.sparse"):
-        assert tuner_for(spr, learner) is None
+        assert tuner_for(spr, LEARNERS.get(learner)) is None
         assert build_tuner(make_cfg(f"spr={spr}", f"model_name={learner}"), tiny_backbone(), CPU, 0, {},
-                           learner=learner) is None
+                           learner=LEARNERS.get(learner)) is None
     warnings = [r for r in caplog.records if r.name == "models.sparse" and r.levelno == logging.WARNING]
     assert len(warnings) == 2
     assert f"spr '{spr}' " + WARNING.format(official) in warnings[0].getMessage()
     # the learner builds no tuner either
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="models.sparse"):
-        model = build_learner(make_cfg(f"spr={spr}", f"model_name={learner}"), tiny_backbone(), CPU, 0)
+        model = build_learner(make_cfg(f"spr={spr}", f"model_name={learner}"), CPU, 0, tiny_backbone())
     assert model.tuner is None
     assert any(WARNING.format(official) in r.getMessage() for r in caplog.records)
 
@@ -69,7 +70,7 @@ def test_undispatched_spr_builds_no_tuner_and_warns(caplog, learner, spr):
 def test_dispatched_ce_spr_builds_the_ce_tuner_and_trains(caplog, learner, spr):
     cfg = make_cfg(f"spr={spr}", f"model_name={learner}", "ablation_epochs=1")
     with caplog.at_level(logging.WARNING, logger="models.sparse"):
-        model = build_learner(cfg, tiny_backbone(), CPU, 0)
+        model = build_learner(cfg, CPU, 0, tiny_backbone())
     assert not [r for r in caplog.records if r.name == "models.sparse"]
     tuner = model.tuner
     assert isinstance(tuner, SparseTuner) and tuner.policy == spr and not tuner.recipe.selective
@@ -83,13 +84,13 @@ def test_dispatched_ce_spr_builds_the_ce_tuner_and_trains(caplog, learner, spr):
 @pytest.mark.parametrize("learner", ["simplecil", "ranpac_mist"])
 @pytest.mark.parametrize("spr", ["mist", "rand", "l2", "grad"])
 def test_other_official_values_dispatched_by_both(learner, spr):
-    assert tuner_for(spr, learner) is SparseTuner
+    assert tuner_for(spr, LEARNERS.get(learner)) is SparseTuner
 
 
 def test_no_learner_dispatches_every_name():
     for spr in ("rand", "l2", "grad", "run", "cerun", "ce_finetune"):
         assert tuner_for(spr, None) is SparseTuner
-    assert tuner_for("none", "ranpac") is None and tuner_for(None, "simplecil") is None
+    assert tuner_for("none", LEARNERS.get("ranpac")) is None and tuner_for(None, LEARNERS.get("simplecil")) is None
 
 
 @pytest.mark.parametrize("learner,spr", [("simplecil_mist", "cerun"), ("ranpac_mist", "run")])
@@ -136,7 +137,8 @@ def test_simplecil_l2_from_task_1_gives_the_official_dead_loss(tmp_path):
     import math
 
     from models.simplecil import SimpleCIL
-    from models.sparse.strategies import SGDSettings, SparseTuner
+    from models.sparse.optim import SGDSettings
+    from models.sparse.tuner import SparseTuner
     from tests.test_sparse_tuning import make_cfg, make_loader, make_task, tiny_backbone
 
     cfg = make_cfg("spr=l2", "model_name=simplecil", "ablation_epochs=2", "num_workers=0")

@@ -26,19 +26,26 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Optional, Sequence, Union
 
 from utils.errors import ConfigError
-from utils.names import (GATE_MEMORY_RULES, IMPORTANCE_ESTIMATORS, LEARNER_NAMES, SCORING_LOSSES, SELECTION_SCOPES,
-                         SELECTIVE_PRESETS, SPR_CHOICES, TUNING_OPTIMIZERS)
-DATASETS = ("cifar224", "cub", "imagenetr", "imageneta", "cars", "fmnist")
+from utils.registry import ALL as REGISTRIES
+from utils.registry import DATASETS, LEARNERS, PRESETS, load_components
+
 SEED_MAX = 2**32 - 1  # numpy.random.seed accepts 0 .. 2**32 - 1
 NONFINITE_NOTE = "NaN, Infinity and numbers too large for a float (such as 1e400) are not allowed"
 DEVICE_FORMS = '["0"] (cuda:0), "cpu", -1 (cpu), "cuda:N" or "mps"'
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field with a help text (mutable defaults are copied per instance)."""
+    """A dataclass field with a help text (mutable defaults are copied per instance).
+
+    ``kw``: bounds ``min``/``ge``/``gt``/``le``/``lt``, ``choices`` (a tuple), or ``registry`` (a name of
+    ``utils.registry.ALL``: the value must be registered there, or null).
+    """
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"help": help, **kw})
     return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+key = _f  # the public name for components that declare their own keys (see config_keys)
 
 
 UNUSED = "Accepted for compatibility; unused, as in the original."
@@ -53,13 +60,15 @@ class ExperimentConfig:
     """
 
     # ---- official keys: data and task split (SPEC 1.2, 2) ----
-    dataset: str = _f("cifar224", f"Dataset id, one of {', '.join(DATASETS)}.")
+    dataset: str = _f("cifar224", "Data set, a registered name: cifar224, cub, imagenetr, imageneta, cars, fmnist "
+                                  "(utils/datasets.py).")
     shuffle: bool = _f(True, "Permute the class order with numpy's legacy global seed (SPEC 2.2).")
     init_cls: int = _f(10, "Number of classes in the first task.", min=1)
     increment: int = _f(10, "Number of classes in each later task (the last task takes the remainder).", min=1)
     seed: list[int] = _f([1993], "Class-order seeds; one full run per seed, run one after another.")
     # ---- official keys: learner ----
-    model_name: str = _f("ranpac", "Learner: ranpac, simplecil (aliases ranpac_mist, simplecil_mist).")
+    model_name: str = _f("ranpac", "Learner, a registered name: ranpac, simplecil, slca (aliases ranpac_mist, "
+                                   "simplecil_mist; models/*.py).")
     convnet_type: str = _f(
         "pretrained_vit_b16_224_in21k",
         "Backbone: an official name (mapped to its exact timm name and tag), efficientnet_lite0, or any timm name.",
@@ -68,16 +77,9 @@ class ExperimentConfig:
         56, "Loader batch size. RanPAC uses it; SimpleCIL uses 32 unless use_config_batch_size (SPEC 9.2).", min=1
     )
     device: list[str] = _f(["0"], 'Device: ["0"] (cuda:0), "cpu", -1 (cpu), "cuda:N" or "mps". Only the first entry is used.')
-    use_RP: bool = _f(
-        True, 'RanPAC random projection on/off (off: the official cosine-prototype classifier). Accepts true/false '
-        'and the strings "True"/"False".',
-    )
-    M: int = _f(
-        10000, "RanPAC random-projection width; M <= 0 with use_RP true means no projection (ridge on raw features)."
-    )
     # ---- official keys: sparse tuning (SPEC 4, 5) ----
-    spr: str = _f("mist", f"Tuning phase before each head update, a named preset: {', '.join(SPR_CHOICES)}. 'none' (or "
-                          "null) disables it. As in the official code, SimpleCIL ignores 'cerun' and RanPAC ignores "
+    spr: str = _f("mist", "Tuning phase before the learner's own training and head update, a registered preset "
+                          "(models/sparse/presets.py; README lists them). 'none' (or null) disables it. As in the official code, SimpleCIL ignores 'cerun' and RanPAC ignores "
                           "'run' (no tuning phase, with a warning); 'ce_finetune' (dense CE fine-tuning), 'piece_f', "
                           "'piece_s', 'magnitude_gate' and 'mist_random' are ours (README, docs/deviations.md).")
     select_rate: float = _f(0.1, "Fraction of each maskable tensor selected by importance score (SPEC 4.5).", gt=0, le=1)
@@ -113,7 +115,9 @@ class ExperimentConfig:
     num_workers: int = _f(8, "DataLoader worker processes (official: 8).", min=0)
     # ---- extras: sparse tuning options and fixes (SPEC 4, 9) ----
     mist_tasks: Literal["all", "first"] = _f("all", "Tasks that run the tuning phase: all (official) or first.")
-    use_config_batch_size: bool = _f(False, "SimpleCIL: use batch_size from the JSON instead of the official 32.")
+    use_config_batch_size: bool = _f(
+        False, "Use batch_size from the JSON where the official learner hard-codes one (SimpleCIL 32, SLCA 128)."
+    )
     freeze_quantile: Optional[float] = _f(
         None, "Quantile of scores frozen at the end of a task; null = learner default (RanPAC 0.9995, SimpleCIL 1.0).",
         ge=0, le=1,
@@ -132,22 +136,21 @@ class ExperimentConfig:
     # ---- extras: the tuning phase as a composition (issue 6; models/sparse/recipes.py) ----
     # null = the value of the spr preset; the keys apply to the presets with a scoring pass and a task mask
     importance: Optional[str] = _f(
-        None, f"Importance estimator: {', '.join(IMPORTANCE_ESTIMATORS)}; null = the preset's.",
-        choices=IMPORTANCE_ESTIMATORS,
+        None, "Importance estimator, a registered name: mi_fisher, fisher, second_order, magnitude, random; null = "
+        "the preset's.", registry="estimator",
     )
     scoring_loss: Optional[str] = _f(
-        None, f"Loss of the scoring pass and the training epochs: {', '.join(SCORING_LOSSES)}; null = the preset's.",
-        choices=SCORING_LOSSES,
+        None, "Loss of the scoring pass and the training epochs: contrastive, ce; null = the preset's.", registry="loss",
     )
     selection_scope: Optional[str] = _f(
-        None, f"Where the budget is applied: {', '.join(SELECTION_SCOPES)}; null = the preset's.", choices=SELECTION_SCOPES
+        None, "Where the budget is applied: per_tensor, global, per_block (top fraction inside each blocks.<i>); null = "
+        "the preset's.", registry="scope",
     )
     budget: Optional[float] = _f(
         None, "Selected fraction; null = the preset's key (select_rate for MIST, top_ratio for PIECE).", gt=0, le=1
     )
     tuning_optimizer: Optional[str] = _f(
-        None, f"Optimizer of the tuning phase: {', '.join(TUNING_OPTIMIZERS)}; null = the preset's.",
-        choices=TUNING_OPTIMIZERS,
+        None, "Optimizer of the tuning phase: mist_sgd, adam; null = the preset's.", registry="optimizer",
     )
     gradient_drop: Optional[bool] = _f(None, "MIST's per-step random drop of selected gradients on/off; null = preset's.")
     overlap_penalty: Optional[bool] = _f(None, "MIST's 0.9**count overlap penalty on/off; null = the preset's.")
@@ -155,32 +158,15 @@ class ExperimentConfig:
     exclude_embeddings: Optional[bool] = _f(
         None, "Keep patch/position embeddings, class token and CNN stem out of selection and frozen; null = preset's."
     )
-    top_ratio: float = _f(0.001, "PIECE: global fraction of backbone entries selected per task (SPEC 13.3).", gt=0, le=1)
     strict_mask: Optional[bool] = _f(
         None, "A tensor with no selected entry stays frozen (true) or fully trainable (false: official PIECE, SPEC "
         "13.4); null = the preset's (piece_f/piece_s false, magnitude_gate true).",
     )
-    adam_lr: float = _f(1e-5, "Adam tuning optimizer: backbone learning rate (PIECE's 1e-5, SPEC 13.5).", gt=0)
-    adam_head_lr: float = _f(1e-3, "Adam tuning optimizer: learning rate of the CE head and projection head.", gt=0)
-    gate_threshold: float = _f(
-        0.5, "magnitude_gate: cosine similarity below which a task gets the large budget (SPEC 14.3).", ge=-1, le=1
-    )
-    gate_budget_large: float = _f(0.01, "magnitude_gate: selected fraction of the 'initialized' regime.", gt=0, le=1)
-    gate_budget_small: float = _f(0.001, "magnitude_gate: selected fraction of the 'frozen' regime.", gt=0, le=1)
-    gate_memory: str = _f(
-        "previous", f"magnitude_gate reference gradient: {', '.join(GATE_MEMORY_RULES)}.", choices=GATE_MEMORY_RULES
-    )
-    gate_ema: float = _f(0.5, "magnitude_gate: decay of the reference EMA (gate_memory 'ema').", ge=0, lt=1)
     # ---- extras: runtime ----
     seed_torch_with_seed: bool = _f(False, "Seed torch with the run seed instead of the official constant 1 (SPEC 9.22).")
     allow_tf32: bool = _f(True, "TF32 matmuls on Ampere+ GPUs (PyTorch 1.11, used by the original, had them on).")
     precision: Literal["fp32", "bf16"] = _f(
         "fp32", "Backbone forwards in fp32 (official, TF32 per allow_tf32) or bfloat16 autocast (faster, not faithful)."
-    )
-    ridge_device: Literal["cpu", "device"] = _f("cpu", "Where RanPAC's G, Q and ridge solves live (official: cpu, float32).")
-    ridge_solver: Literal["fast", "official"] = _f(
-        "fast", "RanPAC ridge search and solve: fast (one shared factorisation, same lambda, W_o within 1e-4) or "
-        "official (17 + 1 dense solves, bit-faithful).",
     )
     eval_batch_size: Optional[int] = _f(
         None, "Batch size of feature extraction and evaluation (no gradients); null = the learner's batch size.", min=1
@@ -195,6 +181,32 @@ class ExperimentConfig:
         None, "Stop after this task (0-based) as if interrupted, leaving a resumable run (testing resume).", min=0
     )
     check_replicas: bool = _f(False, "torchrun: compare a parameter checksum across ranks at the end of each task.")
+    #: the values of the keys that components declare (``config_keys``), by key; read them as attributes
+    extensions: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, metadata={"internal": True})
+
+    def __getattr__(self, name: str) -> Any:
+        """A component's key (declared with :func:`config_keys`) as an attribute, e.g. ``cfg.ca_epochs``."""
+        if name.startswith("__") or name == "extensions":
+            raise AttributeError(name)
+        values = self.__dict__.get("extensions")
+        if values is not None and name in values:
+            return values[name]
+        field = EXTENSION_FIELDS.get(name)
+        if field is None:
+            load_components()
+            field = EXTENSION_FIELDS.get(name)
+        if field is not None:
+            return _default(field)
+        raise AttributeError(f"'ExperimentConfig' has no key {name!r}")
+
+    def replace(self, **changes: Any) -> "ExperimentConfig":
+        """A copy with some keys changed (core or component keys; values are not validated here)."""
+        core = {k: v for k, v in changes.items() if k in CORE_FIELDS}
+        extra = {k: v for k, v in changes.items() if k not in CORE_FIELDS}
+        for name in extra:
+            if name not in FIELDS:
+                raise TypeError(f"unknown config key {name!r}")
+        return dataclasses.replace(self, **core, extensions={**self.extensions, **extra})
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -208,12 +220,99 @@ class ExperimentConfig:
         return None if self.spr == "none" else self.spr
 
     def to_dict(self) -> dict[str, Any]:
-        """All fields as a JSON-serialisable dict."""
-        return dataclasses.asdict(self)
+        """Every key (core keys, then every registered component's keys) as a JSON-serialisable dict."""
+        out = dataclasses.asdict(self)
+        values = out.pop("extensions")
+        load_components()
+        out.update({name: values[name] if name in values else _default(f) for name, f in EXTENSION_FIELDS.items()})
+        return out
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
-_HINTS = typing.get_type_hints(ExperimentConfig)
+CORE_FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig) if not f.metadata.get("internal")}
+_CORE_HINTS = typing.get_type_hints(ExperimentConfig)
+
+#: keys declared by components (learners, presets) with :func:`config_keys`: name -> field, name -> type
+EXTENSION_FIELDS: dict[str, dataclasses.Field] = {}
+_EXTENSION_HINTS: dict[str, Any] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyGroup:
+    """The keys one component declares: README's table title, the key names, an optional whole-config check
+    ``validate(cfg, origin)`` (``origin(key)`` names where a key's value came from; raises ConfigError)."""
+
+    title: str
+    names: tuple[str, ...]
+    validate: Optional[Callable[[Any, Callable[[str], str]], None]] = None
+
+
+KEY_GROUPS: list[KeyGroup] = []
+
+
+def config_keys(title: str, validate: Optional[Callable[[Any, Callable[[str], str]], None]] = None):
+    """Class decorator: the annotated fields of the class (``name: type = key(default, help, **bounds)``) become
+    config keys, validated and documented like the core ones and read as ``cfg.<name>``.
+
+    A learner or tuning preset declares its keys in its own file this way, so adding one touches no list
+    elsewhere. ``title`` heads the keys' table in README.md (``python -m utils.config --markdown``).
+
+    Raises:
+        ValueError: a key name is taken.
+    """
+    def wrap(cls):
+        dc = dataclasses.dataclass(cls)
+        hints = typing.get_type_hints(dc)
+        names = []
+        for f in dataclasses.fields(dc):
+            if f.name in CORE_FIELDS or f.name in EXTENSION_FIELDS:
+                raise ValueError(f"config key {f.name!r} ({title}) is declared twice")
+            EXTENSION_FIELDS[f.name] = f
+            _EXTENSION_HINTS[f.name] = hints[f.name]
+            names.append(f.name)
+        KEY_GROUPS.append(KeyGroup(title, tuple(names), validate))
+        return dc
+
+    return wrap
+
+
+def _default(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return field.default_factory()  # type: ignore[misc]
+    return field.default
+
+
+class _Fields(typing.Mapping):
+    """Every config key -> its dataclass field: the core keys, then the components' (loaded on first need)."""
+
+    def __getitem__(self, name: str) -> dataclasses.Field:
+        if name in CORE_FIELDS:
+            return CORE_FIELDS[name]
+        load_components()
+        return EXTENSION_FIELDS[name]
+
+    def __contains__(self, name: object) -> bool:
+        if name in CORE_FIELDS:
+            return True
+        load_components()
+        return name in EXTENSION_FIELDS
+
+    def __iter__(self):
+        load_components()
+        return iter([*CORE_FIELDS, *EXTENSION_FIELDS])
+
+    def __len__(self) -> int:
+        load_components()
+        return len(CORE_FIELDS) + len(EXTENSION_FIELDS)
+
+
+FIELDS = _Fields()
+
+
+def key_type(name: str) -> Any:
+    """The declared type of config key ``name`` (core or component key). Raises KeyError for an unknown key."""
+    if name not in CORE_FIELDS and name not in EXTENSION_FIELDS:
+        load_components()
+    return _CORE_HINTS[name] if name in CORE_FIELDS else _EXTENSION_HINTS[name]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,6 +418,8 @@ def _check_range(key: str, value: Any, where: str) -> None:
             _check_range(key, item, where)
         return
     meta = FIELDS[key].metadata
+    if "registry" in meta and value is not None:
+        REGISTRIES[meta["registry"]].get(value, where)
     if "choices" in meta and value is not None and value not in meta["choices"]:
         close = difflib.get_close_matches(str(value), meta["choices"], n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -421,10 +522,11 @@ def config_from_dict(
             raise ConfigError(f"{where}: key {key!r} is not a string; see README.md for the list of keys.")
         if key not in FIELDS:
             raise _unknown_key(key, origin(key))
-        coerced = "none" if key == "spr" and value is None else _coerce(key, value, _HINTS[key], origin(key))
+        coerced = "none" if key == "spr" and value is None else _coerce(key, value, key_type(key), origin(key))
         _check_value(key, coerced, origin(key))
         values[key] = coerced
-    cfg = ExperimentConfig(**values)
+    core = {k: v for k, v in values.items() if k in CORE_FIELDS}
+    cfg = ExperimentConfig(**core, extensions={k: v for k, v in values.items() if k not in CORE_FIELDS})
     if cfg.backbone_type:
         cfg.convnet_type = cfg.backbone_type
     _validate(cfg, origin)
@@ -433,34 +535,26 @@ def config_from_dict(
 
 def _validate(cfg: ExperimentConfig, origin: Callable[[str], str]) -> None:
     """Checks on whole keys and across keys; ``origin(key)`` names where a key's value came from."""
-    if cfg.spr not in SPR_CHOICES:
-        raise ConfigError(f"{origin('spr')}: key 'spr' has value {cfg.spr!r}; expected one of {', '.join(SPR_CHOICES)}.")
-    if cfg.dataset not in DATASETS:
-        close = difflib.get_close_matches(cfg.dataset, DATASETS, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(
-            f"{origin('dataset')}: key 'dataset' has value {cfg.dataset!r}; expected one of {', '.join(DATASETS)}{hint}."
-        )
+    recipe = None if cfg.spr == "none" else PRESETS.get(cfg.spr, origin("spr"))
+    DATASETS.get(cfg.dataset, origin("dataset"))
     if cfg.weights_path is not None and not cfg.pretrained:
         where_w, where_p = origin("weights_path"), origin("pretrained")
         where = where_w if where_w == where_p else f"{where_w} and {where_p}"
         raise ConfigError(f"{where}: key 'weights_path' is set but key 'pretrained' is false; remove one of them.")
-    if cfg.model_name not in LEARNER_NAMES:
-        close = difflib.get_close_matches(cfg.model_name, list(LEARNER_NAMES), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(
-            f"{origin('model_name')}: key 'model_name' has value {cfg.model_name!r}; "
-            f"expected one of {', '.join(sorted(LEARNER_NAMES))}{hint}."
-        )
+    LEARNERS.get(cfg.model_name, origin("model_name"))
     for key in COMPOSITION_KEYS:
-        if getattr(cfg, key) is not None and cfg.spr not in SELECTIVE_PRESETS:
+        if getattr(cfg, key) is not None and (recipe is None or not recipe.selective):
+            selective = [name for name, r in PRESETS.items() if r.selective]
             raise ConfigError(
                 f"{origin(key)}: key '{key}' is set but spr {cfg.spr!r} has no scoring pass and task mask; "
-                f"it applies to the presets {', '.join(SELECTIVE_PRESETS)} (null leaves the preset's value)."
+                f"it applies to the presets {', '.join(selective)} (null leaves the preset's value)."
             )
-    if cfg.budget is not None and cfg.spr == "magnitude_gate":
-        raise ConfigError(f"{origin('budget')}: key 'budget' is set but spr 'magnitude_gate' takes its budget from "
+    if cfg.budget is not None and recipe is not None and recipe.gate:
+        raise ConfigError(f"{origin('budget')}: key 'budget' is set but spr {cfg.spr!r} takes its budget from "
                           "the gate; set gate_budget_large and gate_budget_small instead.")
+    for group in KEY_GROUPS:
+        if group.validate is not None:
+            group.validate(cfg, origin)
 
 
 #: keys that override a part of the spr preset (null = the preset's value)
@@ -555,7 +649,7 @@ def _read_json_file(path: Union[str, Path]) -> dict[str, Any]:
             continue
         if key not in FIELDS:
             break  # config_from_dict names the unknown key first
-        tp = _HINTS[key]
+        tp = key_type(key)
         if not inner:
             expected = _type_name(tp)
         elif typing.get_origin(tp) is list:
@@ -605,7 +699,7 @@ def load_config(path: Optional[Union[str, Path]], overrides: Sequence[str] = ())
         origin = f"--set {item}"
         if key not in FIELDS:
             raise _unknown_key(key, origin)
-        tp = _HINTS[key]
+        tp = key_type(key)
         text = item.split("=", 1)[1].strip()
         if tp in (str, Optional[str]) and isinstance(value, (bool, int, float)):
             value = text  # a name that reads as a number or boolean, e.g. prefix=2024 or prefix=NaN

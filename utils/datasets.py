@@ -28,6 +28,7 @@ from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
 
 from utils.errors import DataNotFoundError, UserError
+from utils.registry import DATASETS
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,6 @@ IMAGE_FOLDERS = {
     "imageneta": ("imagenet-a", "test", "ImageNet-A (" + APER_SOURCE + ")"),
     "cars": ("cars196", "val", "Stanford Cars-196 (TFDS 'cars196' or the SLCA train/val split)"),
 }
-N_CLASSES = {"cifar224": 100, "cub": 200, "imagenetr": 200, "imageneta": 200, "cars": 196, "fmnist": 10}
 # IDX element types (type byte of the magic number) -> big-endian numpy dtype (SPEC 16)
 IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -191,15 +191,16 @@ def build_transforms(dataset: str, size: int, norm: Optional[tuple[Sequence[floa
         (train_transform, test_transform): PIL image -> float32 tensor (3, size, size).
     """
     resize_test = int(256 / 224 * size)
-    if dataset == "cars":  # SLCA recipe
+    recipe = DATASETS.get(dataset).transforms
+    if recipe == "resize_crop":  # SLCA recipe (cars)
         side = int(300 / 224 * size)
         train = [T.Resize((side, side), interpolation=T.InterpolationMode.BICUBIC), T.RandomCrop(size),
                  T.RandomHorizontalFlip(0.5)]
         test = [T.Resize(resize_test, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
-    elif dataset == "fmnist":  # 28x28 grayscale: resize only, no crop (our choice, SPEC 16)
+    elif recipe == "resize":  # small grayscale images: resize only, no crop (our choice for fmnist, SPEC 16)
         train = [T.Resize((size, size)), T.RandomHorizontalFlip(0.5)]
         test = [T.Resize((size, size))]
-    else:
+    else:  # "random_resized_crop": the official recipe of the other data sets
         train = [T.RandomResizedCrop(size, scale=(0.05, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)), T.RandomHorizontalFlip(0.5)]
         test = [T.Resize(resize_test, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
     tail: list = [T.ToTensor()]
@@ -209,8 +210,8 @@ def build_transforms(dataset: str, size: int, norm: Optional[tuple[Sequence[floa
 
 
 def default_norm(dataset: str) -> Optional[tuple[Sequence[float], Sequence[float]]]:
-    """The official normalisation: ImageNet mean/std for cars, none otherwise (SPEC 2.1, 9.18)."""
-    return (IMAGENET_MEAN, IMAGENET_STD) if dataset == "cars" else None
+    """The official normalisation of a data set: ImageNet mean/std for cars, none otherwise (SPEC 2.1, 9.18)."""
+    return DATASETS.get(dataset).norm
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,7 +362,7 @@ def load_fmnist(root: Path, download: bool) -> tuple[Split, Split]:
     for images_name, labels_name in (FMNIST_FILES[:2], FMNIST_FILES[2:]):
         images, labels = arrays[images_name], arrays[labels_name]
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels) or images.dtype != np.uint8 \
-                or (len(labels) and (labels.min() < 0 or labels.max() >= N_CLASSES["fmnist"])):
+                or (len(labels) and (labels.min() < 0 or labels.max() >= DATASETS.get("fmnist").n_classes)):
             raise DataIntegrityError(f"dataset 'fmnist': {images_name} {images.shape} {images.dtype} and {labels_name} "
                                      f"{labels.shape} do not form a Fashion-MNIST split (uint8 (N, 28, 28) images, "
                                      "N labels in 0..9).")
@@ -423,7 +424,7 @@ def load_source(dataset: str, data_root: Union[str, Path], size: int,
     """Load a data set and its transforms.
 
     Args:
-        dataset: id (``cifar224``, ``cub``, ``imagenetr``, ``imageneta``, ``cars``, ``fmnist``).
+        dataset: a registered data set (``cifar224``, ``cub``, ``imagenetr``, ``imageneta``, ``cars``, ``fmnist``).
         data_root: folder holding the data sets.
         size: image side fed to the backbone.
         norm: (mean, std) for Normalize, or None.
@@ -434,18 +435,56 @@ def load_source(dataset: str, data_root: Union[str, Path], size: int,
             array-backed data sets).
 
     Raises:
+        ConfigError: not a registered data set.
         DataNotFoundError: see the per-data-set loaders.
         DataIntegrityError: damaged files or inconsistent splits (ImageReadError with ``verify_images``).
     """
     root = Path(data_root).expanduser().resolve()
-    if dataset == "cifar224":
-        train, test = load_cifar224(root, download)
-    elif dataset == "fmnist":
-        train, test = load_fmnist(root, download)
-    else:
-        train, test = load_image_folder(dataset, root)
+    train, test = DATASETS.get(dataset).load(root, download)
     train, test = train.subsample(train_per_class), test.subsample(test_per_class)
     if verify_images:
         _verify_images(train, test)
     train_t, test_t = build_transforms(dataset, size, norm)
     return DataSource(dataset, train, test, train_t, test_t)
+
+
+# ---------------------------------------------------------------------------------------------
+# the registered data sets
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A registered data set (``utils.registry.DATASETS``).
+
+    Attributes:
+        name: the ``dataset`` value.
+        n_classes: classes of the whole data set.
+        load: (data root, download allowed) -> (train split, test split).
+        transforms: the recipe of :func:`build_transforms`: ``random_resized_crop``, ``resize_crop`` or ``resize``.
+        norm: the official normalisation (mean, std), or None.
+        order: its column in the report (the paper's table order).
+    """
+
+    name: str
+    n_classes: int
+    load: Callable[[Path, bool], tuple[Split, Split]]
+    transforms: str = "random_resized_crop"
+    norm: Optional[tuple[Sequence[float], Sequence[float]]] = None
+    order: int = 100
+
+
+def register_dataset(spec: DatasetSpec) -> DatasetSpec:
+    """Register a data set under ``spec.name``."""
+    return DATASETS.register(spec.name, spec)
+
+
+def _folder(dataset: str) -> Callable[[Path, bool], tuple[Split, Split]]:
+    return lambda root, download: load_image_folder(dataset, root)
+
+
+register_dataset(DatasetSpec("cifar224", 100, load_cifar224, order=10))
+register_dataset(DatasetSpec("imagenetr", 200, _folder("imagenetr"), order=20))
+register_dataset(DatasetSpec("imageneta", 200, _folder("imageneta"), order=30))
+register_dataset(DatasetSpec("cub", 200, _folder("cub"), order=40))
+register_dataset(DatasetSpec("cars", 196, _folder("cars"), transforms="resize_crop", norm=(IMAGENET_MEAN, IMAGENET_STD),
+                             order=50))
+register_dataset(DatasetSpec("fmnist", 10, load_fmnist, transforms="resize", order=60))

@@ -179,23 +179,3 @@ def step_rows(step: int, n_items: int, batch_size: int) -> Optional[tuple[int, i
 def shares(total: int) -> list[int]:
     """Rows of every rank in a batch of ``total``."""
     return [stop - start for start, stop in (share(total, world_size(), r) for r in range(world_size()))]
-
-
-def fill_empty(batches):
-    """Yield the loader's ``(index, x, y)`` batches, an empty share (None) as zero-row slices of the last batch.
-
-    Under torchrun a rank's share of a last global batch smaller than the number of ranks is empty; the rank
-    still takes part in the step's collectives with zero rows.
-
-    Raises:
-        RuntimeError: the first batch is empty (the global batch is smaller than the number of ranks).
-    """
-    last = None
-    for batch in batches:
-        if batch is None:
-            if last is None:
-                raise RuntimeError("a rank got no rows of the first batch: batch_size must be at least the number "
-                                   "of torchrun processes")
-            batch = tuple(t[:0] for t in last)
-        last = batch
-        yield batch

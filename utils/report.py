@@ -49,21 +49,34 @@ import numpy as np
 
 from utils.config import COMPOSITION_KEYS, FIELDS
 from utils.errors import UserError
+from utils.registry import DATASETS, LEARNERS, PRESETS
 
 RESULTS_NAME = "results.json"
 
-# learner key -> display name; model names ending in "_mist" are aliases of the same learner.
-LEARNER_NAMES = {"ranpac": "RanPAC", "simplecil": "SimpleCIL"}
-LEARNER_ORDER = ("ranpac", "simplecil")
-# baseline first, ablations next, the proposed method last (as in the paper's tables)
-METHOD_ORDER = ("none", "rand", "l2", "grad", "run", "cerun", "ce_finetune", "mist_random", "piece_f", "piece_s",
-                "magnitude_gate", "mist")
-DATASET_ORDER = ("cifar224", "imagenetr", "imageneta", "cub", "omnibenchmark", "vtab", "cars", "fmnist")
-# keys of one preset's own parameters: a run that sets one to a non-default value is another method, named with it
-_PIECE, _GATE = ("piece_f", "piece_s"), ("magnitude_gate",)
-PRESET_KEYS = {"top_ratio": _PIECE, "adam_lr": _PIECE + _GATE,
-               "adam_head_lr": _PIECE + _GATE, "gate_threshold": _GATE, "gate_budget_large": _GATE,
-               "gate_budget_small": _GATE, "gate_memory": _GATE, "gate_ema": _GATE}
+# learner titles and order, method order and labels, data-set order and each preset's own keys come from the
+# registries (utils/registry.py): a new learner, preset or data set appears here without an edit.
+def _learner_order() -> list[str]:
+    return [name for name, cls in sorted(LEARNERS.items(), key=lambda item: item[1].ORDER)]
+
+
+def _method_order() -> list[str]:
+    """Baseline first, ablations next, the proposed method last (as in the paper's tables)."""
+    return ["none", *(name for name, p in sorted(PRESETS.items(), key=lambda item: item[1].order))]
+
+
+def _preset_keys() -> dict[str, list[str]]:
+    """Config key -> the presets whose own parameter it is: a run with a non-default value is another method."""
+    out: dict[str, list[str]] = {}
+    for name, p in PRESETS.items():
+        for key in p.keys:
+            out.setdefault(key, []).append(name)
+    return out
+
+
+def _dataset_order() -> list[str]:
+    return [name for name, spec in sorted(DATASETS.items(), key=lambda item: item[1].order)]
+
+
 # config keys that do not change the results: runs differing only in these are the "same" experiment
 RUNTIME_KEYS = frozenset({"seed", "device", "num_workers", "progress", "eval_batch_size", "stop_after_task",
                           "verify_images", "data_root", "download", "config", "check_replicas", "prefix",
@@ -169,14 +182,14 @@ class Collection:
 
     @property
     def learners(self) -> list[str]:
-        return _ordered({k[0] for k in self.cells}, LEARNER_ORDER)
+        return _ordered({k[0] for k in self.cells}, _learner_order())
 
     @property
     def datasets(self) -> list[str]:
-        return _ordered({k[2] for k in self.cells}, DATASET_ORDER)
+        return _ordered({k[2] for k in self.cells}, _dataset_order())
 
     def methods(self, learner: str) -> list[str]:
-        return _ordered({k[1] for k in self.cells if k[0] == learner}, METHOD_ORDER)
+        return _ordered({k[1] for k in self.cells if k[0] == learner}, _method_order())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,12 +201,16 @@ def _ordered(names: Iterable[str], preferred: Sequence[str]) -> list[str]:
 
 
 def learner_of(model_name: str) -> str:
-    """``ranpac_mist`` -> ``ranpac``: the learner key of a ``model_name`` (its ``_mist`` alias suffix dropped)."""
+    """``ranpac_mist`` -> ``ranpac``: the registered learner of a ``model_name`` (aliases resolved; an unknown name
+    with its ``_mist`` suffix dropped)."""
+    if model_name in LEARNERS:
+        return LEARNERS.canonical(model_name)
     return model_name[: -len("_mist")] if model_name.endswith("_mist") else model_name
 
 
 def learner_title(learner: str) -> str:
-    return LEARNER_NAMES.get(learner, learner)
+    """The learner's report title (its class's ``TITLE``), or the name itself when it is not registered."""
+    return LEARNERS.get(learner).TITLE or learner if learner in LEARNERS else learner
 
 
 def find_results(dirs: Sequence[Path]) -> list[Path]:
@@ -274,7 +291,7 @@ def load_run(path: Path) -> RunRecord:
     if not isinstance(method, str):
         raise InvalidResults(f"'config.spr' is {method!r}, expected a name")
     overrides = [f"{key}={json.dumps(cfg[key])}" for key in COMPOSITION_KEYS if cfg.get(key) is not None]
-    overrides += [f"{key}={json.dumps(cfg[key])}" for key, presets in PRESET_KEYS.items()
+    overrides += [f"{key}={json.dumps(cfg[key])}" for key, presets in _preset_keys().items()
                   if method in presets and key in cfg and cfg[key] != FIELDS[key].default]
     if overrides:  # a preset with parts replaced is another method
         method = f"{method} ({', '.join(overrides)})"
@@ -638,7 +655,7 @@ def plot_curves(col: Collection, out_dir: Path) -> list[Path]:
     import matplotlib
 
     colours = matplotlib.colormaps["tab10"]
-    all_methods = _ordered({k[1] for k in col.cells}, METHOD_ORDER)
+    all_methods = _ordered({k[1] for k in col.cells}, _method_order())
     markers = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
     written = []
     for dataset in col.datasets:

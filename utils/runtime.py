@@ -7,7 +7,7 @@ import os
 import random
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -110,29 +110,38 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-# Independent random streams of a run, each from its own generator seeded with (seed, stream).
-STREAMS = ("loader", "drop", "augment", "ablation_mask", "projection")
-# Streams added later are seeded past 2**40, so adding one leaves the sequences of STREAMS unchanged.
-LATER_STREAMS = ("importance",)
-_LATER_OFFSET = 2**40
+# Independent random streams of a run, each from its own generator seeded from (run seed, stream name).
+# The streams that existed before streams were keyed by name keep their seeds (seed * 5 + position, and
+# 2**40 + seed for "importance") so that every pinned result stays bit-identical; any other name is seeded
+# from a hash of (run seed, name), so a learner or method that adds a stream never shifts another one.
+LEGACY_STREAMS = {"loader": (5, 0), "drop": (5, 1), "augment": (5, 2), "ablation_mask": (5, 3),
+                  "projection": (5, 4), "importance": (1, 2**40)}
+_STREAM_TAG = 0x73747265616D  # "stream": keeps the hashed seeds apart from the per-sample transform seeds
+
+
+def stream_seed(seed: int, stream: str) -> int:
+    """The generator seed of random stream ``stream`` of a run seeded with ``seed`` (a non-negative int).
+
+    Raises:
+        ValueError: an empty stream name.
+    """
+    if not stream:
+        raise ValueError("a random stream needs a name")
+    if stream in LEGACY_STREAMS:
+        mult, offset = LEGACY_STREAMS[stream]
+        return offset + seed * mult
+    words = [seed, _STREAM_TAG, *stream.encode()]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu", stream: str = "loader") -> torch.Generator:
-    """A torch generator on ``device`` for one named random stream of the run seeded with ``seed``.
+    """A torch generator on ``device`` for the random stream named ``stream`` of the run seeded with ``seed``.
 
-    Streams (``STREAMS``, ``LATER_STREAMS``) never share a sequence, and none touches the global RNG, so e.g. RanPAC's
+    Streams never share a sequence (see :func:`stream_seed`), and none touches the global RNG, so e.g. RanPAC's
     W_rand is the same whether or not a tuning phase ran before it.
-
-    Raises:
-        ValueError: unknown stream name.
     """
     gen = torch.Generator(device=device)
-    if stream in STREAMS:
-        gen.manual_seed(seed * len(STREAMS) + STREAMS.index(stream))
-    elif stream in LATER_STREAMS:
-        gen.manual_seed(_LATER_OFFSET + seed * len(LATER_STREAMS) + LATER_STREAMS.index(stream))
-    else:
-        raise ValueError(f"unknown random stream {stream!r}; expected one of {STREAMS + LATER_STREAMS}")
+    gen.manual_seed(stream_seed(seed, stream))
     return gen
 
 
@@ -285,12 +294,20 @@ class SeededLoader(DataLoader):
     def __init__(self, *args, tagged: _EpochTaggedSampler, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.tagged = tagged
+        self.epochs_started = 0
 
     def __iter__(self):
-        if self._iterator is not None:  # the persistent iterator is reset, not re-created (no base_seed draw)
+        # a persistent iterator is reset from the second epoch on, not re-created (no base_seed draw)
+        if self.persistent_workers and self.num_workers > 0 and self.epochs_started > 0:
             base_seed = int(torch.empty((), dtype=torch.int64).random_(generator=self.generator).item())
             self.tagged.tag = base_seed
+        self.epochs_started += 1
         return super().__iter__()
+
+    @property
+    def global_batch_size(self) -> int:
+        """Images per batch over every torchrun process (this process's loader yields its share of it)."""
+        return getattr(self.batch_sampler, "global_batch_size", None) or self.batch_size
 
 
 def default_prefetch_factor(num_workers: int) -> Optional[int]:
@@ -351,6 +368,56 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
     else:
         kwargs.update(batch_size=batch_size, sampler=sampled)
     return SeededLoader(_ReseedingDataset(dataset, run_seed), tagged=tagged, **kwargs)
+
+
+class Batch(NamedTuple):
+    """One training batch as the tuning loop and the losses see it.
+
+    Attributes:
+        index: (B,) int64 dataset indices.
+        x: (B, 3, H, W) float32 images (on the host; the loss moves them).
+        y: (B,) int64 labels.
+        rows: under torchrun, ``(offset, total)``: this process's first row and the number of rows in the
+            whole (global) batch, for the gathers of a loss that needs the whole batch; None in one process.
+            A process's share may be empty (zero rows, same trailing shape) on a last batch smaller than the
+            number of processes; it still takes part in the step's collectives.
+    """
+
+    index: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor
+    rows: Optional[tuple[int, int]] = None
+
+
+def batches(loader: Iterable) -> Iterator[Batch]:
+    """The loader's ``(index, x, y)`` batches as :class:`Batch` items carrying their rows (one pass).
+
+    ``loader``: a loader of :func:`make_loader`, or any iterable of ``(index, x, y)`` tuples or :class:`Batch` items
+    (taken as one process's whole batches).
+
+    The only place that knows how a torchrun training loader splits a global batch: the losses read
+    ``batch.rows`` instead of computing offsets.
+
+    Raises:
+        RuntimeError: under torchrun, this process got no rows of the first batch (the global batch is smaller
+            than the number of processes).
+    """
+    if not isinstance(loader, DataLoader):  # any iterable of (index, x, y) or Batch items, one process
+        for item in loader:
+            yield item if isinstance(item, Batch) else Batch(item[0], item[1], item[2], None)
+        return
+    sharded = distributed.active() and isinstance(loader.batch_sampler, _ShardedBatches)
+    n_items, size = len(loader.dataset), getattr(loader, "global_batch_size", None) or loader.batch_size
+    last = None
+    for step, item in enumerate(loader):
+        if item is None:
+            if last is None:
+                raise RuntimeError("a process got no rows of the first batch: batch_size must be at least the number "
+                                   "of torchrun processes")
+            item = tuple(t[:0] for t in last)
+        last = item
+        rows = distributed.step_rows(step, n_items, size) if sharded else None
+        yield Batch(item[0], item[1], item[2], rows)
 
 
 def setup_logging(log_file: Optional[Path], level: int = logging.INFO) -> None:

@@ -35,7 +35,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-METHODS = ("none", "mist", "piece_f", "piece_s", "magnitude_gate", "mist_random", "ce_finetune")
+sys.path.insert(0, str(REPO))
+from models.sparse.presets import compared_methods  # noqa: E402  (the presets marked compare=True, and MIST)
+
+METHODS = tuple(compared_methods())
 
 
 def jobs(configs: list[Path], base: list[Path], methods: list[str]) -> list[tuple[str, Path, list[str]]]:

@@ -21,8 +21,24 @@ from typing import Any, Optional
 
 import torch
 
+from utils.config import config_keys, key
+
 INITIALIZED, FROZEN = "initialized", "frozen"
 MEMORY_RULES = ("previous", "ema")
+
+
+@config_keys("Update-magnitude control, spr magnitude_gate (models/sparse/gate.py)")
+class GateKeys:
+    gate_threshold: float = key(
+        0.5, "magnitude_gate: cosine similarity below which a task gets the large budget (SPEC 14.3).", ge=-1, le=1
+    )
+    gate_budget_large: float = key(0.01, "magnitude_gate: selected fraction of the 'initialized' regime.", gt=0, le=1)
+    gate_budget_small: float = key(0.001, "magnitude_gate: selected fraction of the 'frozen' regime.", gt=0, le=1)
+    gate_memory: str = key(
+        "previous", "magnitude_gate reference gradient: previous (the last task's mean gradient) or ema.",
+        choices=MEMORY_RULES,
+    )
+    gate_ema: float = key(0.5, "magnitude_gate: decay of the reference EMA (gate_memory 'ema').", ge=0, lt=1)
 
 
 @dataclass(frozen=True)

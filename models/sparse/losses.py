@@ -7,13 +7,17 @@ Sources: SPEC 4.2 (``simclr_aug``: flip, grayscale, random resized crop) and SPE
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.errors import NonFiniteError
+from models.loop import cross_entropy
+from utils import distributed
+from utils.registry import LOSSES
+from utils.runtime import Batch, autocast
+
 
 TEMPERATURE = 0.07  # official tau
 NORM_EPS = 1e-8  # z = p / (||p|| + 1e-8)
@@ -153,47 +157,50 @@ class SecondViewAugment(nn.Module):
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-class LossMonitor:
-    """An epoch's losses summed on the device, with the first non-finite one remembered; read once per epoch.
-
-    ``add`` never waits on the host (no ``.item()`` per step); ``mean`` synchronises once and raises if any
-    loss of the epoch was NaN or infinite, naming the step.
-
-    Args:
-        device: where the losses live.
-        where: what the epoch is, for the error message (e.g. "task 3, epoch 5/20").
-    """
-
-    def __init__(self, device: torch.device, where: str) -> None:
-        self.where = where
-        self.total = torch.zeros((), dtype=torch.float64, device=device)
-        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-        self.steps = torch.zeros((), dtype=torch.int64, device=device)
-
-    def add(self, loss: torch.Tensor) -> None:
-        """Add one step's scalar loss (float tensor on the device)."""
-        loss = loss.detach()
-        self.total += loss.double()
-        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), self.steps, self.first_bad)
-        self.steps += 1
-
-    def mean(self, n_steps: int) -> float:
-        """The mean loss over ``n_steps`` (a Python float, the sum in float64 divided by max(n_steps, 1)).
-
-        Raises:
-            NonFiniteError: a loss of the epoch was NaN or infinite (the message names the step, 0-based).
-        """
-        total, bad = torch.stack([self.total, self.first_bad.double()]).tolist()
-        if bad >= 0:
-            raise NonFiniteError(f"{self.where}, step {int(bad)}: the loss is {total if total != total else 'not finite'}"
-                                 " (NaN or infinite); stopping. Lower the learning rates, use precision fp32, or "
-                                 "check the inputs and weights.")
-        return total / max(n_steps, 1)
-
-
 def two_views(x: torch.Tensor, augment: SecondViewAugment, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
     """Pair formation of SPEC 4.2: concat(x, aug(x)) along the batch axis, originals first. (2B, 3, H, W).
 
     ``rows``: see :meth:`SecondViewAugment.forward` (one rank's share of a batch under torchrun).
     """
     return torch.cat([x, augment(x, rows)], dim=0)
+
+
+# ---- the tuning phase's losses, registered (``scoring_loss``): (tuner, CE head or None, task) -> batch -> loss ----
+def contrastive_loss(tuner, batch: Batch) -> torch.Tensor:
+    """MIST's loss: supervised NT-Xent of the projections of (x, aug(x)) (SPEC 4.2-4.3).
+
+    Under torchrun (``batch.rows`` set) x and y are this process's share of a global batch: the views are drawn for
+    the whole batch and the projections of every process are gathered (differentiably), so each process computes
+    the one-process loss.
+    """
+    x, y = batch.x.to(tuner.device, non_blocking=True), batch.y.to(tuner.device, non_blocking=True)
+    views = two_views(x, tuner.augment, batch.rows)
+    with autocast(tuner.device, tuner.cfg.precision):
+        proj = tuner.network(views).float()
+    if batch.rows is not None:
+        counts, n = distributed.shares(batch.rows[1]), x.shape[0]
+        proj = torch.cat([distributed.gather_rows(proj[:n], counts), distributed.gather_rows(proj[n:], counts)])
+        y = distributed.gather_rows(y, counts)
+    return supervised_nt_xent(proj, y, exclude_self_positive=tuner.cfg.exclude_self_positive)
+
+
+def head_logits(tuner, head: nn.Module, batch: Batch, columns: slice = slice(None)) -> torch.Tensor:
+    """``head(backbone(x))[:, columns]``: (B, C) float32 logits of the batch's images."""
+    with autocast(tuner.device, tuner.cfg.precision):
+        features = tuner.network.convnet(batch.x.to(tuner.device, non_blocking=True)).float()
+    return head(features)[:, columns]
+
+
+@LOSSES.register("contrastive")
+def contrastive(tuner, head: Optional[nn.Module], task) -> Callable[[Batch], torch.Tensor]:
+    return lambda batch: contrastive_loss(tuner, batch)
+
+
+@LOSSES.register("ce")
+def ce(tuner, head: nn.Module, task) -> Callable[[Batch], torch.Tensor]:
+    """Cross-entropy of ``head`` (over the task's classes) on the backbone features; targets y - known."""
+    def forward(batch: Batch) -> torch.Tensor:
+        targets = batch.y.to(tuner.device, non_blocking=True) - task.known
+        return cross_entropy(head_logits(tuner, head, batch), targets, batch)
+
+    return forward

@@ -1,24 +1,28 @@
-"""Plain references for the fast paths of issue 7, written straight from SPEC.md (used by bench/ and tests/).
+"""The plain per-tensor reference of MIST's masked step (SPEC 4.6), the documented equivalent of the fast path.
+
+``plan.py`` (flat buffer, :class:`GradientPlan`) is the default; this module is what it is tested equal to
+(``tests/test_sparse_fast.py``) and measured against (``bench/mist_step.py``), written straight from SPEC.md:
 
 - :class:`ReferenceState` and :func:`reference_masked_grads_`: MIST's across-task state as the official code
   keeps it (bool frozen masks, int32 overlap counts, one per parameter) and its per-step gradient sequence,
   tensor by tensor (SPEC 4.6): zero the frozen entries, draw the Bernoulli keep decisions on the selected
   entries, multiply by mask and draw, by 0.9 ** count, zero the frozen entries again.
 - :class:`ReferenceMistTuner`: a whole MIST task (SPEC 4.4-4.7) on that state and sequence, for comparing
-  masks, frozen sets, counts and weights with :class:`models.sparse.strategies.SparseTuner`.
+  masks, frozen sets, counts and weights with :class:`models.sparse.tuner.SparseTuner`.
 
-These are deliberately slow and literal; nothing in the package imports them.
+These are deliberately slow and literal; no learner runs them.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Mapping, Optional
 
 import torch
 
-from models.sparse.importance import mi_fisher
+from models.sparse.estimators import mi_fisher, scoring_pass
 from models.sparse.masks import OVERLAP_BASE, quantile, select_top
-from models.sparse.strategies import SparseTuner
+from models.sparse.tuner import SparseTuner
 
 ZERO_1_SKIP = ("fc.weight", "fc.sigma", "norm", "simclr")  # first frozen zeroing skips these names (SPEC 4.6.2)
 ZERO_2_SKIP = ("fc.weight", "fc.sigma", "bias", "norm")  # zeroing inside masked_update skips these (4.6.3.3)
@@ -86,8 +90,9 @@ class ReferenceMistTuner(SparseTuner):
         cfg = self.cfg
         optimizer, scheduler = self.make_optimizer()
         self.state.frozen_mask = lambda name: self.reference.frozen[name]  # the scoring pass zeroes these
-        scores, loss = mi_fisher(self.network, loader, len(loader), self.loss, self.state, self.device)
-        self._scheduler_step(scheduler)
+        sums = scoring_pass(self.loop, self.network, loader, lambda b: self.loss(b.x, b.y), self.state,
+                            moments=False, scheduler=scheduler)
+        scores = mi_fisher(sums, self.network, self.score_generator)
         selected = reference_select(scores, cfg.select_rate)
         params = self.named_trainables()
         for _ in range(2, cfg.mi_epochs + 1):
@@ -100,7 +105,9 @@ class ReferenceMistTuner(SparseTuner):
                 keep = {n: reference_draw(selected[n], cfg.keep_prob, self.drop_generator) for n in grads}
                 reference_masked_grads_(grads, selected, self.reference, keep)
                 optimizer.step()
-            self._scheduler_step(scheduler)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                scheduler.step()
         reference_end_task(scores, selected, self.reference, self.freeze_quantile)
         self.network.eval()
         return {"selected": selected}

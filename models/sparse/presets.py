@@ -1,0 +1,209 @@
+"""The tuning phase as a composition of named parts, and the ``spr`` presets built from them (issue 6, issue 12).
+
+A :class:`Recipe` names every part of one tuning phase:
+
+- **importance estimator** (``estimators.py``; task-level presets only): ``mi_fisher`` (MIST), ``fisher`` (PIECE-F),
+  ``second_order`` (PIECE-S), ``magnitude``, ``random``;
+- **loss** (``losses.py``): MIST's supervised contrastive loss on the projection head (``contrastive``), or
+  cross-entropy on a cosine head over the task's classes (``ce``);
+- **selection scope** (``scopes.py``): ``per_tensor``, ``global``, ``per_block``;
+- **budget**: the selected fraction (a config key of the preset, or the gate's per-task choice);
+- **optimizer** (``optim.py``): MIST's SGD groups (``mist_sgd``) or PIECE's Adam (``adam``);
+- MIST's per-step **drop**, **overlap** penalty and **frozen** sets, each on or off;
+- **exclude_embeddings** and **strict_mask** (PIECE's fully-trainable-tensor quirk off);
+- **gate**: update-magnitude control (``gate.py``) picks the budget per task;
+- **step_rule** (``per_step.py``): the official CE ablations re-select their gradient entries every step.
+
+A preset is a registered :class:`Preset` (``utils.registry.PRESETS``): the parts, which config keys give its budget
+and epochs, the keys of its own parameters, its report label and order, and its source. Adding one is one call to
+:func:`register_preset` (``docs/extending.md``). Config keys named in ``COMPOSITION_KEYS`` override a part of a
+task-level preset. Every built-in preset is pinned by ``tests/test_presets_unchanged.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from utils.config import COMPOSITION_KEYS, config_keys, key
+from utils.registry import PRESETS
+
+
+@config_keys("PIECE (models/sparse/presets.py)")
+class PieceKeys:
+    top_ratio: float = key(0.001, "PIECE: global fraction of backbone entries selected per task (SPEC 13.3).", gt=0, le=1)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One tuning phase, part by part, with the config's values (see the module docstring for each part).
+
+    Attributes:
+        preset: the ``spr`` name it came from (the report's ``method``).
+        loss: a registered loss (``"contrastive"``, ``"ce"``).
+        importance: estimator name, or None for the per-step presets (no scoring pass).
+        scope: a registered selection scope (None with no estimator).
+        budget: selected fraction in (0, 1] (None with no estimator, or when the gate picks it).
+        step_rule: a registered per-step mask rule, or None (dense, or a task-level preset).
+        optimizer: a registered tuning optimizer.
+        drop, overlap, freeze: MIST's per-step drop, overlap penalty and frozen sets.
+        exclude_embeddings: patch/position embeddings, class token (and a CNN's stem) are never selected.
+        strict_mask: False reproduces PIECE's "a tensor with no selected entry is fully trainable".
+        gate: update-magnitude control picks the budget per task.
+        head: the CE head's rows at the task's start: ``"official"`` (random on task 0, zero later, SPEC 9.24) or
+            ``"prototypes"`` (the task's class means; ours, for the ported methods).
+        epochs: epochs of the phase, the scoring pass included for task-level presets.
+    """
+
+    preset: str
+    loss: str
+    importance: Optional[str]
+    scope: Optional[str]
+    budget: Optional[float]
+    step_rule: Optional[str]
+    optimizer: str
+    drop: bool
+    overlap: bool
+    freeze: bool
+    exclude_embeddings: bool
+    strict_mask: bool
+    gate: bool
+    head: str
+    epochs: int
+
+    @property
+    def selective(self) -> bool:
+        """True for a scoring pass followed by a mask fixed for the task."""
+        return self.importance is not None
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A registered ``spr`` value: the parts of its :class:`Recipe` and what the report and docs need.
+
+    Attributes:
+        name: the ``spr`` value.
+        parts: every :class:`Recipe` field but ``preset``, ``budget`` and ``epochs``.
+        budget_key: the config key of its budget (None: the gate picks it, or no selection).
+        epochs_key: the config key of its epochs.
+        label: the report's name for it.
+        order: its row in the report (baseline first, the proposed method last, as the paper's tables).
+        source: paper / official file / SPEC section.
+        keys: the config keys of its own parameters: a run that sets one to a non-default value is another
+            method in the report, named with it.
+        official: an ``spr`` value of the official code, subject to a learner's ``OFFICIAL_DISPATCH``.
+        compare: one of the methods of the comparison runner (``exps/importance/run.py``).
+    """
+
+    name: str
+    parts: dict[str, Any]
+    budget_key: Optional[str]
+    epochs_key: str
+    label: str
+    order: int
+    source: str
+    keys: tuple[str, ...] = ()
+    official: bool = False
+    compare: bool = False
+
+    @property
+    def selective(self) -> bool:
+        return self.parts["importance"] is not None
+
+    @property
+    def gate(self) -> bool:
+        return bool(self.parts["gate"])
+
+    def recipe(self, cfg) -> Recipe:
+        """The recipe with ``cfg``'s budget and epochs (no composition overrides: see :func:`resolve_recipe`)."""
+        budget = getattr(cfg, self.budget_key) if self.budget_key else None
+        return Recipe(preset=self.name, budget=budget, epochs=getattr(cfg, self.epochs_key), **self.parts)
+
+
+def register_preset(name: str, *, like: Optional[str] = None, **fields: Any) -> Preset:
+    """Register a preset: ``fields`` are :class:`Preset` attributes and :class:`Recipe` parts; with ``like``, the
+    parts and keys of that registered preset are the starting point.
+
+    Raises:
+        ValueError: the name is taken, or a part is missing.
+    """
+    base = PRESETS._entries.get(like) if like else None  # noqa: SLF001 (registration time: no lookup, no loading)
+    if like and base is None:
+        raise ValueError(f"preset {like!r} is not registered yet")
+    names = {f.name for f in dataclasses.fields(Preset)}
+    parts = {**(base.parts if base else {}), **{k: v for k, v in fields.items() if k not in names}}
+    missing = {f.name for f in dataclasses.fields(Recipe)} - {"preset", "budget", "epochs"} - set(parts)
+    if missing:
+        raise ValueError(f"preset {name!r} lacks the parts {sorted(missing)}")
+    own = {k: v for k, v in fields.items() if k in names}
+    if base is not None:
+        inherited = {k: getattr(base, k) for k in ("budget_key", "epochs_key", "keys", "source", "official", "compare")}
+        own = {**inherited, **own}
+    return PRESETS.register(name, Preset(name=name, parts=parts, **own))
+
+
+# ---- the built-in presets ------------------------------------------------------------------------
+_MIST_SOURCE = "MIST (official RanPAC-MIST / SimpleCIL-MIST files), SPEC 4"
+register_preset("mist", loss="contrastive", importance="mi_fisher", scope="per_tensor", step_rule=None,
+                optimizer="mist_sgd", drop=True, overlap=True, freeze=True, exclude_embeddings=False,
+                strict_mask=False, gate=False, head="prototypes", budget_key="select_rate", epochs_key="mi_epochs",
+                label="MIST", order=110, source=_MIST_SOURCE, official=True)
+register_preset("mist_random", like="mist", importance="random", label="MIST, random scores", order=70,
+                source="ours: random selection at MIST's budget", official=False, compare=True)
+register_preset("piece_f", loss="ce", importance="fisher", scope="global", step_rule=None, optimizer="adam",
+                drop=False, overlap=False, freeze=False, exclude_embeddings=True, strict_mask=False, gate=False,
+                head="prototypes", budget_key="top_ratio", epochs_key="mi_epochs", label="PIECE-F", order=80,
+                source="PIECE-F (github wanglingxiang0717/PIECE), SPEC 13", keys=("top_ratio", "adam_lr", "adam_head_lr"),
+                compare=True)
+register_preset("piece_s", like="piece_f", importance="second_order", label="PIECE-S", order=90,
+                source="PIECE-S (github wanglingxiang0717/PIECE), SPEC 13")
+# strict: with PIECE's rule a small budget leaves more tensors fully trainable than a large one, which would invert
+# the gate's "small update" regime (docs/deviations.md, section 4)
+register_preset("magnitude_gate", like="piece_f", gate=True, strict_mask=True, budget_key=None, compare=True,
+                label="update-magnitude gate", order=100, source="update-magnitude control (reconstructed), SPEC 14.3",
+                keys=("adam_lr", "adam_head_lr", "gate_threshold", "gate_budget_large", "gate_budget_small",
+                      "gate_memory", "gate_ema"))
+_ABLATION = dict(loss="ce", importance=None, scope=None, optimizer="mist_sgd", drop=False, overlap=False,
+                 freeze=False, exclude_embeddings=False, strict_mask=False, gate=False, head="official",
+                 budget_key=None, epochs_key="ablation_epochs", source="official CE ablations, SPEC 5", official=True)
+register_preset("rand", step_rule="rand", label="rand", order=10, **_ABLATION)
+register_preset("l2", step_rule="l2", label="l2", order=20, **_ABLATION)
+register_preset("grad", step_rule="grad", label="grad", order=30, **_ABLATION)
+register_preset("run", step_rule=None, label="run", order=40, **_ABLATION)
+register_preset("cerun", step_rule=None, label="cerun", order=50, **_ABLATION)
+register_preset("ce_finetune", step_rule=None, label="CE fine-tuning", order=60,
+                **{**_ABLATION, "official": False, "source": "ours: dense CE fine-tuning (what run/cerun do)"},
+                compare=True)
+
+#: config key -> Recipe field it overrides (``utils.config.COMPOSITION_KEYS``)
+OVERRIDES = {"importance": "importance", "scoring_loss": "loss", "selection_scope": "scope", "budget": "budget",
+             "tuning_optimizer": "optimizer", "gradient_drop": "drop", "overlap_penalty": "overlap",
+             "freeze_rule": "freeze", "exclude_embeddings": "exclude_embeddings", "strict_mask": "strict_mask"}
+assert set(OVERRIDES) == set(COMPOSITION_KEYS)
+
+
+def preset(cfg) -> Recipe:
+    """The recipe that ``cfg.spr`` names, before the config's composition overrides.
+
+    Raises:
+        ConfigError: ``cfg.spr`` is "none" or not a registered preset.
+    """
+    return PRESETS.get(cfg.spr).recipe(cfg)
+
+
+def resolve_recipe(cfg) -> Recipe:
+    """The recipe of ``cfg.spr`` with every non-null composition key of ``cfg`` applied.
+
+    Raises:
+        ConfigError: ``cfg.spr`` is "none" or not a registered preset.
+    """
+    recipe = preset(cfg)
+    changes = {part: getattr(cfg, k) for k, part in OVERRIDES.items() if getattr(cfg, k, None) is not None}
+    return dataclasses.replace(recipe, **changes) if changes else recipe
+
+
+def compared_methods() -> list[str]:
+    """The comparison runner's methods: no tuning, then every preset marked ``compare`` and MIST, in report order."""
+    chosen = [p for _, p in PRESETS.items() if p.compare or p.name == "mist"]
+    return ["none", *(p.name for p in sorted(chosen, key=lambda p: p.order))]

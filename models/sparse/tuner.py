@@ -1,0 +1,164 @@
+"""The tuning phase run before a learner's own training and head update, composed from a :class:`Recipe`.
+
+One :class:`SparseTuner` owns what persists across tasks: the network being tuned (backbone ``convnet`` + the
+768->128 projection head ``simclr``), the :class:`SparsityState`, the random streams, the CE head's sigma and the
+gate's memory. Each task it runs one of two phases through the project's :class:`~models.loop.TuningLoop`:
+
+- :class:`~models.sparse.selective.SelectivePhase` (task-level selection: MIST, PIECE-F/S, the gate, MIST with
+  random scores);
+- :class:`~models.sparse.per_step.PerStepPhase` (the official CE ablations and dense CE fine-tuning).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from models.heads import CosineLinear
+from models.loop import TuningLoop
+from models.sparse.gate import MagnitudeGate
+from models.sparse.losses import SecondViewAugment, contrastive_loss, head_logits
+from models.sparse.masks import SparsityState
+from models.sparse.network import TunedNetwork, official_head, prototype_head
+from models.sparse.optim import SGDSettings
+from models.sparse.per_step import PerStepPhase
+from models.sparse.presets import Recipe, resolve_recipe
+from models.sparse.scopes import is_embedding
+from models.sparse.selective import SelectivePhase
+from models.loop import cross_entropy
+from utils.config import warn_ignored
+from utils.registry import OPTIMIZERS
+from utils.runtime import Batch, make_generator
+
+logger = logging.getLogger(__name__)
+
+#: the tuner's random streams (``utils.runtime.make_generator`` names), saved in checkpoints
+STREAMS = ("drop", "augment", "ablation_mask", "importance")
+
+
+class SparseTuner:
+    """The tuning phase, composed from a :class:`Recipe` (``cfg.spr``'s preset with the config's overrides).
+
+    Args:
+        cfg: experiment config (``spr`` and the composition keys, the presets' keys, fix keys, ``progress``).
+        backbone: the learner's backbone, tuned in place.
+        device: where the network lives.
+        seed: run seed; the drop mask, the augmentation, the ablation masks and random scores draw from their own
+            named generators seeded from it.
+        learner_defaults: the learner's ``DEFAULTS`` (``freeze_quantile``).
+        sgd: MIST's optimizer settings (official by default; tests use momentum/weight decay 0).
+        recipe: the composition; None = :func:`resolve_recipe` of ``cfg``.
+
+    Raises:
+        ConfigError: ``cfg.spr`` names no registered preset ("none" builds no tuner: see ``models.sparse.build_tuner``).
+    """
+
+    def __init__(self, cfg, backbone: nn.Module, device: torch.device, seed: int,
+                 learner_defaults: dict[str, Any], sgd: SGDSettings = SGDSettings(),
+                 recipe: Optional[Recipe] = None) -> None:
+        self.cfg, self.device, self.sgd, self.seed = cfg, device, sgd, seed
+        self.recipe = recipe or resolve_recipe(cfg)
+        self.loop = TuningLoop(device, cfg.progress)
+        self.network = TunedNetwork(backbone, freeze_bn_stats=cfg.freeze_bn_stats).to(device)
+        self.state = SparsityState(self.network.named_parameters(), cfg.exempt_rule)
+        self.generators = {name: make_generator(seed, device, name) for name in STREAMS}
+        self.drop_generator, self.mask_generator = self.generators["drop"], self.generators["ablation_mask"]
+        self.score_generator = self.generators["importance"]
+        self.augment = SecondViewAugment(self.generators["augment"])
+        self.freeze_quantile = (cfg.freeze_quantile if cfg.freeze_quantile is not None
+                                else learner_defaults.get("freeze_quantile", 1.0))
+        if self.recipe.optimizer == "mist_sgd":
+            warn_ignored("weight_decay", cfg.weight_decay, sgd.weight_decay, "The tuning phase uses the module constant.")
+        self.sigma = 1.0  # the CE ablations' cosine-head scale, carried across tasks
+        self.trained_rows: Optional[torch.Tensor] = None
+        self.gate = (MagnitudeGate(cfg.gate_threshold, cfg.gate_budget_large, cfg.gate_budget_small, cfg.gate_memory,
+                                   cfg.gate_ema) if self.recipe.gate else None)
+        self.backbone_names = [n for n, _ in self.network.named_parameters() if n.startswith("convnet.")]
+        self.backbone_numel = sum(p.numel() for n, p in self.network.named_parameters() if n.startswith("convnet."))
+        # the flat gradient layout is the network's parameter order: backbone first, then the projection head
+        if list(self.state.shapes)[: len(self.backbone_names)] != self.backbone_names:
+            raise RuntimeError("the projection head's parameters must follow the backbone's in the network")
+
+    @property
+    def policy(self) -> str:
+        """The ``spr`` preset this tuner runs (the report's ``method``)."""
+        return self.recipe.preset
+
+    def tune(self, loader, task, head_rows: Optional[torch.Tensor] = None) -> dict[str, Any]:
+        """Run the tuning phase of ``task`` on ``loader`` and return its accounting for results.json.
+
+        ``head_rows``: the learner's classifier rows of the classes seen before the task, (known, D) float32, for a
+        phase that trains on the learner's own head (SimpleCIL's CE ablations); None otherwise.
+        """
+        if self.recipe.selective:
+            return SelectivePhase(self).run(loader, task)
+        return PerStepPhase(self).run(loader, task, head_rows)
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs besides the backbone: projection head, sparsity state, random streams, the CE
+        head's sigma and the gate's reference gradient."""
+        return {"simclr": self.network.simclr.state_dict(), "sparsity": self.state.state_dict(),
+                "generators": {name: gen.get_state() for name, gen in self.generators.items()},
+                "sigma": torch.tensor(self.sigma),
+                "gate": self.gate.state_dict() if self.gate is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`. Raises KeyError/ValueError/RuntimeError when it does not fit."""
+        self.network.simclr.load_state_dict(state["simclr"])
+        self.state.load_state_dict(state["sparsity"])
+        for name, gen in self.generators.items():
+            gen.set_state(state["generators"][name])
+        self.sigma = float(state["sigma"])
+        if (state["gate"] is None) != (self.gate is None):
+            raise ValueError("the checkpoint's update-magnitude gate does not match the config's spr")
+        if self.gate is not None:
+            self.gate.load_state_dict(state["gate"])
+
+    def extra_modules(self) -> list[nn.Module]:
+        """Modules besides the backbone whose parameters count in the logged network size."""
+        return [self.network.simclr]
+
+    # ---- parts the phases share ----------------------------------------------------------------
+    def make_optimizer(self, head: Optional[nn.Module] = None):
+        """The recipe's registered optimizer and scheduler (``optim.py``), over convnet, the CE head and simclr."""
+        return OPTIMIZERS.get(self.recipe.optimizer)(self, head)
+
+    def named_trainables(self, head: Optional[nn.Module] = None) -> dict[str, nn.Parameter]:
+        """Official-style names -> parameters: ``convnet.*``, ``simclr.*`` and (ablations) ``fc.*``."""
+        params = dict(self.network.named_parameters())
+        if head is not None:
+            params.update({f"fc.{n}": p for n, p in head.named_parameters()})
+        return params
+
+    def candidates(self) -> list[str]:
+        """Backbone tensors that may be selected (all, or all but the embeddings when the recipe excludes them)."""
+        return [n for n in self.backbone_names if not (self.recipe.exclude_embeddings and is_embedding(n))]
+
+    def backbone_fraction(self, masks: dict[str, torch.Tensor], maskable_only: bool = False) -> float:
+        """Share of backbone entries that are True in ``masks`` (optionally over non-exempt tensors only)."""
+        names = [n for n in self.backbone_names if n in masks and not (maskable_only and self.state.exempt[n])]
+        total = sum(masks[n].numel() for n in names)
+        return float(sum(int(masks[n].sum()) for n in names) / max(total, 1))
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """MIST's contrastive loss of a batch (``losses.contrastive_loss``); ``rows``: see ``utils.runtime.Batch``."""
+        return contrastive_loss(self, Batch(torch.arange(len(y)), x, y, rows))
+
+    def ce_loss(self, head: nn.Module, known: int, x: torch.Tensor, y: torch.Tensor,
+                rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Cross-entropy of ``head`` on the backbone features of x, targets y - known (``models.loop.cross_entropy``)."""
+        batch = Batch(torch.arange(len(y)), x, y, rows)
+        return cross_entropy(head_logits(self, head, batch), y.to(self.device) - known, batch)
+
+    def prototype_head(self, loader, task) -> CosineLinear:
+        """The ported methods' CE head: the task's class means (``network.prototype_head``)."""
+        return prototype_head(self.network, loader, task, self.device, self.cfg.precision)
+
+    def make_head(self, task, head_rows: Optional[torch.Tensor] = None) -> CosineLinear:
+        """The CE ablations' head (``network.official_head``), with the sigma carried across tasks."""
+        return official_head(int(self.network.convnet.out_dim), task, self.sigma, self.device,
+                             self.cfg.ablation_random_init_rows, head_rows)
