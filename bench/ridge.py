@@ -37,7 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.ridge import RidgeAccumulator, select_ridge  # noqa: E402
+from models.ridge import RidgeAccumulator
+from models.ridge_search import select_ridge  # noqa: E402
 
 D = 768  # ViT-B/16 feature width
 

@@ -1,14 +1,17 @@
 """The learners, and the one function that builds the learner a config names.
 
 Learners register in ``utils.registry.LEARNERS`` (``@LEARNERS.register(name, aliases=...)``); importing this
-package imports every built-in learner module, and with them the tuning presets they can run.
+package imports every module in ``models/`` and ``models/sparse/`` (``utils.registry.import_submodules``), so a new learner or
+tuning-phase part is one new file.
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
-from utils.registry import LEARNERS
+from utils.registry import LEARNERS, import_submodules
 
 
 def build_learner(cfg, device: torch.device, seed: int, backbone=None):
@@ -24,7 +27,4 @@ def build_learner(cfg, device: torch.device, seed: int, backbone=None):
     return cls(cfg, cls.build_backbone(cfg) if backbone is None else backbone, device, seed)
 
 
-from models import ranpac, simplecil  # noqa: E402,F401  (explicit registration, no directory scan)
-import importlib.util as _u  # TEMPORARY until models/slca.py lands
-if _u.find_spec("models.slca") is not None:
-    from models import slca  # noqa: F401
+import_submodules(sys.modules[__name__])

@@ -17,7 +17,7 @@ from models.loop import TuningLoop
 from models.sparse import build_tuner
 from utils import distributed
 from utils.config import ExperimentConfig
-from utils.runtime import autocast, make_generator, make_loader
+from utils.runtime import GeneratorState, Stateful, autocast, make_generator, make_loader
 
 logger = logging.getLogger(__name__)
 
@@ -152,12 +152,9 @@ class Learner(abc.ABC):
         return self.tuner.tune(self.loader(task.train, shuffle=True, train=True), task)
 
     def train_task(self, task: TaskData, loop: TuningLoop) -> Optional[dict[str, Any]]:
-        """The learner's own training on ``task`` (after the tuning phase, before the head update).
-
-        Nothing by default (SimpleCIL and RanPAC keep their backbone as the tuning phase leaves it). A learner that
-        trains uses ``loop`` (the project's one training loop: epochs, NaN guard, gradient sync, progress) and
-        returns its accounting for results.json, or None.
-        """
+        """The learner's own training on ``task`` (after the tuning phase, before the head update), through ``loop``
+        (epochs, NaN guard, gradient sync, progress); returns its accounting for results.json, or None. Nothing by
+        default (SimpleCIL and RanPAC keep their backbone as the tuning phase leaves it)."""
         return None
 
     @abc.abstractmethod
@@ -167,10 +164,6 @@ class Learner(abc.ABC):
     @abc.abstractmethod
     def update_head(self, task: TaskData) -> None:
         """Update the classifier for ``task``'s classes from features of the current backbone."""
-
-    def n_logits(self) -> int:
-        """Number of classes the classifier scores now (the width of :meth:`logits`)."""
-        return int(self.logits(torch.zeros(1, self.feature_dim, device=self.device)).shape[1])
 
     @abc.abstractmethod
     def logits(self, features: torch.Tensor) -> torch.Tensor:
@@ -227,7 +220,7 @@ class Learner(abc.ABC):
             preds.append(torch.topk(out, k=min(k, out.shape[1]), dim=1, largest=True, sorted=True)[1])
             labels.append(y)
         if distributed.active():  # every rank predicted a contiguous chunk of the test set
-            width = min(k, self.n_logits())
+            width = min(k, int(self.logits(torch.zeros(1, self.feature_dim, device=self.device)).shape[1]))
             top = torch.cat(preds) if preds else torch.zeros(0, width, dtype=torch.int64, device=self.device)
             y_all = (torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)).long().to(self.device)
             return distributed.gather_rows(top).cpu().numpy(), distributed.gather_rows(y_all).cpu().numpy()
@@ -272,8 +265,7 @@ class Learner(abc.ABC):
         """Restore :meth:`head_state`, moving tensors to ``device``."""
 
     def modules(self) -> list[nn.Module]:
-        """Every module of ours holding parameters (backbone, tuning-phase extras, a learner's trained heads): what
-        torchrun replicas compare. Not what the parameter-count log lines count: see :meth:`count_parameters`."""
+        """Every module of ours holding parameters: what torchrun replicas compare (not what the logs count)."""
         mods: list[nn.Module] = [self.backbone]
         if self.tuner is not None:
             mods.extend(self.tuner.extra_modules())
@@ -295,8 +287,7 @@ class Learner(abc.ABC):
                 sum(p.numel() for p in backbone if p.requires_grad) + extra)
 
     def extra_parameter_count(self) -> int:
-        """Parameters besides the backbone and the heads that the official network counts: by default those of
-        the tuning phase's extra modules (MIST's projection head), 0 without a tuning phase."""
+        """Parameters counted besides backbone and heads: the tuning phase's extra modules (MIST's projection)."""
         if self.tuner is None:
             return 0
         return sum(p.numel() for m in self.tuner.extra_modules() for p in m.parameters())
@@ -305,28 +296,3 @@ class Learner(abc.ABC):
     def head_parameter_count(self) -> int:
         """Parameters of the classifier heads in the learner's current state (called at the start of a task, with
         the previous task's heads, and after a head update)."""
-
-
-class Stateful:
-    """An object with ``state_dict``/``load_state_dict`` made of two functions (for :meth:`Learner.stateful`)."""
-
-    def __init__(self, get: Any, put: Any) -> None:
-        self.state_dict, self.load_state_dict = get, put
-
-
-class GeneratorState:
-    """A ``torch.Generator`` as a checkpoint entry (its state is a uint8 tensor)."""
-
-    def __init__(self, generator: torch.Generator) -> None:
-        self.generator = generator
-
-    def state_dict(self) -> torch.Tensor:
-        return self.generator.get_state()
-
-    def load_state_dict(self, state: torch.Tensor) -> None:
-        self.generator.set_state(state)
-
-
-def one_hot(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """labels (N,) int64 -> (N, n_classes) float32 one-hot."""
-    return torch.nn.functional.one_hot(labels, n_classes).float()

@@ -20,9 +20,10 @@ from typing import Literal, Optional
 
 import torch
 
-from models.base import Learner, TaskData, one_hot
+from models.base import Learner, TaskData
 from models.heads import PROJECTION_DIM, cosine_logits, grow_prototypes
-from models.ridge import RIDGE_GRID, RidgeAccumulator, select_ridge  # noqa: F401 (RIDGE_GRID re-exported)
+from models.ridge import RIDGE_GRID, RidgeAccumulator, one_hot  # noqa: F401 (RIDGE_GRID re-exported)
+from models.ridge_search import select_ridge
 from utils.config import config_keys, key
 from utils.registry import LEARNERS
 from utils.runtime import make_generator

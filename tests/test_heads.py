@@ -9,7 +9,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import models.ranpac as ranpac
-from models.base import TaskData, one_hot
+from models.base import TaskData
+from models.ridge import one_hot
 from models.heads import CosineLinear
 from models.ranpac import RIDGE_GRID, RanPAC, RidgeAccumulator, select_ridge
 from models.heads import class_means

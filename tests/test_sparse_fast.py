@@ -17,7 +17,8 @@ import torch
 from scipy import stats
 
 from models.sparse.reference import ReferenceMistTuner, ReferenceState, reference_masked_grads_, reference_select
-from models.sparse.masks import FlatGradients, SparsityState
+from models.loop import FlatGradients
+from models.sparse.masks import SparsityState
 from tests.test_sparse_tuning import (CPU, RANPAC_DEFAULTS, make_cfg, make_loader, make_task, snapshot,
                                       tiny_backbone)
 from models.sparse.tuner import SparseTuner

@@ -720,3 +720,80 @@ def warn_ignored(key: str, value: Any, used: Any, reason: str = "") -> None:
     if value != used:
         logging.getLogger(__name__).warning("Config key '%s' = %r is ignored: %r is used, as the official code does. %s",
                                            key, value, used, reason)
+
+
+# ---------------------------------------------------------------------------------------------
+# README's key tables, generated from the fields' help texts
+# ---------------------------------------------------------------------------------------------
+#: the core keys' tables: (title, first key of the section), in field order
+CORE_SECTIONS = (
+    ("Official keys", "dataset"),
+    ("Official keys the original ignores (accepted, unused)", "prefix"),
+    ("Backbone", "backbone_type"),
+    ("Data", "data_root"),
+    ("Tuning-phase options and fixes of official quirks", "mist_tasks"),
+    ("Composition of the tuning phase (null = the preset's part; task-level presets only)", "importance"),
+    ("Runtime", "seed_torch_with_seed"),
+)
+README_START, README_END = "<!-- config-keys:start -->", "<!-- config-keys:end -->"
+
+
+def markdown_tables() -> str:
+    """Every config key as README's markdown tables: the core sections, then each component's keys (titled by the
+    component, in title order), each row ``| `key` | `default` | help |``. README.md holds this text between ``README_START`` and
+    ``README_END`` (``python -m utils.config --write-readme``; a test checks they agree)."""
+    load_components()
+    starts = {first: title for title, first in CORE_SECTIONS}
+    groups: list[tuple[str, list[str]]] = []
+    for name in CORE_FIELDS:
+        if name in starts or not groups:
+            groups.append((starts.get(name, "Keys"), []))
+        groups[-1][1].append(name)
+    groups += [(g.title, list(g.names)) for g in sorted(KEY_GROUPS, key=lambda g: g.title.lower())]
+    out = []
+    for title, names in groups:
+        out += [f"**{title}**", "", "| key | default | meaning |", "|---|---|---|"]
+        for name in names:
+            help_text = FIELDS[name].metadata["help"].replace("|", "\\|")
+            default = json.dumps(_default(FIELDS[name]))
+            out.append(f"| `{name}` | `{default}` | {help_text} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _write_readme(path: Path) -> bool:
+    """Replace README's generated region with :func:`markdown_tables`; True if the file changed.
+
+    Raises:
+        ValueError: the file lacks the start or end marker.
+    """
+    text = path.read_text(encoding="utf-8")
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{path} has no {README_START} ... {README_END} region")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    new = f"{head}{README_START}\n{markdown_tables()}{README_END}{tail}"
+    if new != text:
+        path.write_text(new, encoding="utf-8")
+    return new != text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m utils.config``: print the key tables, or ``--write-readme`` to update README.md's region."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Print the config keys as markdown, or update README.md's tables.")
+    parser.add_argument("--write-readme", type=Path, nargs="?", const=Path(__file__).resolve().parents[1] / "README.md",
+                        help="rewrite the generated region of README.md (default path: the repository's)")
+    args = parser.parse_args(argv)
+    if args.write_readme is not None:
+        print("updated" if _write_readme(args.write_readme) else "unchanged", args.write_readme)
+    else:
+        sys.stdout.write(markdown_tables())
+    return 0
+
+
+if __name__ == "__main__":  # run as utils.config, the module the components register their keys in
+    from utils import config as _registered
+
+    sys.exit(_registered.main())

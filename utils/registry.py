@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import pkgutil
 from typing import Any, Callable, Generic, Iterator, Optional, TypeVar
 
 from utils.errors import ConfigError
@@ -44,6 +45,19 @@ def load_components() -> None:
     except BaseException:
         _loaded = False
         raise
+
+
+def import_submodules(package: Any) -> list[str]:
+    """Import every module of ``package`` (sorted by name) so that each registers its components: adding a learner,
+    a preset, an estimator or a scope is adding one file (``models/`` and ``models/sparse/`` call this).
+
+    Returns:
+        The module names, sorted.
+    """
+    names = sorted(info.name for info in pkgutil.iter_modules(package.__path__))
+    for name in names:
+        importlib.import_module(f"{package.__name__}.{name}")
+    return names
 
 
 class Registry(Generic[T]):

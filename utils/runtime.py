@@ -145,6 +145,26 @@ def make_generator(seed: int, device: torch.device | str = "cpu", stream: str = 
     return gen
 
 
+class Stateful:
+    """An object with ``state_dict``/``load_state_dict`` made of two functions (for :meth:`Learner.stateful`)."""
+
+    def __init__(self, get: Any, put: Any) -> None:
+        self.state_dict, self.load_state_dict = get, put
+
+
+class GeneratorState:
+    """A ``torch.Generator`` as a checkpoint entry (its state is a uint8 tensor)."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def state_dict(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def load_state_dict(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
+
 def _worker_init(worker_id: int) -> None:
     """Seed numpy and ``random`` in a loader worker from its torch seed.
 

@@ -18,12 +18,12 @@ Which ``spr`` values build a tuner for which learner is decided here, in :func:`
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Optional
 
-from models.sparse import estimators, per_step, scopes  # noqa: F401  (registration)
 from models.sparse.presets import Preset
 from models.sparse.tuner import SparseTuner
-from utils.registry import PRESETS
+from utils.registry import PRESETS, import_submodules
 
 logger = logging.getLogger(__name__)
 
@@ -63,3 +63,11 @@ def build_tuner(cfg, backbone, device, seed: int, learner_defaults: dict,
     """
     cls = tuner_for(cfg.spr, learner)
     return None if cls is None else cls(cfg, backbone, device, seed, learner_defaults)
+
+
+def _register_all() -> None:
+    """Import every module of this package (each registers its parts): a new estimator or preset is one file."""
+    import_submodules(sys.modules[__name__])
+
+
+_register_all()

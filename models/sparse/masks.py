@@ -28,7 +28,7 @@ from typing import Iterable, Mapping, Optional
 import torch
 from torch import nn
 
-from models.sparse.plan import FlatGradients, GradientPlan  # noqa: F401 (FlatGradients re-exported)
+from models.sparse.plan import GradientPlan
 
 EXEMPT_SUBSTRINGS = ("fc.weight", "fc.sigma", "bias", "norm", "simclr")  # official, SPEC 4.5
 OVERLAP_BASE = 0.9  # official penalty base, SPEC 4.6 step 3.2

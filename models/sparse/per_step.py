@@ -17,11 +17,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from models.loop import FlatGradients
+from models.loop import FlatGradients, cross_entropy
 from models.sparse.losses import head_logits
-from models.sparse.network import official_head
 from models.sparse.optim import MaskedStep, step_decay
-from models.loop import cross_entropy
 from utils import distributed
 from utils.registry import STEP_RULES
 

@@ -16,9 +16,6 @@ import math
 from typing import Mapping, Optional
 
 import torch
-from torch import nn
-
-from models.loop import FlatGradients  # noqa: F401 (the buffer the plan masks; re-exported)
 
 # extra draws beyond the expected number of kept entries: the chance that a step needs more is < 1e-20
 _GAP_MARGIN_SIGMAS, _GAP_MARGIN_ABS = 10.0, 64

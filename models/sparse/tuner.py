@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from models.heads import CosineLinear
-from models.loop import TuningLoop
+from models.loop import TuningLoop, cross_entropy
 from models.sparse.gate import MagnitudeGate
 from models.sparse.losses import SecondViewAugment, contrastive_loss, head_logits
 from models.sparse.masks import SparsityState
@@ -28,7 +28,6 @@ from models.sparse.per_step import PerStepPhase
 from models.sparse.presets import Recipe, resolve_recipe
 from models.sparse.scopes import is_embedding
 from models.sparse.selective import SelectivePhase
-from models.loop import cross_entropy
 from utils.config import warn_ignored
 from utils.registry import OPTIMIZERS
 from utils.runtime import Batch, make_generator
