@@ -7,7 +7,9 @@ update counts) and the float64 sum and norm of every float tensor (backbone, pro
 
 The official presets and ``ce_finetune`` were pinned at commit 0b0f7f5, before the tuning phase became a
 composition (issue 6); ``none``, ``piece_f``, ``piece_s``, ``magnitude_gate`` and ``mist_random`` at 4ad82a4,
-before the registries, the tuning loop and the learner hooks (issue 12).
+before the registries, the tuning loop and the learner hooks (issue 12), which left all 24 bit-identical; SLCA with
+and without MIST when it was added (issue 12; its slow learner's and alignment's reports are pinned with the tuning
+reports).
 
 Float kernels differ in their last bits between CPU capabilities (AVX2, AVX512) and torch builds, so
 ``exact`` holds one pin per platform: on a pinned platform the tuning reports and a SHA-256 of every tensor must
@@ -44,7 +46,10 @@ from test_sparse_tuning import tiny_overrides, write_image_folder  # noqa: E402
 GOLDEN = HERE / "golden" / "presets.json"
 PRESETS = ("none", "mist", "rand", "l2", "grad", "run", "cerun", "ce_finetune", "piece_f", "piece_s",
            "magnitude_gate", "mist_random")
-CASES = [(learner, spr) for learner in ("ranpac", "simplecil") for spr in PRESETS]
+CASES = [(learner, spr) for learner in ("ranpac", "simplecil") for spr in PRESETS] + [("slca", "none"), ("slca", "mist")]
+#: SLCA's own keys in its cases (pinned at issue 12, when SLCA was added): 2 slow-learner epochs, a milestone,
+#: 2 alignment epochs, the config's batch of 4
+SLCA_KEYS = dict(epochs=2, milestones=[1], ca_epochs=2, use_config_batch_size=True)
 WALL = ("wall_time_s", "seconds", "time_s")
 PLATFORM_DEPENDENT = ("head.W_o",)  # see the module docstring
 
@@ -59,6 +64,9 @@ def _flatten(prefix: str, obj, out: dict) -> None:
     elif isinstance(obj, dict):
         for k, v in obj.items():
             _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    elif isinstance(obj, (list, tuple)):
+        for k, v in enumerate(obj):
+            _flatten(f"{prefix}.{k}", v, out)
 
 
 def _sha(t: torch.Tensor) -> str:
@@ -75,7 +83,8 @@ def _strip(report):
 
 def digest(root: Path, out: Path, learner: str, spr: str) -> dict:
     """Run the tiny case and summarise it (see the module docstring)."""
-    cfg = load_config(None, tiny_overrides(root, learner, spr=spr, ablation_epochs=2))
+    extra = SLCA_KEYS if learner == "slca" else {}
+    cfg = load_config(None, tiny_overrides(root, learner, spr=spr, ablation_epochs=2, **extra))
     (path,) = trainer.run(cfg, out)
     results = json.loads(path.read_text())
     state = torch.load(path.parent / trainer.CHECKPOINT_NAME, weights_only=True)["learner"]
@@ -88,7 +97,8 @@ def digest(root: Path, out: Path, learner: str, spr: str) -> dict:
     floats = {n: t for n, t in tensors.items() if t.is_floating_point()}
     return {
         "top1": results["top1_curve"], "top5": results["top5_curve"],
-        "tuning": [_strip(task.get("tuning")) for task in results["tasks"]],
+        "tuning": [_strip({"tuning": task.get("tuning"), "training": task["training"]} if "training" in task
+                          else task.get("tuning")) for task in results["tasks"]],
         "sha": {n: _sha(t) for n, t in sorted(tensors.items())},
         "masks": {n: _sha(t) for n, t in sorted(tensors.items()) if not t.is_floating_point()},
         "sums": {n: [float(t.double().sum()), float(t.double().norm())] for n, t in sorted(floats.items())},
