@@ -164,3 +164,24 @@ def test_two_processes_equal_one_process_for_the_ce_presets(image_folder, tmp_pa
                 assert ga["similarity"] == pytest.approx(gb["similarity"], abs=1e-4)
     for ra, rb in zip(a["accuracy_matrix"], b["accuracy_matrix"]):
         assert ra == pytest.approx(rb, abs=1e-4)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside this Python")
+def test_two_processes_equal_one_process_for_slca_with_mist(image_folder, tmp_path):
+    """A learner that trains (SLCA's slow learner) through the loop's one gradient sync, after MIST: 2 processes
+    give the 1-process losses, class statistics (gathered features) and accuracies; the alignment, computed on
+    every process from the same stream, keeps the replicas identical (check_replicas)."""
+    config = _tiny_config(image_folder, tmp_path, model_name="slca", epochs=2, milestones=[], ca_epochs=2,
+                          use_config_batch_size=True)
+    one, two = _run(config, tmp_path / "one", 1), _run(config, tmp_path / "two", 2)
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert a["status"] == b["status"] == "complete"
+    for ta, tb in zip(a["tasks"], b["tasks"]):
+        assert ta["tuning"]["epoch_losses"] == pytest.approx(tb["tuning"]["epoch_losses"], rel=1e-4)
+        assert ta["training"]["epoch_losses"] == pytest.approx(tb["training"]["epoch_losses"], rel=1e-4)
+    for ra, rb in zip(a["accuracy_matrix"], b["accuracy_matrix"]):
+        assert ra == pytest.approx(rb, abs=1e-4)
+    ha = torch.load(one.with_name("checkpoint.pt"), weights_only=True)["learner"]["head"]
+    hb = torch.load(two.with_name("checkpoint.pt"), weights_only=True)["learner"]["head"]
+    torch.testing.assert_close(ha["means"], hb["means"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ha["covs"], hb["covs"], rtol=1e-3, atol=1e-5)
