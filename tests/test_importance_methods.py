@@ -212,7 +212,7 @@ def test_adam_with_weight_decay_0_leaves_unselected_entries_bit_identical(monkey
 # ---------------------------------------------------------------------------------------------
 # composition keys and presets
 # ---------------------------------------------------------------------------------------------
-def test_every_preset_resolves_and_the_lists_agree():
+def test_every_registered_preset_resolves_to_its_parts():
     assert set(SPR_CHOICES) - {"none"} == {"mist", "rand", "l2", "grad", "run", "cerun", *OUR_PRESETS}
     for spr in set(SPR_CHOICES) - {"none"}:
         recipe = resolve_recipe(make_cfg(f"spr={spr}"))
