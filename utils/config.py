@@ -60,15 +60,13 @@ class ExperimentConfig:
     """
 
     # ---- official keys: data and task split (SPEC 1.2, 2) ----
-    dataset: str = _f("cifar224", "Data set, a registered name: cifar224, cub, imagenetr, imageneta, cars, fmnist "
-                                  "(utils/datasets.py).")
+    dataset: str = _f("cifar224", "Data set, a registered name (utils/datasets.py).", registry="dataset")
     shuffle: bool = _f(True, "Permute the class order with numpy's legacy global seed (SPEC 2.2).")
     init_cls: int = _f(10, "Number of classes in the first task.", min=1)
     increment: int = _f(10, "Number of classes in each later task (the last task takes the remainder).", min=1)
     seed: list[int] = _f([1993], "Class-order seeds; one full run per seed, run one after another.")
     # ---- official keys: learner ----
-    model_name: str = _f("ranpac", "Learner, a registered name: ranpac, simplecil, slca (aliases ranpac_mist, "
-                                   "simplecil_mist; models/*.py).")
+    model_name: str = _f("ranpac", "Learner, a registered name (models/*.py).", registry="learner")
     convnet_type: str = _f(
         "pretrained_vit_b16_224_in21k",
         "Backbone: an official name (mapped to its exact timm name and tag), efficientnet_lite0, or any timm name.",
@@ -79,9 +77,10 @@ class ExperimentConfig:
     device: list[str] = _f(["0"], 'Device: ["0"] (cuda:0), "cpu", -1 (cpu), "cuda:N" or "mps". Only the first entry is used.')
     # ---- official keys: sparse tuning (SPEC 4, 5) ----
     spr: str = _f("mist", "Tuning phase before the learner's own training and head update, a registered preset "
-                          "(models/sparse/presets.py; README lists them). 'none' (or null) disables it. As in the official code, SimpleCIL ignores 'cerun' and RanPAC ignores "
-                          "'run' (no tuning phase, with a warning); 'ce_finetune' (dense CE fine-tuning), 'piece_f', "
-                          "'piece_s', 'magnitude_gate' and 'mist_random' are ours (README, docs/deviations.md).")
+                          "(models/sparse/presets.py) or 'none' (or null), which disables it. As in the official "
+                          "code, SimpleCIL ignores 'cerun' and RanPAC ignores 'run' (no tuning phase, with a warning); "
+                          "'ce_finetune' (dense CE fine-tuning), 'piece_f', 'piece_s', 'magnitude_gate' and "
+                          "'mist_random' are ours (README, docs/deviations.md).", registry="preset")
     select_rate: float = _f(0.1, "Fraction of each maskable tensor selected by importance score (SPEC 4.5).", gt=0, le=1)
     drop_rate: float = _f(0.9, "Probability of DROPPING a selected gradient entry at each step; keep prob = 1 - drop_rate.", ge=0, lt=1)
     mi_epochs: int = _f(20, "MIST epochs per task, the scoring pass included (SPEC 4.4-4.6).", min=1)
@@ -136,21 +135,23 @@ class ExperimentConfig:
     # ---- extras: the tuning phase as a composition (issue 6; models/sparse/recipes.py) ----
     # null = the value of the spr preset; the keys apply to the presets with a scoring pass and a task mask
     importance: Optional[str] = _f(
-        None, "Importance estimator, a registered name: mi_fisher, fisher, second_order, magnitude, random; null = "
-        "the preset's.", registry="estimator",
+        None, "Importance estimator, a registered name (models/sparse/estimators.py); null = the preset's.",
+        registry="estimator",
     )
     scoring_loss: Optional[str] = _f(
-        None, "Loss of the scoring pass and the training epochs: contrastive, ce; null = the preset's.", registry="loss",
+        None, "Loss of the scoring pass and the training epochs, a registered name (models/sparse/losses.py); null = "
+        "the preset's.", registry="loss",
     )
     selection_scope: Optional[str] = _f(
-        None, "Where the budget is applied: per_tensor, global, per_block (top fraction inside each blocks.<i>); null = "
-        "the preset's.", registry="scope",
+        None, "Where the budget is applied, a registered scope (models/sparse/scopes.py; per_block: the top fraction "
+        "inside each blocks.<i>); null = the preset's.", registry="scope",
     )
     budget: Optional[float] = _f(
         None, "Selected fraction; null = the preset's key (select_rate for MIST, top_ratio for PIECE).", gt=0, le=1
     )
     tuning_optimizer: Optional[str] = _f(
-        None, "Optimizer of the tuning phase: mist_sgd, adam; null = the preset's.", registry="optimizer",
+        None, "Optimizer of the tuning phase, a registered name (models/sparse/optim.py); null = the preset's.",
+        registry="optimizer",
     )
     gradient_drop: Optional[bool] = _f(None, "MIST's per-step random drop of selected gradients on/off; null = preset's.")
     overlap_penalty: Optional[bool] = _f(None, "MIST's 0.9**count overlap penalty on/off; null = the preset's.")
@@ -418,7 +419,7 @@ def _check_range(key: str, value: Any, where: str) -> None:
             _check_range(key, item, where)
         return
     meta = FIELDS[key].metadata
-    if "registry" in meta and value is not None:
+    if "registry" in meta and value is not None and value not in REGISTRIES[meta["registry"]].extras:
         REGISTRIES[meta["registry"]].get(value, where)
     if "choices" in meta and value is not None and value not in meta["choices"]:
         close = difflib.get_close_matches(str(value), meta["choices"], n=1)
@@ -754,11 +755,22 @@ def markdown_tables() -> str:
     for title, names in groups:
         out += [f"**{title}**", "", "| key | default | meaning |", "|---|---|---|"]
         for name in names:
-            help_text = FIELDS[name].metadata["help"].replace("|", "\\|")
+            help_text = describe(name).replace("|", "\\|")
             default = json.dumps(_default(FIELDS[name]))
             out.append(f"| `{name}` | `{default}` | {help_text} |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
+
+
+def describe(name: str) -> str:
+    """The help text of config key ``name``; for a key whose values are registered names, followed by the names
+    registered now (aliases in brackets), so the help never lists a name that is not there."""
+    meta = FIELDS[name].metadata
+    if "registry" not in meta:
+        return meta["help"]
+    registry = REGISTRIES[meta["registry"]]
+    names = [n + (f" ({', '.join(registry.aliases(n))})" if registry.aliases(n) else "") for n in registry.names()]
+    return f"{meta['help']} Registered: {', '.join([*names, *registry.extras])}."
 
 
 def _write_readme(path: Path) -> bool:

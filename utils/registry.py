@@ -91,6 +91,11 @@ class Registry(Generic[T]):
 
         return add if obj is None else add(obj)
 
+    def peek(self, name: str) -> Optional[T]:
+        """The entry registered as ``name`` so far, or None, without importing the components (for registration
+        code that builds on an earlier entry)."""
+        return self._entries.get(self.canonical(name))
+
     def canonical(self, name: str) -> str:
         """``name`` with its alias resolved (an unknown name is returned as it is)."""
         return self._aliases.get(name, name)

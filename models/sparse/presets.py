@@ -128,7 +128,7 @@ def register_preset(name: str, *, like: Optional[str] = None, **fields: Any) -> 
     Raises:
         ValueError: the name is taken, or a part is missing.
     """
-    base = PRESETS._entries.get(like) if like else None  # noqa: SLF001 (registration time: no lookup, no loading)
+    base = PRESETS.peek(like) if like else None
     if like and base is None:
         raise ValueError(f"preset {like!r} is not registered yet")
     names = {f.name for f in dataclasses.fields(Preset)}
