@@ -132,7 +132,7 @@ class ExperimentConfig:
         20, "Epochs of the CE tuning phases rand/l2/grad/run/cerun/ce_finetune (official module constant 20).", min=1
     )
     ablation_random_init_rows: bool = _f(False, "Ablations: random instead of zero new cosine rows (SPEC 9.24 fix).")
-    # ---- extras: the tuning phase as a composition (issue 6; models/sparse/recipes.py) ----
+    # ---- extras: the tuning phase as a composition (issue 6; models/sparse/presets.py) ----
     # null = the value of the spr preset; the keys apply to the presets with a scoring pass and a task mask
     importance: Optional[str] = _f(
         None, "Importance estimator, a registered name (models/sparse/estimators.py); null = the preset's.",
