@@ -156,6 +156,14 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, batch: Batch) -> 
     return part + (whole - part.detach())
 
 
+def keep_batchnorm_in_eval(module: nn.Module) -> None:
+    """Put every BatchNorm layer of ``module`` in eval mode, so that training does not move its running statistics
+    (config ``freeze_bn_stats``; the official code trains them; ViTs have none)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.eval()
+
+
 class TuningLoop:
     """Runs epochs of optimizer steps (or of gradient-only steps: a scoring pass) over a loader.
 
@@ -171,7 +179,7 @@ class TuningLoop:
     def run(self, loader: Iterable, epochs: Sequence[int], forward: Forward,
             optimizer: Optional[torch.optim.Optimizer], grads: Sequence[FlatGradients] = (),
             rule: Optional[StepRule] = None, scheduler=None, module: Optional[nn.Module] = None,
-            where: str = "", of: Optional[int] = None, label: str = "train",
+            freeze_bn_stats: bool = False, where: str = "", of: Optional[int] = None, label: str = "train",
             on_epoch: Optional[Callable[[int, float], None]] = None, n_batches: Optional[int] = None
             ) -> tuple[list[float], int, torch.Tensor]:
         """Train ``len(epochs)`` epochs.
@@ -188,6 +196,7 @@ class TuningLoop:
             scheduler: stepped once at the end of every epoch (its warning about a scheduler stepped without an
                 optimizer step, in a scoring pass, is silenced).
             module: put in train mode at the start of every epoch.
+            freeze_bn_stats: keep ``module``'s BatchNorm layers in eval mode (their running statistics fixed).
             where: the task, for the NaN message (e.g. "task 3" gives "task 3, epoch 2/20, step 5").
             of: the phase's epoch count in the messages (default: the last of ``epochs``).
             label: the progress bar's label.
@@ -212,6 +221,8 @@ class TuningLoop:
         for epoch in epochs:
             if module is not None:
                 module.train()
+                if freeze_bn_stats:
+                    keep_batchnorm_in_eval(module)
             monitor = LossMonitor(self.device, f"{where}, epoch {epoch}/{last}" if where else f"epoch {epoch}")
             for batch in tqdm(batches(loader), total=total, desc=f"{label} epoch {epoch}/{last}", leave=False,
                               disable=not self.progress):

@@ -138,7 +138,8 @@ class SLCA(Learner):
         loader = self.loader(task.train, shuffle=True, batch_size=self.train_batch_size, train=True)
         losses, steps, _ = loop.run(loader, range(1, cfg.epochs + 1), forward, optimizer,
                                     grads=[FlatGradients(params)], scheduler=scheduler,
-                                    module=self.backbone if slow else None, where=f"task {t}", label="SLCA",
+                                    module=self.backbone if slow else None,
+                                    freeze_bn_stats=cfg.freeze_bn_stats, where=f"task {t}", label="SLCA",
                                     on_epoch=log)
         return {"method": "slca", "steps": steps, "epoch_losses": losses}
 

@@ -191,3 +191,31 @@ def test_slca_with_and_without_mist_runs_checkpoints_and_resumes_identically(mak
     for a, b in zip(resumed["tasks"], whole["tasks"]):
         assert a["training"]["epoch_losses"] == b["training"]["epoch_losses"]
         assert a.get("tuning", {}).get("epoch_losses") == b.get("tuning", {}).get("epoch_losses")
+
+
+class BatchNormNet(nn.Module):
+    """conv -> BatchNorm -> pooled 8-d feature: a CNN backbone whose running statistics the slow learner may move."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.out_dim = 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_the_slow_learner_keeps_batchnorm_statistics_with_freeze_bn_stats(make_config, cub_root, freeze):
+    cfg = slca_cfg(make_config, cub_root, epochs=1, milestones=[], freeze_bn_stats=freeze)
+    torch.manual_seed(0)
+    learner = build_learner(cfg, CPU, 1993, backbone=BatchNormNet())
+    bn = learner.backbone.body[1]
+    mean0, conv0 = bn.running_mean.clone(), learner.backbone.body[0].weight.detach().clone()
+    learner.train_task(tasks_of(cfg)[0], learner.loop)
+    assert not torch.equal(learner.backbone.body[0].weight, conv0)
+    if freeze:  # the weights train, the running statistics stay
+        assert torch.equal(bn.running_mean, mean0) and int(bn.num_batches_tracked) == 0
+    else:  # official: backbone.train() updates them on every batch
+        assert not torch.equal(bn.running_mean, mean0) and int(bn.num_batches_tracked) > 0

@@ -127,7 +127,7 @@ class ExperimentConfig:
     )
     sparse_weight_decay: bool = _f(False, "Apply weight decay only to entries the step may move (SPEC 9.4 fix).")
     hard_freeze: bool = _f(False, "Restore every entry with a zero gradient multiplier after each step (SPEC 9.4 fix).")
-    freeze_bn_stats: bool = _f(False, "Keep BatchNorm running statistics fixed while tuning (CNN backbones; ViTs have none).")
+    freeze_bn_stats: bool = _f(False, "Keep BatchNorm running statistics fixed while tuning and in SLCA's slow learner (CNN backbones; ViTs have none).")
     ablation_epochs: int = _f(
         20, "Epochs of the CE tuning phases rand/l2/grad/run/cerun/ce_finetune (official module constant 20).", min=1
     )

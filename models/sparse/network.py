@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from models.heads import PROJECTION_DIM, CosineLinear
+from models.loop import keep_batchnorm_in_eval
 from utils import distributed
 from utils.runtime import autocast, batches
 
@@ -31,9 +32,7 @@ class TunedNetwork(nn.Module):
     def train(self, mode: bool = True) -> "TunedNetwork":
         super().train(mode)
         if mode and self.freeze_bn_stats:
-            for module in self.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+            keep_batchnorm_in_eval(self)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
