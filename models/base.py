@@ -120,8 +120,8 @@ class Learner(abc.ABC):
         Every loader draws from the run's one ``loader_generator`` (see ``make_loader`` for what each epoch
         draws), so the shuffles of a run depend on how many epochs all loaders ran before, not on batch sizes.
         ``train``: a tuning loader, whose random transforms are seeded per sample (run seed, epoch, image) and
-        which gives each torchrun rank its share of every global batch; other loaders give each rank a
-        contiguous chunk of the order (gathered back by :meth:`extract_features` and :meth:`predict`).
+        which gives each torchrun rank its share of every global batch; other loaders give rank r the batches i
+        with i mod W = r (gathered back in order by :meth:`extract_features` and :meth:`predict`).
         """
         return make_loader(dataset, batch_size or self.batch_size, shuffle, self.cfg.num_workers,
                            self.loader_generator, pin_memory=self.device.type == "cuda",
@@ -197,8 +197,8 @@ class Learner(abc.ABC):
             labels.append(y)
         features = torch.cat(feats) if feats else torch.zeros(0, self.feature_dim, device=self.device)
         label_rows = (torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)).long().to(self.device)
-        # torchrun: every rank extracted a contiguous chunk of the order; put them back in that order
-        return distributed.gather_rows(features), distributed.gather_rows(label_rows)
+        n, size = len(dataset), self.eval_batch_size  # torchrun: every rank extracted batches i = rank mod W
+        return distributed.gather_batches(features, n, size), distributed.gather_batches(label_rows, n, size)
 
     @torch.inference_mode()
     def predict(self, dataset: Dataset, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -219,11 +219,13 @@ class Learner(abc.ABC):
             out = self.logits(features)
             preds.append(torch.topk(out, k=min(k, out.shape[1]), dim=1, largest=True, sorted=True)[1])
             labels.append(y)
-        if distributed.active():  # every rank predicted a contiguous chunk of the test set
+        if distributed.active():  # every rank predicted whole batches of the test set (batch i on rank i mod W)
             width = min(k, int(self.logits(torch.zeros(1, self.feature_dim, device=self.device)).shape[1]))
             top = torch.cat(preds) if preds else torch.zeros(0, width, dtype=torch.int64, device=self.device)
             y_all = (torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)).long().to(self.device)
-            return distributed.gather_rows(top).cpu().numpy(), distributed.gather_rows(y_all).cpu().numpy()
+            n, size = len(dataset), self.eval_batch_size
+            return (distributed.gather_batches(top, n, size).cpu().numpy(),
+                    distributed.gather_batches(y_all, n, size).cpu().numpy())
         return torch.cat(preds).cpu().numpy(), torch.cat(labels).long().numpy()
 
     # ---- checkpoints -------------------------------------------------------------------------

@@ -6,8 +6,9 @@ so single-process runs are unchanged. Under torchrun the run stays the same comp
 - ``batch_size`` is the global batch; :func:`share` gives each rank a contiguous slice of every batch;
 - the contrastive loss sees the whole batch (:func:`gather_rows`, differentiable), so every rank computes
   the same loss, and :func:`all_reduce_sum_` of the gradients gives the single-process gradient;
-- extraction and evaluation take a contiguous shard of the (identically shuffled) order on each rank and
-  :func:`gather_rows` puts the rows back in that order, with exact counts (no sampler padding);
+- extraction and evaluation split the (identically shuffled) order into the batches one process would use and
+  give batch i to rank i mod W (:func:`owned_batches`), so every feature is bitwise the one-process feature;
+  :func:`gather_batches` puts the rows back in that order, with exact counts (no sampler padding);
 - random streams (drop, augmentation, loader order) are seeded identically on every rank, so replicas stay
   identical; :func:`check_replicas` compares a parameter checksum across ranks;
 - only rank 0 writes logs, results and checkpoints.
@@ -121,6 +122,47 @@ def gather_rows(local: torch.Tensor, counts: Optional[Sequence[int]] = None) -> 
     if not (torch.is_grad_enabled() and local.requires_grad):
         return _gather_padded(local, [int(c) for c in counts])
     return _GatherRows.apply(local, tuple(int(c) for c in counts))
+
+
+def owned_batches(n: int, batch_size: int, world: Optional[int] = None,
+                  which: Optional[int] = None) -> list[tuple[int, int]]:
+    """The ``[start, stop)`` ranges of the batches of an ``n``-item order (``batch_size`` each, the last the
+    remainder) that rank ``which`` takes: batch i goes to rank i mod ``world``. One process takes them all."""
+    world = world_size() if world is None else world
+    which = rank() if which is None else which
+    return [(start, min(start + batch_size, n)) for start in range(which * batch_size, n, world * batch_size)]
+
+
+def batch_order(n: int, batch_size: int, world: int) -> torch.Tensor:
+    """Where row j of an ``n``-item order sits in the concatenation, in rank order, of every rank's
+    :func:`owned_batches` rows: an (n,) int64 index, so that ``concatenated[batch_order(...)]`` is the order."""
+    owned = [owned_batches(n, batch_size, world, r) for r in range(world)]
+    offsets = [0]
+    for ranges in owned[:-1]:
+        offsets.append(offsets[-1] + sum(stop - start for start, stop in ranges))
+    index = torch.empty(n, dtype=torch.int64)
+    for i, start in enumerate(range(0, n, batch_size)):
+        owner, size = i % world, min(batch_size, n - start)
+        index[start: start + size] = torch.arange(offsets[owner], offsets[owner] + size)
+        offsets[owner] += size
+    return index
+
+
+def gather_batches(local: torch.Tensor, n: int, batch_size: int) -> torch.Tensor:
+    """Every rank's rows of :func:`owned_batches` put back in the order's row order (identity for one process).
+
+    Args:
+        local: (n_r, ...) this rank's rows: its owned batches, concatenated in order.
+        n: rows of the whole order; batch_size: rows per batch.
+
+    Returns:
+        (n, ...) the rows of batch 0, 1, 2, ... on every rank.
+    """
+    if not active():
+        return local
+    world = world_size()
+    counts = [sum(stop - start for start, stop in owned_batches(n, batch_size, world, r)) for r in range(world)]
+    return gather_rows(local, counts)[batch_order(n, batch_size, world).to(local.device)]
 
 
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:

@@ -223,19 +223,22 @@ class _EpochTaggedSampler(Sampler):
 
 
 class _ShardedOrder(Sampler):
-    """This rank's contiguous chunk of every pass of ``sampler`` (torchrun extraction and evaluation)."""
+    """This rank's whole batches of every pass of ``sampler``: batch i of ``batch_size`` goes to rank i mod W
+    (torchrun extraction and evaluation). Each batch is the one a single process would form, so the backbone sees
+    the same batch shapes and contents and its outputs are bitwise those of one process; the rows come back in
+    order through :func:`utils.distributed.gather_batches`."""
 
-    def __init__(self, sampler: Sampler) -> None:
+    def __init__(self, sampler: Sampler, batch_size: int) -> None:
         self.sampler = sampler
+        self.batch_size = batch_size
 
     def __len__(self) -> int:
-        start, stop = distributed.share(len(self.sampler))
-        return stop - start
+        return sum(stop - start for start, stop in distributed.owned_batches(len(self.sampler), self.batch_size))
 
     def __iter__(self):
         order = list(self.sampler)
-        start, stop = distributed.share(len(order))
-        return iter(order[start:stop])
+        return iter([i for start, stop in distributed.owned_batches(len(order), self.batch_size)
+                     for i in order[start:stop]])
 
 
 class _ShardedBatches(Sampler):
@@ -352,8 +355,8 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
     - With ``run_seed``, every sample's random transforms are seeded from (run seed, epoch, sample id), so
       the images are the same with 0, 2 or 8 workers and with 1 or N processes.
     - Under torchrun, ``shard="batch"`` gives this rank its share of every global batch of ``batch_size``
-      (training; empty shares come as None), ``shard="order"`` its contiguous chunk of the epoch's order
-      (extraction and evaluation, gathered back in order with ``utils.distributed.gather_rows``).
+      (training; empty shares come as None), ``shard="order"`` the whole batches i of the epoch's order with
+      i mod W = rank (extraction and evaluation, gathered back in order with ``utils.distributed.gather_batches``).
 
     Args:
         dataset: map-style, items ``(index, image (3,H,W) float32, label int64)``.
@@ -379,7 +382,7 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
     tagged = _EpochTaggedSampler(base)
     sampled: Sampler = tagged
     if distributed.active() and shard == "order":
-        sampled = _ShardedOrder(tagged)
+        sampled = _ShardedOrder(tagged, batch_size)
     kwargs = dict(num_workers=num_workers, generator=generator, pin_memory=pin_memory,
                   worker_init_fn=_worker_init if workers else None, prefetch_factor=prefetch_factor if workers else None,
                   persistent_workers=workers and persistent_workers)
