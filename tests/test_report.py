@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
 from pathlib import Path
 from typing import Any, Optional
@@ -101,7 +102,7 @@ def read_csv(path: Path) -> dict[tuple, dict[str, str]]:
 @pytest.fixture
 def built(synthetic, tmp_path, capsys) -> dict[str, Any]:
     out = tmp_path / "report"
-    assert report.main([str(synthetic["root"]), "--out", str(out)]) == 0
+    assert report.main([str(synthetic["root"]), "--out", str(out)]) == 2  # the corrupt file: reported, exit 2
     captured = capsys.readouterr()
     return {**synthetic, "out": out, "stderr": captured.err, "stdout": captured.out,
             "rows": read_csv(out / "table.csv"), "md": (out / "table.md").read_text()}
@@ -166,7 +167,7 @@ def test_duplicates_are_not_double_counted(built):
 def test_overlapping_folders_count_each_file_once(synthetic, tmp_path):
     root = synthetic["root"]
     out = tmp_path / "overlap"
-    assert report.main([str(root), str(root / "ranpac_none_cifar224"), "--out", str(out)]) == 0
+    assert report.main([str(root), str(root / "ranpac_none_cifar224"), "--out", str(out)]) == 2  # the corrupt file
     assert read_csv(out / "table.csv")[("ranpac", "none", "cifar224", "average_accuracy")]["n"] == "3"
 
 
@@ -298,3 +299,72 @@ def test_paired_differences_from_no_tuning_use_the_common_seeds(tmp_path):
     out = tmp_path / "report"
     assert report.main([str(runs), "--out", str(out)]) == 0
     assert "## Paired differences from no tuning phase" in (out / "table.md").read_text()
+
+
+def _good_and(tmp_path: Path, text: str) -> tuple[Path, Path]:
+    """A run folder with one good results.json and one bad one holding ``text``."""
+    root = tmp_path / "runs"
+    write_run(root, "ranpac", "none", "cifar224", 1)
+    bad = root / "ranpac_none_cifar224" / "20260101-130000" / "seed2" / "results.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text(text)
+    return root, bad
+
+
+def _valid_results_text(**values: Any) -> str:
+    data = {"config": {"model_name": "ranpac", "spr": "none", "dataset": "cifar224", "seed": 2}, "seed": 2,
+            "status": "complete", "tasks": [{"task": 0, "seconds": 1.0}], "top1_curve": [90.0],
+            "accuracy_matrix": [[90.0]], "task_sizes": [2], "average_accuracy": 90.0, "last_accuracy": 90.0,
+            "forgetting": None}
+    return json.dumps({**data, **values})
+
+
+@pytest.mark.parametrize("case,text,why", [
+    ("401 digits", _valid_results_text(last_accuracy=0).replace('"last_accuracy": 0', '"last_accuracy": ' + "9" * 401),
+     "'last_accuracy' is 99999"),
+    ("deep nesting", "[" * 200_000 + "]" * 200_000, "nested too deeply"),
+    ("1e308 %", _valid_results_text(average_accuracy=1e308, top1_curve=[1e308]), "expected a value in [0, 100]"),
+    ("negative", _valid_results_text(accuracy_matrix=[[-5.0]]), "'accuracy_matrix[0][0]' is -5"),
+    ("5000 digits", '{"config": ' + "1" * 5000 + "}", "not valid JSON"),
+])
+def test_a_hostile_results_file_is_one_warning_line_and_the_others_are_reported(tmp_path, capsys, case, text, why):
+    root, bad = _good_and(tmp_path, text)
+    out = tmp_path / "report"
+    assert report.main([str(root), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: skipped {bad}: ") and why in err[0], err
+    assert len(err[0]) < 400 and "Traceback" not in err[0]
+    row = read_csv(out / "table.csv")[("ranpac", "none", "cifar224", "average_accuracy")]
+    assert row["n"] == "1" and float(row["mean"]) == 80.0  # the good run, alone
+    assert "inf" not in (out / "table.md").read_text()
+
+
+def test_a_read_only_out_folder_is_one_error_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    root, _ = _good_and(tmp_path, _valid_results_text())
+    out = tmp_path / "report"
+    out.mkdir()
+    out.chmod(0o500)
+    if os.access(out, os.W_OK):  # root ignores the mode: refuse the write as the kernel would for a user
+
+        def refuse(self, path, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(path))
+        monkeypatch.setattr("matplotlib.figure.Figure.savefig", refuse)
+    try:
+        assert report.main([str(root), "--out", str(out)]) == 2
+    finally:
+        out.chmod(0o700)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --out {out}: cannot write {out}/curves_cifar224.png")
+    assert "Permission denied" in err[0]
+
+
+def test_a_full_disk_is_one_error_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    root, _ = _good_and(tmp_path, _valid_results_text())
+    out = tmp_path / "report"
+
+    def full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")  # PIL's error carries no file name
+    monkeypatch.setattr("matplotlib.figure.Figure.savefig", full)
+    assert report.main([str(root), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot write {out}/curves_cifar224.png (No space left on device)" in err[0]

@@ -236,12 +236,29 @@ def find_results(dirs: Sequence[Path]) -> list[Path]:
     return sorted(found.values(), key=str)
 
 
-def _number(value: Any, what: str, allow_none: bool = False) -> Optional[float]:
+def _number(value: Any, what: str, allow_none: bool = False,
+            bounds: Optional[tuple[float, float]] = None) -> Optional[float]:
+    """``value`` as a finite float (within ``bounds`` when given, e.g. (0, 100) for an accuracy in %).
+
+    Raises:
+        InvalidResults: not a number, not finite, too large for a float (e.g. a 401-digit integer) or out of bounds.
+    """
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidResults(f"'{what}' is {value!r}, expected a number")
-    return float(value)
+    try:
+        number = None if isinstance(value, bool) or not isinstance(value, (int, float)) else float(value)
+    except OverflowError:
+        number = None
+    if number is None or not math.isfinite(number):
+        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:20]}... ({len(repr(value))} characters)"
+        raise InvalidResults(f"'{what}' is {shown}, expected a finite number")
+    if bounds is not None and not bounds[0] <= number <= bounds[1]:
+        raise InvalidResults(f"'{what}' is {number:g}, expected a value in [{bounds[0]:g}, {bounds[1]:g}]")
+    return number
+
+
+PERCENT = (0.0, 100.0)  # accuracies (%)
+SIGNED_PERCENT = (-100.0, 100.0)  # forgetting (%): an old task's accuracy may also rise
 
 
 def _newest_key(path: Path) -> tuple:
@@ -272,14 +289,17 @@ def load_run(path: Path) -> RunRecord:
     ``accuracy_matrix``, ``average_accuracy``, ``last_accuracy``, ``forgetting``.
 
     Raises:
-        InvalidResults: unreadable file, invalid JSON, or a key the report needs is missing or malformed.
+        InvalidResults: unreadable file, invalid JSON (also: nested too deeply to parse), or a key the report needs
+            is missing or malformed (accuracies must be finite and within [0, 100] %).
     """
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise InvalidResults(f"cannot be read ({exc.strerror or exc})") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidResults(f"is not valid JSON ({exc})") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # ValueError: also integers of more than 4300 digits
+        raise InvalidResults(f"is not valid JSON ({str(exc)[:200]})") from None
+    except RecursionError:
+        raise InvalidResults("is nested too deeply to be a results.json written by main.py") from None
     if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
         raise InvalidResults("has no 'config' object; not a results.json written by main.py")
     cfg = data["config"]
@@ -319,17 +339,18 @@ def load_run(path: Path) -> RunRecord:
     curve = data.get("top1_curve")
     if not isinstance(curve, list) or not curve:
         raise InvalidResults("status is complete but 'top1_curve' is missing or empty")
-    run.top1_curve = [_number(v, f"top1_curve[{i}]") for i, v in enumerate(curve)]
+    run.top1_curve = [_number(v, f"top1_curve[{i}]", bounds=PERCENT) for i, v in enumerate(curve)]
     matrix = data.get("accuracy_matrix")
     if not isinstance(matrix, list) or not all(isinstance(row, list) for row in matrix):
         raise InvalidResults("status is complete but 'accuracy_matrix' is missing or not a list of rows")
-    run.accuracy_matrix = [[_number(v, f"accuracy_matrix[{i}][{j}]", allow_none=True) for j, v in enumerate(row)]
+    run.accuracy_matrix = [[_number(v, f"accuracy_matrix[{i}][{j}]", allow_none=True, bounds=PERCENT)
+                            for j, v in enumerate(row)]
                            for i, row in enumerate(matrix)]
     seconds = [_number(t.get("seconds"), f"tasks[{i}].seconds", allow_none=True) for i, t in enumerate(tasks)]
     run.values = {
-        "average_accuracy": _number(data.get("average_accuracy"), "average_accuracy"),
-        "last_accuracy": _number(data.get("last_accuracy"), "last_accuracy"),
-        "forgetting": _number(data.get("forgetting"), "forgetting", allow_none=True),
+        "average_accuracy": _number(data.get("average_accuracy"), "average_accuracy", bounds=PERCENT),
+        "last_accuracy": _number(data.get("last_accuracy"), "last_accuracy", bounds=PERCENT),
+        "forgetting": _number(data.get("forgetting"), "forgetting", allow_none=True, bounds=SIGNED_PERCENT),
         "updated_fraction_per_step": _mean_over_tuned(tasks, "updated_fraction_per_step"),
         "selected_fraction": _mean_over_tuned(tasks, "selected_fraction"),
         "wall_seconds": float(sum(s for s in seconds if s is not None)) if tasks and None not in seconds else None,
@@ -645,6 +666,16 @@ def _figure(width: float, height: float):
     return fig
 
 
+def _save(fig, path: Path) -> None:
+    """``fig.savefig(path)``; an OSError (read-only folder, full disk) carries ``path`` as its file name."""
+    try:
+        fig.savefig(path)
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
+
+
 def plot_curves(col: Collection, out_dir: Path) -> list[Path]:
     """Write ``curves_<dataset>.png`` per data set: one panel per learner (shared y axis), the mean top-1 curve
     over seeds per method (one colour per method in every panel), a light ± std band, the legend under each
@@ -691,7 +722,7 @@ def plot_curves(col: Collection, out_dir: Path) -> list[Path]:
         fig.suptitle(f"{dataset}: top-1 accuracy after each task (mean, band ± std over seeds)", fontsize=10)
         fig.tight_layout()
         path = out_dir / f"curves_{safe_name(dataset)}.png"
-        fig.savefig(path)
+        _save(fig, path)
         written.append(path)
     return written
 
@@ -744,7 +775,7 @@ def plot_matrices(col: Collection, out_dir: Path) -> list[Path]:
                 fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="%")
                 fig.tight_layout()
                 path = out_dir / f"matrix_{safe_name(learner)}_{safe_name(method)}_{safe_name(dataset)}.png"
-                fig.savefig(path)
+                _save(fig, path)
                 written.append(path)
     return written
 
@@ -759,7 +790,8 @@ def build_report(dirs: Sequence[Path], out_dir: Path, command: str = "") -> tupl
         (what was read, the files written).
 
     Raises:
-        ReportError: see :func:`collect`; or ``out_dir`` cannot be created.
+        ReportError: see :func:`collect`; or ``out_dir`` cannot be created, or a file in it cannot be written
+            (read-only folder, full disk: the message names the file and the cause).
     """
     col = collect(dirs)
     out_dir = Path(out_dir)
@@ -767,9 +799,14 @@ def build_report(dirs: Sequence[Path], out_dir: Path, command: str = "") -> tupl
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ReportError(f"--out {out_dir}: cannot create the folder ({exc.strerror or exc}).") from None
-    plots = plot_curves(col, out_dir) + plot_matrices(col, out_dir)
-    (out_dir / "table.md").write_text(markdown(col, plots, command), encoding="utf-8")
-    write_csv(col, out_dir / "table.csv")
+    try:
+        plots = plot_curves(col, out_dir) + plot_matrices(col, out_dir)
+        (out_dir / "table.md").write_text(markdown(col, plots, command), encoding="utf-8")
+        write_csv(col, out_dir / "table.csv")
+    except OSError as exc:
+        target = exc.filename or out_dir
+        raise ReportError(f"--out {out_dir}: cannot write {target} ({exc.strerror or exc}); is the folder writable "
+                          "and the disk not full?") from None
     return col, [out_dir / "table.md", out_dir / "table.csv", *plots]
 
 
@@ -784,9 +821,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command line; returns 0 when the report is written, 2 on bad input (one ``error:`` line on stderr).
+    """Command line; returns 0 when the report is written from every results.json found, 2 on bad input (one
+    ``error:`` line on stderr) or when some files were skipped.
 
-    Skipped files are warned about on stderr (and listed in table.md).
+    A skipped file gets one ``warning: skipped FILE: why`` line on stderr (and is listed in table.md); the report of
+    the other runs is still written, and the exit status is 2 so that a script notices.
     """
     args = parse_args(argv)
     command = "python -m utils.report " + " ".join([*map(str, args.runs), "--out", str(args.out)])
@@ -803,7 +842,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"wrote {len(written)} files to {args.out}")
     for path in written:
         print(f"  {path}")
-    return 0
+    return 2 if col.skipped else 0
 
 
 if __name__ == "__main__":
