@@ -262,3 +262,49 @@ def test_read_idx_header_checks(tmp_path):
     big_endian = tmp_path / "int32"
     big_endian.write_bytes(bytes([0, 0, 0x0C, 1]) + struct.pack(">I", 2) + struct.pack(">2i", -1, 70000))
     np.testing.assert_array_equal(read_idx(big_endian), [-1, 70000])
+
+
+def _linked_tree(image_folder, kind: str) -> tuple[Path, Path]:
+    """A cub tree with one kind of link; returns (data root, the link)."""
+    root = image_folder("cub", "test", n_classes=4, train_per_class=4, test_per_class=2)
+    train = root / "cub" / "train"
+    if kind == "loop":  # ln -s . class_00/loop
+        link = train / "class_00" / "loop"
+        link.symlink_to(".", target_is_directory=True)
+    elif kind == "folder twice":  # class_01/other -> ../class_02
+        link = train / "class_01" / "other"
+        link.symlink_to(train / "class_02", target_is_directory=True)
+    else:  # one image file under two classes
+        link = train / "class_03" / "from_00.png"
+        link.symlink_to(train / "class_00" / "00.png")
+    return root, link
+
+
+@pytest.mark.parametrize("kind,why", [("loop", "symbolic link loop"), ("folder twice", "two paths to one folder"),
+                                      ("file twice", "reached by two paths")])
+def test_links_that_reach_images_twice_are_refused_through_the_command_line(image_folder, tmp_path, kind, why):
+    root, link = _linked_tree(image_folder, kind)
+    config = tmp_path / "linked.json"
+    config.write_text(json.dumps(tiny_run_dict(root)))
+    proc = subprocess.run([sys.executable, "main.py", "--config", str(config), "--output-dir", str(tmp_path / "runs")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and why in errors[0] and link.name in errors[0], proc.stderr
+    results = next((tmp_path / "runs").rglob("results.json"))
+    assert json.loads(results.read_text())["status"] == "failed"  # before any training, recorded
+
+
+def test_a_linked_image_reached_once_and_a_linked_outside_folder_still_load(image_folder, tmp_path):
+    root = image_folder("cub", "test", n_classes=3, train_per_class=3, test_per_class=2)
+    train = root / "cub" / "train"
+    outside = tmp_path / "elsewhere"
+    (train / "class_02").rename(outside)
+    (train / "class_02").symlink_to(outside, target_is_directory=True)  # a class folder kept on another disk
+    moved = tmp_path / "one.png"
+    (train / "class_00" / "00.png").rename(moved)
+    (train / "class_00" / "00.png").symlink_to(moved)  # a file link that nothing else reaches
+    train_split, _ = datasets.load_image_folder("cub", root)
+    assert len(train_split.items) == 9 and sorted(set(train_split.targets.tolist())) == [0, 1, 2]

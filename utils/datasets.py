@@ -392,11 +392,13 @@ def load_image_folder(dataset: str, root: Path) -> tuple[Split, Split]:
         )
     folders = []
     for split_dir in (base / "train", test_dir):
+        check_folder_links(dataset, split_dir)
         try:
             folders.append(tv_datasets.ImageFolder(str(split_dir)))
         except (FileNotFoundError, RuntimeError) as exc:
             raise DataNotFoundError(f"dataset '{dataset}': {split_dir} is not a valid ImageFolder tree ({exc}). "
                                     f"Expected {layout}.") from None
+        check_images_reached_once(dataset, split_dir, [p for p, _ in folders[-1].samples])
     train, test = folders
     only_train = sorted(set(train.classes) - set(test.classes))
     only_test = sorted(set(test.classes) - set(train.classes))
@@ -411,6 +413,50 @@ def load_image_folder(dataset: str, root: Path) -> tuple[Split, Split]:
     test_labels = [label[test.classes[t]] for t in test.targets]
     return (Split([p for p, _ in train.samples], np.asarray(train.targets, dtype=np.int64)),
             Split([p for p, _ in test.samples], np.asarray(test_labels, dtype=np.int64)))
+
+
+def check_folder_links(dataset: str, split_dir: Path) -> None:
+    """Refuse a tree whose symbolic links reach one folder twice (torchvision's ImageFolder follows links).
+
+    A link to an ancestor (``ln -s . class_00/loop``) would make the walk repeat the folder until the system's
+    link limit (about 40 times); a link from one class folder to another would label the same images as both
+    classes. Links to folders outside the tree that nothing else reaches are fine.
+
+    Raises:
+        DataIntegrityError: a folder is reached by two paths; both are named.
+    """
+    seen: dict[str, str] = {}
+    for dirpath, _, _ in os.walk(split_dir, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            kind = ("a symbolic link loop" if Path(seen[real]) in Path(dirpath).parents
+                    else "two paths to one folder (symbolic links)")
+            raise DataIntegrityError(
+                f"dataset '{dataset}': {dirpath} is {seen[real]} again ({kind}); every image would be read more than "
+                "once, or under two class names. Remove the link.")
+        seen[real] = dirpath
+
+
+def check_images_reached_once(dataset: str, split_dir: Path, paths: Sequence[str]) -> None:
+    """Refuse a split in which one image file is reached by two paths (file links), e.g. under two classes.
+
+    Raises:
+        DataIntegrityError: the first file reached twice, with both paths and the number of such files.
+    """
+    first: dict[str, str] = {}
+    twice = []
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in first:
+            twice.append((first[real], path))
+        else:
+            first[real] = path
+    if twice:
+        a, b = twice[0]
+        raise DataIntegrityError(
+            f"dataset '{dataset}': {len(twice)} image file(s) of {split_dir} are reached by two paths (symbolic "
+            f"links), e.g. {a} and {b} are the same file {os.path.realpath(a)}; each image must appear once. "
+            "Remove the links.")
 
 
 def _few(names: Sequence[str], n: int = 5) -> str:
