@@ -368,3 +368,18 @@ def test_a_full_disk_is_one_error_line_naming_the_file(tmp_path, capsys, monkeyp
     assert report.main([str(root), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"cannot write {out}/curves_cifar224.png (No space left on device)" in err[0]
+
+
+def test_a_preset_rebuilt_by_composition_keys_is_reported_under_the_preset_it_ran(tmp_path):
+    root = tmp_path / "runs"
+    rebuilt = write_run(root, "ranpac", "mist_random", "cifar224", 1, tuning=mist_tuning((0.01, 0.02), (0.1, 0.1)))
+    data = json.loads(rebuilt.read_text())
+    data["config"]["importance"] = "mi_fisher"  # mist_random + MIST's estimator = MIST, and the tuner said so
+    rebuilt.write_text(json.dumps(data))
+    composed = write_run(root, "ranpac", "mist_random", "cifar224", 2, tuning=[{**t, "method": "mist_random"}
+                                                                           for t in mist_tuning((0.01, 0.02), None)])
+    data = json.loads(composed.read_text())
+    data["config"]["importance"] = "fisher"
+    composed.write_text(json.dumps(data))
+    assert report.load_run(rebuilt).method == "mist"
+    assert report.load_run(composed).method == 'mist_random (importance="fisher")'

@@ -310,9 +310,15 @@ def load_run(path: Path) -> RunRecord:
     method = "none" if method is None else method
     if not isinstance(method, str):
         raise InvalidResults(f"'config.spr' is {method!r}, expected a name")
-    overrides = [f"{key}={json.dumps(cfg[key])}" for key in COMPOSITION_KEYS if cfg.get(key) is not None]
-    overrides += [f"{key}={json.dumps(cfg[key])}" for key, presets in _preset_keys().items()
-                  if method in presets and key in cfg and cfg[key] != FIELDS[key].default]
+    ran = {t["tuning"].get("method") for t in data.get("tasks", []) if isinstance(t, dict)
+           and isinstance(t.get("tuning"), dict)} if isinstance(data.get("tasks"), list) else set()
+    composed = any(cfg.get(key) is not None for key in COMPOSITION_KEYS)
+    if composed and len(ran) == 1 and isinstance(only := ran.pop(), str) and only != method and PRESETS.peek(only):
+        method = only  # the composition keys rebuilt another preset part for part: it is reported as that preset
+    named = {**cfg, **{key: None for key in COMPOSITION_KEYS}} if method != cfg.get("spr", "none") else cfg
+    overrides = [f"{key}={json.dumps(named[key])}" for key in COMPOSITION_KEYS if named.get(key) is not None]
+    overrides += [f"{key}={json.dumps(named[key])}" for key, presets in _preset_keys().items()
+                  if method in presets and key in named and named[key] != FIELDS[key].default]
     if overrides:  # a preset with parts replaced is another method
         method = f"{method} ({', '.join(overrides)})"
     seed = data.get("seed", cfg.get("seed"))

@@ -88,7 +88,9 @@ class SelectivePhase:
         selected, fully_trainable = self.select(scores, budget)
         plan = tuner.state.plan(selected, tuner.device)  # the task's constants, from the state at its start
         report = {"method": r.preset, "selected_fraction": tuner.backbone_fraction(selected),
-                  "selected_fraction_maskable": tuner.backbone_fraction(selected, maskable_only=True)}
+                  "selected_fraction_maskable": tuner.backbone_fraction(selected, maskable_only=True),
+                  "trainable_fraction": tuner.backbone_fraction(  # selected and not frozen at the task's start
+                      {n: selected[n] & ~tuner.state.frozen_mask(n).to(selected[n].device) for n in tuner.backbone_names})}
         if r.scope != "per_tensor":
             report["fully_trainable_tensors"] = fully_trainable
         if decision is not None:

@@ -26,6 +26,7 @@ from models.sparse.network import TunedNetwork, official_head, prototype_head
 from models.sparse.optim import SGDSettings
 from models.sparse.per_step import PerStepPhase
 from models.sparse.presets import Recipe, resolve_recipe
+from models.sparse.sanity import canonical, check_tuning_config
 from models.sparse.scopes import is_embedding
 from models.sparse.selective import SelectivePhase
 from utils.config import warn_ignored
@@ -59,7 +60,7 @@ class SparseTuner:
                  learner_defaults: dict[str, Any], sgd: SGDSettings = SGDSettings(),
                  recipe: Optional[Recipe] = None) -> None:
         self.cfg, self.device, self.sgd, self.seed = cfg, device, sgd, seed
-        self.recipe = recipe or resolve_recipe(cfg)
+        self.recipe = recipe or canonical(resolve_recipe(cfg), cfg)
         self.loop = TuningLoop(device, cfg.progress)
         self.network = TunedNetwork(backbone, freeze_bn_stats=cfg.freeze_bn_stats).to(device)
         self.state = SparsityState(self.network.named_parameters(), cfg.exempt_rule)
@@ -80,6 +81,8 @@ class SparseTuner:
         # the flat gradient layout is the network's parameter order: backbone first, then the projection head
         if list(self.state.shapes)[: len(self.backbone_names)] != self.backbone_names:
             raise RuntimeError("the projection head's parameters must follow the backbone's in the network")
+        candidate_numel = sum(self.state.shapes[n].numel() for n in self.candidates())
+        check_tuning_config(cfg, self.recipe, self.backbone_numel, candidate_numel, self.freeze_quantile)
 
     @property
     def policy(self) -> str:
