@@ -22,7 +22,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"experiment JSON (official keys); default: the offline demo {DEMO_CONFIG.name}")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, parsed against its type (repeatable), e.g. --set device=cpu")
-    parser.add_argument("--output-dir", type=Path, default=Path("runs"), help="where runs are written (default ./runs)")
+    parser.add_argument("--output-dir", type=Path, default=None,
+                        help="where runs are written (default ./runs; not with --resume, which writes into RUN_DIR)")
     parser.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                         help="continue the run in RUN_DIR (runs/<name>/<timestamp>) after its last completed task, "
                              "with its saved config; --set may change only device, num_workers, progress, "
@@ -55,12 +56,16 @@ def main(argv=None) -> int:
         if args.resume is not None:
             if args.config is not None:
                 raise UserError("--resume uses the config saved in the run folder; drop --config.")
+            if args.output_dir is not None:
+                raise UserError(f"--resume writes into the run folder {args.resume} itself; drop --output-dir "
+                                f"{args.output_dir} (or start a new run there without --resume).")
             paths = trainer.resume(args.resume, args.overrides)
         else:
             cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
-            paths = trainer.run(cfg, args.output_dir)
+            paths = trainer.run(cfg, args.output_dir or Path("runs"))
     except UserError as exc:
-        print(f"{where}error: {exc}", file=sys.stderr)
+        if distributed.launch_rank() == 0:  # torchrun: every rank meets the same bad input; one line, once
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except RunStopped as exc:
         print(str(exc), file=sys.stderr)

@@ -34,6 +34,8 @@ from utils.data_manager import DataManager
 from utils.datasets import default_norm, load_source
 from utils.metrics import grouped_accuracy, summarize, task_accuracies, topk_accuracy
 from utils.errors import CheckpointError, ConfigError, RunStopped, UserError  # noqa: F401 (RunStopped re-exported)
+from utils.run_folder import (OutputError, RunLock, check_checkpoint_meta, config_fingerprint, move_aside,
+                              remove_stale_temporaries)
 from utils.runtime import (OFFICIAL_TORCH_SEED, log_traceback, resolve_device, rng_state, runtime_info, seed_torch,
                            set_rng_state, setup_logging)
 
@@ -100,19 +102,28 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def run(cfg: ExperimentConfig, output_dir: Path) -> list[Path]:
-    """Run every seed of ``cfg`` one after another in a new run folder.
+    """Run every seed of ``cfg`` one after another in a new run folder (locked while it runs: ``RUN/.lock``).
 
     Returns:
         The results.json path of each seed.
 
     Raises:
         RunStopped: ``stop_after_task`` was reached (the run folder can be resumed).
+        OutputError: the run folder cannot be created or written.
     """
     setup_processes(cfg)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = _unique_dir(Path(output_dir) / run_name(cfg) / stamp) if distributed.is_main() else None
+    run_dir = None
+    if distributed.is_main():
+        target = Path(output_dir) / run_name(cfg) / stamp
+        try:
+            run_dir = _unique_dir(target)
+        except OSError as exc:
+            raise OutputError(f"--output-dir {output_dir}: cannot create the run folder {target} "
+                              f"({exc.strerror or exc}); nothing was written.") from None
     run_dir = distributed.broadcast_object(run_dir)  # torchrun: rank 0 names the folder
-    return [run_seed(cfg, seed, run_dir / f"seed{seed}") for seed in cfg.seed]
+    with RunLock(run_dir, enabled=distributed.is_main()):
+        return [run_seed(cfg, seed, run_dir / f"seed{seed}") for seed in cfg.seed]
 
 
 RESUMABLE_KEYS = ("device", "num_workers", "progress", "eval_batch_size", "stop_after_task", "verify_images")
@@ -148,20 +159,69 @@ def resume(run_dir: Path, overrides: Sequence[str] = ()) -> list[Path]:
             raise ConfigError(f"--set {item}: '{key}' cannot change when resuming (it affects the results); only "
                               f"{', '.join(RESUMABLE_KEYS)} can.")
     cfg = config_from_dict(raw, str(seed_dirs[0] / "config.json"))
+    _check_seed_folders(run_dir, seed_dirs, saved, cfg)
     for item in overrides:  # validated as on the command line, one key at a time
         key, _ = parse_override(item)
         cfg = dataclasses.replace(cfg, **{key: getattr(load_config(None, [item]), key)})
     setup_processes(cfg)
     paths = []
-    for seed in cfg.seed:
-        out = run_dir / f"seed{seed}"
-        status = _status(out / "results.json")
-        if status == "complete":
-            logger.info("seed %d is complete; kept as it is", seed)
-            paths.append(out / "results.json")
-            continue
-        paths.append(run_seed(cfg, seed, out, resume=True))
+    with RunLock(run_dir, enabled=distributed.is_main()):
+        for seed in cfg.seed:
+            out = run_dir / f"seed{seed}"
+            if _complete(out / "results.json", fingerprint(cfg)):
+                logger.info("seed %d is complete; kept as it is", seed)
+                paths.append(out / "results.json")
+                continue
+            paths.append(run_seed(cfg, seed, out, resume=True))
     return paths
+
+
+def fingerprint(cfg: ExperimentConfig) -> str:
+    """The run's :func:`~utils.run_folder.config_fingerprint`: every key but ``RESUMABLE_KEYS``, and the seeds."""
+    return config_fingerprint(cfg.to_dict(), cfg.seed, RESUMABLE_KEYS)
+
+
+def _check_seed_folders(run_dir: Path, seed_dirs: list[Path], saved: dict, cfg: ExperimentConfig) -> None:
+    """Refuse a run folder whose seed folders disagree: another config or seed list in one of them, a seed folder
+    that the seed list does not hold, or a seed list edited after the run started.
+
+    Raises:
+        ConfigError: naming the files that differ.
+    """
+    first = seed_dirs[0] / "config.json"
+    for seed_dir in seed_dirs[1:]:
+        try:
+            other = json.loads((seed_dir / "config.json").read_text())
+            same = ({k: v for k, v in other["config"].items() if k != "seed"} ==
+                    {k: v for k, v in saved["config"].items() if k != "seed"} and other["seeds"] == saved["seeds"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            same = False
+        if not same:
+            raise ConfigError(f"--resume {run_dir}: {seed_dir / 'config.json'} and {first} hold different configs or "
+                              "seed lists; one of them was edited. Restore it or start a new run.")
+    listed = {f"seed{s}" for s in cfg.seed}
+    stray = [d.name for d in seed_dirs if d.name not in listed]
+    if stray:
+        raise ConfigError(f"--resume {run_dir}: the folder(s) {', '.join(stray)} are not in the seed list "
+                          f"{cfg.seed} of {first}; it was edited. Restore it or start a new run.")
+    try:  # the first results.json written records the fingerprint of the config the run started with
+        started = json.loads((seed_dirs[0] / "results.json").read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        started = None
+    if started is not None and started != fingerprint(cfg):
+        raise ConfigError(f"--resume {run_dir}: {first} no longer holds the config the run started with (a key that "
+                          "affects the results, or the seed list, was edited); restore it or start a new run.")
+
+
+def _complete(results_path: Path, expected: str) -> bool:
+    """True when results.json says complete, holds every task of its task sizes, and (when it has one) carries the
+    run's fingerprint; a hand-set status on a partial file is not complete."""
+    try:
+        data = json.loads(results_path.read_text())
+        done = data.get("status") == "complete" and len(data["tasks"]) == len(data["task_sizes"])
+        return bool(done) and data.get("fingerprint", expected) == expected
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def setup_processes(cfg: ExperimentConfig) -> torch.device:
@@ -176,13 +236,6 @@ def setup_processes(cfg: ExperimentConfig) -> torch.device:
         raise ConfigError(f"key 'batch_size' is {cfg.batch_size} but torchrun started {distributed.world_size()} "
                           "processes; the global batch must hold at least one image per process.")
     return device
-
-
-def _status(path: Path) -> Optional[str]:
-    try:
-        return json.loads(path.read_text()).get("status")
-    except (OSError, ValueError):
-        return None
 
 
 def _data_manager(cfg: ExperimentConfig, seed: int) -> DataManager:
@@ -209,15 +262,23 @@ def run_seed(cfg: ExperimentConfig, seed: int, out: Path, resume: bool = False) 
         KeyboardInterrupt; any failure of the run (after recording it).
     """
     main = distributed.is_main()  # torchrun: only rank 0 writes the log, results.json and checkpoints
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
     log_file = out / f"{run_name(cfg)}_seed{seed}.log"
-    setup_logging(log_file if main else None, level=logging.INFO if main else logging.WARNING)
+    try:
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+        setup_logging(log_file if main else None, level=logging.INFO if main else logging.WARNING)
+    except OSError as exc:
+        raise OutputError(f"cannot write the run folder {out} ({exc.strerror or exc}); no log or results.json was "
+                          "written.") from None
+    if main:
+        remove_stale_temporaries(out)
     resolved = {**cfg.to_dict(), "seed": seed}
     for key, value in resolved.items():
         logger.info("%s: %s", key, value)
-    results: dict[str, Any] = {"config": resolved, "seed": seed, "status": "running", "complete": False, "tasks": [],
-                               "top1_curve": [], "top5_curve": [], "att_curve": [], "accuracy_matrix": []}
+    fresh: dict[str, Any] = {"config": resolved, "seed": seed, "status": "running", "complete": False,
+                             "fingerprint": fingerprint(cfg), "tasks": [], "top1_curve": [], "top5_curve": [],
+                             "att_curve": [], "accuracy_matrix": []}
+    results = dict(fresh)
     if resume and (out / "results.json").is_file():  # keep what the stopped run wrote, whatever happens next
         try:
             results = {**json.loads((out / "results.json").read_text()), "status": "running"}
@@ -225,21 +286,25 @@ def run_seed(cfg: ExperimentConfig, seed: int, out: Path, resume: bool = False) 
             pass
     checkpoint = out / CHECKPOINT_NAME
     write = write_json if main else (lambda path, data: None)
+    written = False
     try:
         device = setup_processes(cfg)  # before any data loads: a bad device fails in a second
-        if not (resume and (out / "config.json").is_file()):
-            write(out / "config.json", {"config": resolved, "seeds": cfg.seed, "environment": environment_info(),
-                                        "runtime": runtime_info(device, cfg)})
-        write(out / "results.json", results)
+        try:
+            if not (resume and (out / "config.json").is_file()):
+                write(out / "config.json", {"config": resolved, "seeds": cfg.seed, "environment": environment_info(),
+                                            "runtime": runtime_info(device, cfg)})
+            write(out / "results.json", results)
+        except OSError as exc:
+            raise OutputError(f"cannot write {exc.filename or out} ({exc.strerror or exc}); the run did not start.") \
+                from None
+        written = True
         data = _data_manager(cfg, seed)
         seed_torch(seed if cfg.seed_torch_with_seed else OFFICIAL_TORCH_SEED, cfg.allow_tf32, cfg.deterministic)
         learner = build_learner(cfg, device, seed)
-        results.update({"class_order": data.class_order, "task_sizes": data.increments, "device": str(device)})
         first = 0
-        if resume and checkpoint.is_file():
-            results, first = load_checkpoint(checkpoint, learner)
-            results["status"] = "running"
-            logger.info("Resumed from %s after task %d", checkpoint, first - 1)
+        if resume:
+            results, first = _restore(checkpoint, learner, out, fresh, results, seed, data)
+        results.update({"class_order": data.class_order, "task_sizes": data.increments, "device": str(device)})
         ranges = [data.task_classes(t) for t in range(data.nb_tasks)]
         for t in range(first, data.nb_tasks):
             _run_task(learner, data, t, ranges, results)
@@ -257,14 +322,59 @@ def run_seed(cfg: ExperimentConfig, seed: int, out: Path, resume: bool = False) 
     except (KeyboardInterrupt, RunStopped) as exc:
         results["status"] = "interrupted"
         results["error"] = str(exc) or type(exc).__name__
-        write(out / "results.json", results)
+        _record_end(write, out, results, written)
         raise
     except BaseException as exc:
         results["status"], results["error"] = "failed", f"{type(exc).__name__}: {exc}"
-        write(out / "results.json", results)
+        _record_end(write, out, results, written)
         if not isinstance(exc, UserError):
             log_traceback(exc)
         raise
+
+
+def _record_end(write, out: Path, results: dict, written: bool) -> None:
+    """Write the final status into results.json when the run got as far as writing it (a second write error, e.g. a
+    full disk, is logged and does not hide the first one)."""
+    if not written:
+        return
+    try:
+        write(out / "results.json", results)
+    except OSError as exc:
+        logger.error("could not record status %r in %s (%s)", results.get("status"), out / "results.json",
+                     exc.strerror or exc)
+
+
+def _restore(checkpoint: Path, learner, out: Path, fresh: dict, results: dict, seed: int,
+             data: DataManager) -> tuple[dict, int]:
+    """Where a resumed seed continues: after the checkpoint's last task, or from task 0 when the checkpoint is
+    missing or unreadable, with the partial results.json (and the unreadable checkpoint) moved aside, never
+    appended to.
+
+    Returns:
+        (results so far, index of the next task).
+
+    Raises:
+        CheckpointError: a readable checkpoint of another run, config, seed or class order, or an altered one.
+    """
+    if checkpoint.is_file():
+        try:
+            state = read_checkpoint(checkpoint)
+        except CheckpointUnreadable as exc:
+            broken = move_aside(checkpoint, "unreadable") if distributed.is_main() else None
+            partial = move_aside(out / "results.json", "partial") if distributed.is_main() else None
+            logger.warning("%s; it was moved to %s and the partial results to %s; seed %d restarts from task 0.", exc,
+                           broken, partial, seed)
+            return dict(fresh), 0
+        check_checkpoint_meta(checkpoint, state, fresh["fingerprint"], seed, data.class_order, data.nb_tasks)
+        restored, first = load_checkpoint(checkpoint, learner, state)
+        restored["status"] = "running"
+        logger.info("Resumed from %s after task %d", checkpoint, first - 1)
+        return restored, first
+    if results.get("tasks"):
+        partial = move_aside(out / "results.json", "partial") if distributed.is_main() else None
+        logger.warning("seed %d has no checkpoint (%s) but its results.json holds %d task(s): they were moved to %s "
+                       "and the seed restarts from task 0.", seed, checkpoint, len(results["tasks"]), partial)
+    return dict(fresh), 0
 
 
 def _run_task(learner, data: DataManager, t: int, ranges: list, results: dict) -> None:
@@ -291,42 +401,77 @@ CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "mist-cl checkpoint v1"
 
 
+class CheckpointUnreadable(CheckpointError):
+    """The checkpoint file cannot be read at all (truncated, e.g. by a killed write): the seed restarts."""
+
+
 def save_checkpoint(path: Path, learner, results: dict, next_task: int) -> None:
     """Write everything the rest of the run needs, atomically (temporary file, then rename).
 
     Holds the learner (backbone, heads, tuning state and its generators), the metrics so far (results.json
-    as text) and every global random state (torch CPU and CUDA, numpy, Python).
+    as text), every global random state (torch CPU and CUDA, numpy, Python) and ``meta``: the run's fingerprint,
+    seed and class order (checked on resume).
+
+    Raises:
+        OutputError: the file cannot be written (full disk, read-only folder); the message names it and the cause,
+            and no partial temporary file is left.
     """
-    state = {"format": CHECKPOINT_FORMAT, "next_task": next_task, "results": json.dumps(_finite(results),
-                                                                                         default=_json_default),
+    meta = {"fingerprint": results.get("fingerprint"), "seed": results.get("seed"),
+            "class_order": list(results.get("class_order", []))}
+    state = {"format": CHECKPOINT_FORMAT, "next_task": next_task, "meta": meta,
+             "results": json.dumps(_finite(results), default=_json_default),
              "learner": learner.state_dict(), "rng": rng_state()}
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    try:
+        torch.save(state, tmp)
+        tmp.replace(path)
+    except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError of its zip writer
+        tmp.unlink(missing_ok=True)
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:200]
+        raise OutputError(f"cannot write the checkpoint {path} ({cause}); is the disk full? results.json holds every "
+                          "task finished so far.") from None
 
 
-def load_checkpoint(path: Path, learner) -> tuple[dict, int]:
-    """Restore ``learner`` and the global random states from a checkpoint (``weights_only=True``).
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint's contents (``weights_only=True``, on the CPU).
+
+    Raises:
+        CheckpointUnreadable: the file cannot be read (truncated, empty).
+        CheckpointError: it is not a mist-cl checkpoint.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, pickle of foreign objects, ...
+        raise CheckpointUnreadable(f"checkpoint {path} cannot be read ({type(exc).__name__}: "
+                                   f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a mist-cl checkpoint (format {CHECKPOINT_FORMAT!r} expected).")
+    return state
+
+
+def load_checkpoint(path: Path, learner, state: Optional[dict] = None) -> tuple[dict, int]:
+    """Restore ``learner`` and the global random states from a checkpoint (read with :func:`read_checkpoint`
+    unless ``state`` is given).
 
     Returns:
         (results so far, index of the next task).
 
     Raises:
-        CheckpointError: the file is truncated, not a mist-cl checkpoint, or does not fit this run.
+        CheckpointError: the file is unreadable, not a mist-cl checkpoint, does not fit this run's learner, or holds
+            malformed results.
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, pickle of foreign objects, ...
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); it is truncated or "
-                              "not a mist-cl checkpoint. Delete it to restart that seed from its first task.") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"checkpoint {path} is not a mist-cl checkpoint (format {CHECKPOINT_FORMAT!r} expected).")
+    state = read_checkpoint(path) if state is None else state
     try:
         learner.load_state_dict(state["learner"])
     except (KeyError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint {path} does not fit this run's learner ({exc}).") from None
-    set_rng_state(state["rng"])
-    return json.loads(state["results"]), int(state["next_task"])
+    try:
+        results, next_task = json.loads(state["results"]), int(state["next_task"])
+        set_rng_state(state["rng"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path}: malformed entry ({type(exc).__name__}: {str(exc)[:200]}).") \
+            from None
+    return results, next_task
 
 
 def _record_task(results: dict, t: int, classes: tuple[int, int], y_topk: np.ndarray, y_true: np.ndarray,

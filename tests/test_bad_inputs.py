@@ -146,11 +146,12 @@ def case_resume_nothing(tmp):
     return ["--resume", str(tmp / "no_run")]
 
 
-def case_resume_truncated_checkpoint(tmp):
+def case_resume_foreign_checkpoint(tmp):
+    """(A truncated checkpoint restarts its seed with the partial results moved aside: tests/test_run_folder.py.)"""
     config = _config(tmp, stop_after_task=0)
     assert main.main(_args(tmp, config)) == 0  # stopped on purpose after task 0
     (ckpt,) = (tmp / "runs").glob("*/*/seed*/checkpoint.pt")
-    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    torch.save({"weights": torch.zeros(3)}, ckpt)
     return ["--resume", str(ckpt.parent.parent)]
 
 
@@ -180,7 +181,7 @@ CASES: list[tuple[str, Callable, int, tuple[str, ...]]] = [
     ("truncated image (verify_images)", case_corrupt_image_verified, 2, ("0.png", "cannot be read")),
     ("missing data set", case_missing_data, 2, ("cub", "nowhere")),
     ("--resume of a folder with no run", case_resume_nothing, 2, ("--resume", "no_run")),
-    ("--resume with a truncated checkpoint", case_resume_truncated_checkpoint, 2, ("checkpoint.pt", "truncated")),
+    ("--resume with a foreign checkpoint", case_resume_foreign_checkpoint, 2, ("checkpoint.pt", "not a mist-cl")),
     ("--resume changing a results key", case_resume_changes_results_key, 2, ("M", "cannot change")),
 ]
 

@@ -73,16 +73,14 @@ def test_resume_refuses_changes_that_affect_results(images, tmp_path):
     assert trainer.resume(run_dir) == paths  # a complete seed is kept as it is
 
 
-def test_truncated_or_foreign_checkpoint_is_refused(images, tmp_path):
+def test_a_foreign_checkpoint_is_refused(images, tmp_path):
+    """A truncated checkpoint restarts the seed (tests/test_run_folder.py); a readable file that is not a mist-cl
+    checkpoint is refused, and the finished task stays recorded."""
     cfg = load_config(None, overrides(images, "ranpac", "spr=none", "stop_after_task=0"))
     with pytest.raises(trainer.RunStopped):
         trainer.run(cfg, tmp_path / "runs")
     (seed_dir,) = (tmp_path / "runs").glob("*/*/seed1993")
     ckpt = seed_dir / "checkpoint.pt"
-    data = ckpt.read_bytes()
-    ckpt.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="checkpoint.pt cannot be read"):
-        trainer.resume(seed_dir.parent)
     torch.save({"something": torch.zeros(2)}, ckpt)
     with pytest.raises(CheckpointError, match="not a mist-cl checkpoint"):
         trainer.resume(seed_dir.parent)
@@ -171,8 +169,8 @@ def test_sigterm_on_a_running_run_records_interrupted(images, tmp_path):
                 results = json.loads(found[0].read_text())
             except ValueError:
                 results = None
-            if results and results.get("tasks"):
-                break
+            if results and results.get("tasks") and (found[0].parent / "checkpoint.pt").is_file():
+                break  # the first task is recorded and checkpointed
         time.sleep(0.2)
     assert results and results["tasks"], "the run did not finish its first task in time"
     proc.send_signal(signal.SIGTERM)

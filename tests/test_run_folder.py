@@ -1,0 +1,214 @@
+"""A run folder that cannot be corrupted or mislabelled (issue 16, items 1, 2 and 7): every reproduction of the
+issue through the command line (``main.main``), with the exit code, the one error line and the folder afterwards.
+
+RUN = a run folder written with ``--output-dir``, SD = RUN/seed1993; the config is a tiny 3-task RanPAC run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import main
+from test_sparse_tuning import tiny_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def images(image_folder) -> Path:
+    return image_folder("cub", "test", n_classes=6, train_per_class=4, test_per_class=4, noise=40.0, n_colours=2)
+
+
+def sets(images: Path, *extra: str) -> list[str]:
+    out = []
+    for item in [*tiny_overrides(images, "ranpac", init_cls=2, increment=2, spr="none"), *extra]:
+        out += ["--set", item]
+    return out
+
+
+def start(images: Path, tmp_path: Path, *extra: str) -> Path:
+    """A run stopped after task 0 (``stop_after_task=0``); returns SD."""
+    assert main.main(["--output-dir", str(tmp_path / "runs"), *sets(images, "stop_after_task=0", *extra)]) == 0
+    (sd,) = (tmp_path / "runs").glob("*/*/seed*")
+    return sd
+
+
+def resume(sd: Path, capsys, *extra: str) -> tuple[int, list[str]]:
+    capsys.readouterr()
+    code = main.main(["--resume", str(sd.parent), *extra])
+    return code, [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+
+
+def results_of(sd: Path) -> dict:
+    return json.loads((sd / "results.json").read_text())
+
+
+@pytest.fixture
+def uninterrupted(images, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("full")
+    assert main.main(["--output-dir", str(out), *sets(images)]) == 0
+    return json.loads(next(out.rglob("results.json")).read_text())
+
+
+def test_a_missing_checkpoint_restarts_the_seed_with_the_partial_results_moved_aside(images, tmp_path, capsys,
+                                                                                    uninterrupted):
+    sd = start(images, tmp_path)
+    (sd / "checkpoint.pt").unlink()
+    code, err = resume(sd, capsys, "--set", "stop_after_task=null")
+    assert code == 0 and err == []
+    after = results_of(sd)
+    assert [t["task"] for t in after["tasks"]] == [0, 1, 2] and after["status"] == "complete"  # not [0, 0, ...]
+    assert after["accuracy_matrix"] == uninterrupted["accuracy_matrix"]
+    (partial,) = sd.glob("results.partial-*.json")
+    assert [t["task"] for t in json.loads(partial.read_text())["tasks"]] == [0]  # kept, not appended to
+    assert "were moved to" in (next(sd.glob("*.log"))).read_text()
+
+
+def test_a_truncated_checkpoint_restarts_the_seed_and_every_later_resume_works(images, tmp_path, capsys,
+                                                                              uninterrupted):
+    sd = start(images, tmp_path)
+    data = (sd / "checkpoint.pt").read_bytes()
+    (sd / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    code, err = resume(sd, capsys, "--set", "stop_after_task=1")
+    assert code == 0 and [t["task"] for t in results_of(sd)["tasks"]] == [0, 1]
+    assert len(list(sd.glob("checkpoint.unreadable-*.pt"))) == 1 and len(list(sd.glob("results.partial-*"))) == 1
+    code, err = resume(sd, capsys, "--set", "stop_after_task=null")
+    assert code == 0 and results_of(sd)["accuracy_matrix"] == uninterrupted["accuracy_matrix"]
+
+
+def test_a_write_killed_before_the_first_checkpoint_leaves_no_stuck_seed(images, tmp_path, capsys, uninterrupted):
+    sd = start(images, tmp_path)
+    (sd / "checkpoint.pt").replace(sd / "checkpoint.pt.tmp")  # as if killed while writing the first checkpoint
+    (sd / "checkpoint.pt.tmp").write_bytes((sd / "checkpoint.pt.tmp").read_bytes()[:1000])
+    results = results_of(sd)
+    (sd / "results.json").write_text(json.dumps({**results, "status": "running"}))  # kill -9: no final status
+    code, _ = resume(sd, capsys, "--set", "stop_after_task=null")
+    assert code == 0 and not list(sd.glob("*.tmp"))  # the stale temporary is gone
+    assert results_of(sd)["accuracy_matrix"] == uninterrupted["accuracy_matrix"]
+
+
+@pytest.mark.parametrize("key,value", [("mi_epochs", 7), ("shuffle", False), ("select_rate", 0.5), ("M", 32)])
+def test_a_hand_edited_config_is_refused(images, tmp_path, capsys, key, value):
+    sd = start(images, tmp_path)
+    saved = json.loads((sd / "config.json").read_text())
+    saved["config"][key] = value
+    (sd / "config.json").write_text(json.dumps(saved))
+    before = results_of(sd)
+    code, err = resume(sd, capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --resume")
+    assert "config.json" in err[0] and "edited" in err[0]
+    assert results_of(sd) == before  # nothing lost, nothing relabelled
+
+
+def test_a_seed_added_by_hand_is_refused(images, tmp_path, capsys):
+    sd = start(images, tmp_path)
+    saved = json.loads((sd / "config.json").read_text())
+    saved["seeds"] = [1993, 7]
+    (sd / "config.json").write_text(json.dumps(saved))
+    code, err = resume(sd, capsys)
+    assert code == 2 and len(err) == 1 and "seed list" in err[0]
+    assert not (sd.parent / "seed7").exists()
+
+
+def test_a_checkpoint_of_another_seed_or_config_is_refused(images, tmp_path, capsys):
+    sd = start(images, tmp_path)
+    other = start(images, tmp_path / "b", "seed=[7]")  # another seed: same config otherwise
+    own = (sd / "checkpoint.pt").read_bytes()
+    (sd / "checkpoint.pt").write_bytes((other / "checkpoint.pt").read_bytes())
+    code, err = resume(sd, capsys)
+    assert code == 2 and len(err) == 1 and "written for seed 7" in err[0] and "checkpoint.pt" in err[0]
+    rate = start(images, tmp_path / "c", "select_rate=0.5")
+    (sd / "checkpoint.pt").write_bytes((rate / "checkpoint.pt").read_bytes())
+    code, err = resume(sd, capsys)
+    assert code == 2 and len(err) == 1 and "another config" in err[0]
+    (sd / "checkpoint.pt").write_bytes(own)
+    assert resume(sd, capsys)[0] == 0  # its own checkpoint resumes
+
+
+@pytest.mark.parametrize("next_task", [99, -1, 2])
+def test_a_checkpoint_with_an_altered_task_counter_is_refused(images, tmp_path, capsys, next_task):
+    sd = start(images, tmp_path)
+    state = torch.load(sd / "checkpoint.pt", weights_only=True)
+    state["next_task"] = next_task
+    torch.save(state, sd / "checkpoint.pt")
+    code, err = resume(sd, capsys)
+    assert code == 2 and len(err) == 1 and f"next_task is {next_task}" in err[0] and "checkpoint.pt" in err[0]
+
+
+def test_a_checkpoint_with_bad_results_json_is_one_line_naming_the_file(images, tmp_path, capsys):
+    sd = start(images, tmp_path)
+    state = torch.load(sd / "checkpoint.pt", weights_only=True)
+    state["results"] = "{not json"
+    torch.save(state, sd / "checkpoint.pt")
+    code, err = resume(sd, capsys)
+    assert code == 2 and len(err) == 1 and "checkpoint.pt" in err[0] and "results cannot be read" in err[0]
+
+
+def test_a_hand_set_complete_status_does_not_skip_the_remaining_tasks(images, tmp_path, capsys, uninterrupted):
+    sd = start(images, tmp_path)
+    (sd / "results.json").write_text(json.dumps({**results_of(sd), "status": "complete", "complete": True}))
+    code, _ = resume(sd, capsys)
+    assert code == 0 and results_of(sd)["accuracy_matrix"] == uninterrupted["accuracy_matrix"]
+
+
+def test_a_second_resume_of_a_folder_in_use_is_refused_and_a_stale_lock_is_replaced(images, tmp_path, capsys):
+    sd = start(images, tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (sd.parent / ".lock").write_text(str(holder.pid))
+        code, err = resume(sd, capsys)
+        assert code == 2 and len(err) == 1 and f"in use by process {holder.pid}" in err[0]
+    finally:
+        holder.kill()
+        holder.wait()
+    code, _ = resume(sd, capsys)  # that process is gone: its lock is stale
+    assert code == 0 and results_of(sd)["status"] == "complete" and not (sd.parent / ".lock").exists()
+
+
+def test_output_dir_with_resume_is_refused(images, tmp_path, capsys):
+    sd = start(images, tmp_path)
+    code, err = resume(sd, capsys, "--output-dir", str(tmp_path / "elsewhere"))
+    assert code == 2 and len(err) == 1 and "--output-dir" in err[0]
+    assert results_of(sd)["status"] == "interrupted"
+
+
+@pytest.mark.parametrize("blocker", ["file", "read-only"])
+def test_an_output_folder_that_cannot_be_written_says_only_what_is_true(images, tmp_path, capsys, blocker):
+    out = tmp_path / "out"
+    if blocker == "file":
+        out.write_text("a file where the folder should be")
+    else:
+        out.mkdir()
+        out.chmod(0o500)
+        if os.access(out, os.W_OK):
+            pytest.skip("running as root: a read-only mode does not stop writes")
+    try:
+        capsys.readouterr()
+        code = main.main(["--output-dir", str(out), *sets(images)])
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    finally:
+        if blocker != "file":
+            out.chmod(0o700)
+    assert code == 2 and len(err) == 1 and "cannot create the run folder" in err[0]
+    assert "failed" not in err[0] and not list(tmp_path.rglob("results.json"))
+
+
+def test_a_full_disk_during_the_checkpoint_names_the_file(images, tmp_path, capsys, monkeypatch):
+    import trainer
+
+    def full(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 1234 vs 1000")
+    monkeypatch.setattr(trainer.torch, "save", full)
+    capsys.readouterr()
+    code = main.main(["--output-dir", str(tmp_path / "runs"), *sets(images)])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 2 and len(err) == 1 and "cannot write the checkpoint" in err[0] and "checkpoint.pt" in err[0]
+    (sd,) = (tmp_path / "runs").glob("*/*/seed1993")
+    assert not list(sd.glob("*.tmp")) and results_of(sd)["status"] == "failed" and len(results_of(sd)["tasks"]) == 1
