@@ -249,3 +249,13 @@ def test_an_extraction_loader_gives_each_rank_the_batches_of_one_process(monkeyp
     for r in range(world):
         monkeypatch.setattr(distributed, "rank", lambda r=r: r)
         assert loader_batches() == one[r::world]
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside this Python")
+def test_under_torchrun_a_bad_input_is_one_error_line(image_folder, tmp_path):
+    config = _tiny_config(image_folder, tmp_path, data_root=str(tmp_path / "no-such-data"))
+    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "main.py", "--config", str(config),
+                           "--output-dir", str(tmp_path / "runs")], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln and "no-such-data" in ln]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
