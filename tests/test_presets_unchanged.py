@@ -9,7 +9,7 @@ The official presets and ``ce_finetune`` were pinned at commit 0b0f7f5, before t
 composition (issue 6); ``none``, ``piece_f``, ``piece_s``, ``magnitude_gate`` and ``mist_random`` at 4ad82a4,
 before the registries, the tuning loop and the learner hooks (issue 12), which left all 24 bit-identical; SLCA with
 and without MIST when it was added (issue 12; its slow learner's and alignment's reports are pinned with the tuning
-reports).
+reports); ACL, SPU and GPS when they were added (issue 14).
 
 Float kernels differ in their last bits between CPU capabilities (AVX2, AVX512) and torch builds, so
 ``exact`` holds one pin per platform: on a pinned platform the tuning reports and a SHA-256 of every tensor must
@@ -45,14 +45,14 @@ from test_sparse_tuning import tiny_overrides, write_image_folder  # noqa: E402
 
 GOLDEN = HERE / "golden" / "presets.json"
 PRESETS = ("none", "mist", "rand", "l2", "grad", "run", "cerun", "ce_finetune", "piece_f", "piece_s",
-           "magnitude_gate", "mist_random")
+           "magnitude_gate", "mist_random", "acl", "spu", "gps")
 CASES = [(learner, spr) for learner in ("ranpac", "simplecil") for spr in PRESETS] + [("slca", "none"), ("slca", "mist")]
 #: SLCA's own keys in its cases (pinned at issue 12, when SLCA was added): 2 slow-learner epochs, a milestone,
 #: 2 alignment epochs, the config's batch of 4
 SLCA_KEYS = dict(epochs=2, milestones=[1], ca_epochs=2, use_config_batch_size=True)
 WALL = ("wall_time_s", "seconds", "time_s")
 #: report entries added after the pins (issue 16: what was trainable); checked by their own tests, not pinned
-ADDED_AFTER_PIN = {"trainable_fraction"}
+ADDED_AFTER_PIN = {"trainable_fraction", "moved_fraction", "relative_change"}
 PLATFORM_DEPENDENT = ("head.W_o",)  # see the module docstring
 
 

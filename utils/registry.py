@@ -163,8 +163,10 @@ STEP_RULES: Registry[Callable[..., Any]] = Registry("per-step mask rule", "step_
 LOSSES: Registry[Any] = Registry("tuning loss", "scoring_loss")
 #: optimizers of the tuning phase (``tuning_optimizer``; models/sparse/optim.py)
 OPTIMIZERS: Registry[Callable[..., Any]] = Registry("tuning optimizer", "tuning_optimizer")
+#: tuning phases other than score-select-train and per-step masks (a preset's ``phase``; e.g. models/sparse/acl.py)
+PHASES: Registry[Any] = Registry("tuning phase", "phase")
 #: data sets (``dataset``; utils/datasets.py)
 DATASETS: Registry[Any] = Registry("data set", "dataset")
 
 ALL = {"learner": LEARNERS, "preset": PRESETS, "estimator": ESTIMATORS, "scope": SCOPES, "step_rule": STEP_RULES,
-       "loss": LOSSES, "optimizer": OPTIMIZERS, "dataset": DATASETS}
+       "loss": LOSSES, "optimizer": OPTIMIZERS, "phase": PHASES, "dataset": DATASETS}

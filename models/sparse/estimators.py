@@ -21,6 +21,7 @@ from torch import nn
 
 from models.sparse.masks import SparsityState
 from models.loop import FlatGradients
+from utils.runtime import batches
 from utils.registry import ESTIMATORS
 
 Scores = dict[str, torch.Tensor]
@@ -51,12 +52,16 @@ class Estimator:
         score: (pass sums, the tuned network, the tuner's "importance" random stream) -> name -> float32 scores.
         mean_squares: True if it can use MIST's cheaper pass (no first moments).
         source: paper / official file / SPEC section.
+        stop: (0-based batch k, batches per epoch n, sums so far) -> True to end the pass after batch k (SPU scores
+            a part of the task); None: the whole epoch. It must give the same answer on every torchrun process
+            (decide from the summed gradients or from k and n only).
     """
 
     name: str
     score: Callable[[PassSums, nn.Module, torch.Generator], Scores]
     mean_squares: bool = False
     source: str = ""
+    stop: Optional[Callable[[int, int, "ScoringRule"], bool]] = None
 
 
 def mi_fisher(sums: PassSums, network: nn.Module, generator: torch.Generator) -> Scores:
@@ -140,7 +145,8 @@ class ScoringRule:
 
 
 def scoring_pass(loop, network: nn.Module, loader, forward, state: SparsityState, moments: bool,
-                 where: str = "", of: Optional[int] = None, scheduler=None) -> PassSums:
+                 where: str = "", of: Optional[int] = None, scheduler=None,
+                 stop: Optional[Callable[[int, int, "ScoringRule"], bool]] = None) -> PassSums:
     """One pass over ``loader`` without optimizer steps, accumulating the sums of :class:`ScoringRule`.
 
     Args:
@@ -151,12 +157,29 @@ def scoring_pass(loop, network: nn.Module, loader, forward, state: SparsityState
         moments: see :class:`ScoringRule`.
         where, of: the task and the phase's epoch count, for messages.
         scheduler: stepped once after the pass (the official code steps it after epoch 1, SPEC 9.7).
+        stop: ends the pass early (see :class:`Estimator`); n_b is then the number of batches used.
 
     Raises:
         NonFiniteError: a batch loss was NaN or infinite (checked once, after the pass).
     """
     params = {name: p for name, p in network.named_parameters() if p.requires_grad}
-    rule = ScoringRule(params, state, len(loader), moments)
-    losses, _, _ = loop.run(loader, [1], forward, None, grads=[FlatGradients(params)], rule=rule, scheduler=scheduler,
-                            module=network, where=where, of=of, label="scoring")
-    return PassSums(rule.squares, rule.firsts, len(loader), losses[0])
+    total = len(loader)
+    rule = ScoringRule(params, state, total, moments)
+    if stop is None:
+        losses, _, _ = loop.run(loader, [1], forward, None, grads=[FlatGradients(params)], rule=rule,
+                                scheduler=scheduler, module=network, where=where, of=of, label="scoring")
+        return PassSums(rule.squares, rule.firsts, total, losses[0])
+    if not moments:
+        raise ValueError("an early-stopping scoring pass needs the moments pass (n_b is not known in advance)")
+    used = [0]
+
+    def until_stop():
+        for k, batch in enumerate(batches(loader)):
+            yield batch  # resumed after the loop has taken the step of this batch
+            used[0] = k + 1
+            if stop(k, total, rule):
+                return
+
+    losses, _, _ = loop.run(until_stop(), [1], forward, None, grads=[FlatGradients(params)], rule=rule,
+                            scheduler=scheduler, module=network, where=where, of=of, label="scoring", n_batches=total)
+    return PassSums(rule.squares, rule.firsts, used[0], losses[0] * total / max(used[0], 1))

@@ -54,6 +54,10 @@ class Recipe:
         head: the CE head's rows at the task's start: ``"official"`` (random on task 0, zero later, SPEC 9.24) or
             ``"prototypes"`` (the task's class means; ours, for the ported methods).
         epochs: epochs of the phase, the scoring pass included for task-level presets.
+        score_loss: the loss of the scoring pass when it is not ``loss`` (GPS scores with a contrastive loss and
+            trains with CE); None: ``loss``.
+        phase: a registered phase (``utils.registry.PHASES``) that runs the task instead of the selective or
+            per-step phase (ACL's dense adaptation); None: by ``importance``.
     """
 
     preset: str
@@ -71,6 +75,8 @@ class Recipe:
     gate: bool
     head: str
     epochs: int
+    score_loss: Optional[str] = None
+    phase: Optional[str] = None
 
     @property
     def selective(self) -> bool:
@@ -133,7 +139,8 @@ def register_preset(name: str, *, like: Optional[str] = None, **fields: Any) -> 
         raise ValueError(f"preset {like!r} is not registered yet")
     names = {f.name for f in dataclasses.fields(Preset)}
     parts = {**(base.parts if base else {}), **{k: v for k, v in fields.items() if k not in names}}
-    missing = {f.name for f in dataclasses.fields(Recipe)} - {"preset", "budget", "epochs"} - set(parts)
+    required = {f.name for f in dataclasses.fields(Recipe) if f.default is dataclasses.MISSING}
+    missing = required - {"preset", "budget", "epochs"} - set(parts)
     if missing:
         raise ValueError(f"preset {name!r} lacks the parts {sorted(missing)}")
     own = {k: v for k, v in fields.items() if k in names}

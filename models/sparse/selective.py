@@ -72,8 +72,9 @@ class SelectivePhase:
         optimizer, scheduler = tuner.make_optimizer(head)
         estimator = ESTIMATORS.get(r.importance)
         moments = r.gate or not estimator.mean_squares  # MIST's own pass (SPEC 4.4) otherwise, bit for bit
-        sums = scoring_pass(tuner.loop, tuner.network, loader, forward, tuner.state, moments, where=f"task {t}",
-                            of=epochs, scheduler=scheduler)
+        score_forward = LOSSES.get(r.score_loss)(tuner, head, task) if r.score_loss else forward
+        sums = scoring_pass(tuner.loop, tuner.network, loader, score_forward, tuner.state, moments,
+                            where=f"task {t}", of=epochs, scheduler=scheduler, stop=estimator.stop)
         scores = estimator.score(sums, tuner.network, tuner.score_generator)
         mean_gradient = None
         if r.gate:
@@ -150,8 +151,10 @@ class SelectivePhase:
         keep_prob = cfg.keep_prob if tuner.recipe.drop else 1.0
         params = tuner.named_trainables()
         masked = None
-        if cfg.sparse_weight_decay or cfg.hard_freeze:  # the fixes act per tensor (SPEC 9.4)
-            masked = MaskedStep(params, dict, step_decay(tuner), cfg.sparse_weight_decay, cfg.hard_freeze,
+        # an optimizer whose decoupled weight decay must not move unselected entries (SPU's port, SPEC 19.6 note 1)
+        keep_fixed = getattr(optimizer, "decays_masked_entries", True) is False
+        if cfg.sparse_weight_decay or cfg.hard_freeze or keep_fixed:  # the fixes act per tensor (SPEC 9.4)
+            masked = MaskedStep(params, dict, step_decay(tuner), cfg.sparse_weight_decay, cfg.hard_freeze or keep_fixed,
                                 tuner.device)
         rule = PlanRule(plan, keep_prob, tuner.drop_generator, tuner.backbone_numel, masked)
         grads = [FlatGradients(params)] + ([FlatGradients(dict(head.named_parameters()))] if head is not None else [])

@@ -30,7 +30,7 @@ from models.sparse.sanity import canonical, check_tuning_config
 from models.sparse.scopes import is_embedding
 from models.sparse.selective import SelectivePhase
 from utils.config import warn_ignored
-from utils.registry import OPTIMIZERS
+from utils.registry import OPTIMIZERS, PHASES
 from utils.runtime import Batch, make_generator
 
 logger = logging.getLogger(__name__)
@@ -95,9 +95,27 @@ class SparseTuner:
         ``head_rows``: the learner's classifier rows of the classes seen before the task, (known, D) float32, for a
         phase that trains on the learner's own head (SimpleCIL's CE ablations); None otherwise.
         """
-        if self.recipe.selective:
-            return SelectivePhase(self).run(loader, task)
-        return PerStepPhase(self).run(loader, task, head_rows)
+        before = [p.detach().clone() for n, p in self.network.named_parameters() if n.startswith("convnet.")]
+        if self.recipe.phase is not None:
+            report = PHASES.get(self.recipe.phase)(self).run(loader, task)
+        elif self.recipe.selective:
+            report = SelectivePhase(self).run(loader, task)
+        else:
+            report = PerStepPhase(self).run(loader, task, head_rows)
+        report.update(self.movement(before))
+        return report
+
+    @torch.no_grad()
+    def movement(self, before: list[torch.Tensor]) -> dict[str, float]:
+        """How far the phase moved the backbone from ``before`` (its tensors at the task's start, in parameter order):
+        ``moved_fraction`` (share of entries whose value changed) and ``relative_change`` (||theta - theta_0|| /
+        ||theta_0||, float64 sums)."""
+        after = [p.detach() for n, p in self.network.named_parameters() if n.startswith("convnet.")]
+        moved = sum(int((a != b).sum()) for a, b in zip(after, before))
+        delta = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in zip(after, before))
+        norm = sum(float(b.double().pow(2).sum()) for b in before)
+        return {"moved_fraction": moved / max(self.backbone_numel, 1),
+                "relative_change": (delta / norm) ** 0.5 if norm > 0 else 0.0}
 
     # ---- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

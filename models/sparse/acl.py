@@ -1,0 +1,101 @@
+"""ACL, Adapt before Continual Learning (Lu et al., AAAI 2026), as a preset of the tuning phase (SPEC 19.1).
+
+Official code: github byyx666/ACL_code (``models/simplecil.py``, ``models/ranpac.py``, ``exps/*_inr.json``). At the
+start of every task, before the host's own fitting:
+
+1. **prototypes**: with the network in eval mode and no gradients, one pass over the task's training loader (its
+   augmented views, as the official code) gives p_c, the mean raw backbone feature of each current class; they are
+   fixed for the phase;
+2. **adapt**: ``warm_epochs`` epochs (1) of SGD (momentum 0.9, lr ``warm_lr`` 1e-4, weight decay the host's:
+   SimpleCIL 5e-4, RanPAC 5e-3) over **every** backbone parameter, on
+
+       L = CE(l, y - known),  l_c = <normalise(f(x)), normalise(p_c)> / tau,  tau = ``warm_temp`` 0.1
+
+   over the current task's classes only. No scheduler, no clipping, no mask: ACL is the dense baseline of the slot.
+
+Then the host runs (prototypes / ridge). What differs from the official code is in docs/deviations.md section 6.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+
+from models.loop import FlatGradients
+from models.sparse.presets import register_preset
+from utils.config import config_keys, key
+from utils.registry import LOSSES, OPTIMIZERS, PHASES
+
+logger = logging.getLogger(__name__)
+
+#: the host's ``weight_decay`` in ACL's configs (exps/simplecil_inr.json, exps/ranpac_inr.json), SPEC 19.1
+HOST_WEIGHT_DECAY = {"simplecil": 5e-4, "ranpac": 5e-3}
+
+
+@config_keys("ACL preset (models/sparse/acl.py)")
+class AclKeys:
+    warm_epochs: int = key(1, "acl: adaptation epochs per task (official 1, SPEC 19.1).", min=1)
+    warm_lr: float = key(1e-4, "acl: SGD learning rate of the backbone (official 1e-4).", gt=0)
+    warm_temp: float = key(0.1, "acl: temperature tau of the prototype-cosine logits (official 0.1).", gt=0)
+    warm_weight_decay: Optional[float] = key(
+        None, "acl: SGD weight decay; null: the host's value in ACL's configs (SimpleCIL 5e-4, RanPAC 5e-3; 5e-4 for "
+              "other learners).", ge=0)
+
+
+def acl_weight_decay(cfg) -> float:
+    """``warm_weight_decay``, or the host's value in ACL's configs (:data:`HOST_WEIGHT_DECAY`, default 5e-4)."""
+    if cfg.warm_weight_decay is not None:
+        return float(cfg.warm_weight_decay)
+    return HOST_WEIGHT_DECAY.get(cfg.model_name, 5e-4)
+
+
+@OPTIMIZERS.register("acl_sgd")
+def acl_sgd(tuner, head=None):
+    """ACL: SGD (momentum 0.9, ``warm_lr``, :func:`acl_weight_decay`) over every backbone parameter, constant lr."""
+    cfg = tuner.cfg
+    params = [p for p in tuner.network.convnet.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.warm_lr, momentum=0.9, weight_decay=acl_weight_decay(cfg))
+    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, [], gamma=1.0)
+
+
+class AdaptPhase:
+    """One task of ACL: fixed class prototypes, then dense SGD on the prototype-cosine cross-entropy."""
+
+    def __init__(self, tuner) -> None:
+        self.tuner = tuner
+
+    def run(self, loader, task) -> dict[str, Any]:
+        """Adapt the backbone to ``task`` (SPEC 19.1); returns its accounting for results.json.
+
+        Raises:
+            NonFiniteError: a loss was NaN or infinite.
+        """
+        tuner, cfg, t = self.tuner, self.tuner.cfg, task.task_id
+        epochs = tuner.recipe.epochs
+        head = tuner.prototype_head(loader, task)  # eval mode, no gradients: the class means of this loader
+        with torch.no_grad():
+            head.sigma.fill_(1.0 / cfg.warm_temp)
+        head.requires_grad_(False)
+        forward = LOSSES.get("ce")(tuner, head, task)
+        params = {n: p for n, p in tuner.network.named_parameters() if n.startswith("convnet.") and p.requires_grad}
+        optimizer, _ = tuner.make_optimizer()
+
+        def log(epoch: int, loss: float) -> None:
+            logger.info("Task %d, ACL epoch %d/%d => Loss %.3f", t, epoch, epochs, loss)
+
+        losses, steps, _ = tuner.loop.run(loader, range(1, epochs + 1), forward, optimizer,
+                                          grads=[FlatGradients(params)], module=tuner.network, where=f"task {t}",
+                                          label="ACL", on_epoch=log)
+        tuner.network.eval()
+        return {"method": tuner.policy, "selected_fraction": 1.0, "trainable_fraction": 1.0,
+                "backbone_entries": tuner.backbone_numel, "steps": steps, "epoch_losses": losses}
+
+
+PHASES.register("acl", AdaptPhase)
+register_preset("acl", phase="acl", loss="ce", importance=None, scope=None, step_rule=None, optimizer="acl_sgd",
+                drop=False, overlap=False, freeze=False, exclude_embeddings=False, strict_mask=False, gate=False,
+                head="prototypes", budget_key=None, epochs_key="warm_epochs", label="ACL", order=65,
+                keys=("warm_epochs", "warm_lr", "warm_temp", "warm_weight_decay"), compare=True,
+                source="ACL (github byyx666/ACL_code: models/simplecil.py, models/ranpac.py), SPEC 19.1")
