@@ -167,17 +167,20 @@ def test_two_processes_equal_one_process_for_the_ce_presets(image_folder, tmp_pa
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside this Python")
-@pytest.mark.parametrize("spr,extra", [("acl", {}), ("spu", {"spu_lr": 1e-3}), ("gps", {"gps_lr": 1e-3})])
+@pytest.mark.parametrize("spr,extra", [("acl", {}), ("spu", {"spu_lr": 1e-3}), ("gps", {"gps_lr": 1e-3}),
+                                       ("spg", {"spg_lr": 0.01}), ("sparcl", {"sparcl_lr": 1e-3})])
 def test_two_processes_equal_one_process_for_the_rivals(image_folder, tmp_path, spr, extra):
-    """ACL, SPU and GPS (issue 14): SupCon features and the logit norm gathered / reduced over the ranks, SPU's early
-    stop decided from the summed gradients, prototypes reduced over the ranks."""
+    """ACL, SPU, GPS, SPG and SparCL (issue 14): SupCon features and the logit norm gathered / reduced over the ranks,
+    SPU's early stop decided from the summed gradients, prototypes reduced over the ranks, SPG's importance from the
+    summed gradients, SparCL's regrowth from the same stream on every rank."""
     config = _tiny_config(image_folder, tmp_path, model_name="simplecil", spr=spr, **extra)
     a = json.loads(_run(config, tmp_path / "one", 1).read_text())
     b = json.loads(_run(config, tmp_path / "two", 2).read_text())
     assert a["status"] == b["status"] == "complete"
     for ta, tb in zip(a["tasks"], b["tasks"]):
         assert ta["tuning"]["steps"] == tb["tuning"]["steps"]
-        assert ta["tuning"]["selected_fraction"] == tb["tuning"]["selected_fraction"]
+        assert ta["tuning"].get("selected_fraction") == tb["tuning"].get("selected_fraction")
+        assert ta["tuning"].get("soft_mask_mean", 0) == pytest.approx(tb["tuning"].get("soft_mask_mean", 0), rel=1e-4)
         assert ta["tuning"]["moved_fraction"] == pytest.approx(tb["tuning"]["moved_fraction"], abs=1e-3)
         assert ta["tuning"]["relative_change"] == pytest.approx(tb["tuning"]["relative_change"], rel=1e-3)
         assert ta["tuning"]["epoch_losses"] == pytest.approx(tb["tuning"]["epoch_losses"], rel=1e-4)

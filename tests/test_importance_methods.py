@@ -30,7 +30,8 @@ from utils.registry import PRESETS
 
 SPR_CHOICES = ("none", *PRESETS.names())
 SELECTIVE_PRESETS = ("mist", "mist_random", "piece_f", "piece_s", "magnitude_gate", "spu", "gps")
-OUR_PRESETS = ("ce_finetune", "piece_f", "piece_s", "magnitude_gate", "mist_random", "acl", "spu", "gps")
+OUR_PRESETS = ("ce_finetune", "piece_f", "piece_s", "magnitude_gate", "mist_random", "acl", "spu", "gps", "spg",
+               "sparcl")
 
 from test_sparse_tuning import (CPU, RANPAC_DEFAULTS, make_cfg, make_loader, make_task, snapshot, tiny_backbone,
                                 tiny_overrides, write_image_folder)

@@ -9,7 +9,7 @@ The official presets and ``ce_finetune`` were pinned at commit 0b0f7f5, before t
 composition (issue 6); ``none``, ``piece_f``, ``piece_s``, ``magnitude_gate`` and ``mist_random`` at 4ad82a4,
 before the registries, the tuning loop and the learner hooks (issue 12), which left all 24 bit-identical; SLCA with
 and without MIST when it was added (issue 12; its slow learner's and alignment's reports are pinned with the tuning
-reports); ACL, SPU and GPS when they were added (issue 14).
+reports); ACL, SPU, GPS, SPG and SparCL when they were added (issue 14).
 
 Float kernels differ in their last bits between CPU capabilities (AVX2, AVX512) and torch builds, so
 ``exact`` holds one pin per platform: on a pinned platform the tuning reports and a SHA-256 of every tensor must
@@ -45,7 +45,8 @@ from test_sparse_tuning import tiny_overrides, write_image_folder  # noqa: E402
 
 GOLDEN = HERE / "golden" / "presets.json"
 PRESETS = ("none", "mist", "rand", "l2", "grad", "run", "cerun", "ce_finetune", "piece_f", "piece_s",
-           "magnitude_gate", "mist_random", "acl", "spu", "gps")
+           "magnitude_gate", "mist_random", "acl", "spu", "gps", "spg",
+           "sparcl")
 CASES = [(learner, spr) for learner in ("ranpac", "simplecil") for spr in PRESETS] + [("slca", "none"), ("slca", "mist")]
 #: SLCA's own keys in its cases (pinned at issue 12, when SLCA was added): 2 slow-learner epochs, a milestone,
 #: 2 alignment epochs, the config's batch of 4

@@ -102,8 +102,8 @@ def test_preset_metadata_feeds_the_report_and_the_runner():
 
     assert _method_order()[0] == "none" and _method_order()[-1] == "mist"
     assert set(_method_order()) == {"none", *PRESETS.names()}
-    assert METHODS == ("none", "ce_finetune", "acl", "mist_random", "piece_f", "piece_s", "spu", "gps", "magnitude_gate",
-                       "mist")
+    assert METHODS == ("none", "ce_finetune", "acl", "mist_random", "piece_f", "piece_s", "spu", "gps", "spg", "sparcl",
+                       "magnitude_gate", "mist")
     assert _preset_keys()["top_ratio"] == ["piece_f", "piece_s"] and "magnitude_gate" in _preset_keys()["adam_lr"]
 
 

@@ -250,3 +250,123 @@ def test_acl_weight_decay_is_the_hosts():
     assert acl_weight_decay(make_cfg("spr=acl", "model_name=simplecil")) == 5e-4
     assert acl_weight_decay(make_cfg("spr=acl", "model_name=ranpac")) == 5e-3
     assert acl_weight_decay(make_cfg("spr=acl", "warm_weight_decay=0.01")) == 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# SPG
+# ---------------------------------------------------------------------------------------------
+def test_spg_normalisation_is_abs_tanh_of_the_z_score_with_unbiased_std():
+    from statistics import mean, stdev
+
+    from models.sparse.spg import standardised_importance
+
+    h = torch.tensor([[0.5, -2.0, 3.0], [0.0, 1.0, -0.25]])
+    values = h.reshape(-1).tolist()
+    m, s = mean(values), stdev(values)  # stdev: the n - 1 estimator
+    want = torch.tensor([abs(math.tanh((v - m) / s)) for v in values]).view(2, 3)
+    torch.testing.assert_close(standardised_importance(h), want, rtol=1e-6, atol=1e-7)
+    assert not bool(standardised_importance(torch.zeros(4)).any())
+    assert not bool(standardised_importance(torch.full((5,), 2.0)).any())
+
+
+def test_spg_importance_of_the_first_task_is_the_normalised_signed_sum_of_its_ce_gradients():
+    from models.sparse.spg import SoftMaskPhase, standardised_importance
+
+    tuner = tuner_for("spr=spg")
+    loader = make_loader(n=12, batch=4)
+    task = make_task(0, loader)
+    head = tuner.prototype_head(loader, task)
+    head.requires_grad_(False)
+    tuner.network.train()
+    sums = {}
+    for _, x, y in loader:
+        tuner.network.zero_grad(set_to_none=True)
+        F.cross_entropy(head(tuner.network.convnet(x)), y - task.known).backward()
+        for n in tuner.backbone_names:
+            sums[n] = sums.get(n, 0) + tuner.network.get_parameter(n).grad.detach().clone()
+    tuner.network.zero_grad(set_to_none=True)
+    gamma = SoftMaskPhase(tuner).importance(loader, task, head)
+    offset = 0
+    for n in tuner.backbone_names:
+        part = gamma[offset: offset + sums[n].numel()].view_as(sums[n])
+        torch.testing.assert_close(part, standardised_importance(sums[n]), rtol=1e-4, atol=1e-5)
+        offset += sums[n].numel()
+    assert float(gamma.max()) > 0.5
+
+
+def test_spg_soft_mask_scales_each_gradient_entry_and_only_grows_across_tasks():
+    tuner = tuner_for("spr=spg", "mi_epochs=1", "spg_lr=0.1")
+    first = make_loader(n=8, batch=8)
+    tuner.tune(first, make_task(0, first))
+    a0 = tuner.phase_state["spg_a"].clone()
+    assert 0 <= float(a0.min()) and 0.5 < float(a0.max()) <= 1  # float32 tanh saturates at 1, as the original
+    second = make_loader(n=8, batch=8, seed=1, first=4)  # one step: the update is -lr (1 - a) g
+    task = make_task(1, second)
+    head = tuner.prototype_head(second, task)
+    tuner.network.train()
+    tuner.network.zero_grad(set_to_none=True)
+    _, x, y = next(iter(second))
+    F.cross_entropy(head(tuner.network.convnet(x)), y - task.known).backward()
+    grads = {n: tuner.network.get_parameter(n).grad.detach().clone() for n in tuner.backbone_names}
+    tuner.network.zero_grad(set_to_none=True)
+    before = snapshot(tuner)
+    tuner.tune(second, task)
+    after = snapshot(tuner)
+    offset = 0
+    for n in tuner.backbone_names:
+        size = grads[n].numel()
+        keep = (1 - a0[offset: offset + size]).view_as(grads[n])
+        torch.testing.assert_close(after[n] - before[n], -0.1 * keep * grads[n], rtol=1e-3, atol=1e-7)
+        offset += size
+    a1 = tuner.phase_state["spg_a"]
+    assert bool((a1 >= a0).all()) and bool((a1 > a0).any())
+    assert tuner.phase_state["spg_sizes"].tolist() == [4, 4] and tuner.phase_state["spg_heads"].shape[0] == 8
+
+
+# ---------------------------------------------------------------------------------------------
+# SparCL
+# ---------------------------------------------------------------------------------------------
+def test_sparcl_prune_keeps_the_most_important_and_regrows_only_pruned_positions():
+    from models.sparse.sparcl import prune_and_regrow, sparsity_at
+
+    assert [sparsity_at(e) for e in (0, 4, 5, 10, 15)] == [(0.96, 0.95), (0.96, 0.95)] + [(0.95, 0.95)] * 3
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(50, 40, generator=gen)
+    g = torch.randn(50, 40, generator=gen)
+    for p, q in ((0.96, 0.95), (0.95, 0.95), (0.5, 0.2)):
+        mask = prune_and_regrow(w, g, p, q, torch.Generator().manual_seed(1))
+        n = w.numel()
+        assert int(mask.sum()) == int((1 - q) * n)  # density exactly 1 - q after the regrowth
+        importance = (w.abs() + 0.5 * g.abs()).reshape(-1)
+        top = importance.topk(int((1 - p) * n)).indices
+        assert bool(mask.reshape(-1)[top].all())
+        regrown = mask.reshape(-1).clone()
+        regrown[top] = False  # what is left was drawn among the pruned positions only
+        assert int(regrown.sum()) == int((1 - q) * n) - int((1 - p) * n)
+    magnitude_only = prune_and_regrow(w, None, 0.9, 0.9, gen)
+    assert torch.equal(magnitude_only.reshape(-1).nonzero().squeeze(1).sort().values,
+                       w.abs().reshape(-1).topk(199).indices.sort().values)  # int((1 - 0.9) * 2000): 1 - 0.9 < 0.1
+    with pytest.raises(ValueError, match="q <= p"):
+        prune_and_regrow(w, None, 0.5, 0.9, gen)
+
+
+def test_sparcl_trains_only_its_mask_inside_weight_matrices():
+    from models.sparse.sparcl import in_scope
+
+    tuner = tuner_for("spr=sparcl", "mi_epochs=2", "sparcl_lr=1e-3")
+    loader = make_loader(n=16, batch=4)
+    before = snapshot(tuner)
+    report = tuner.tune(loader, make_task(0, loader))
+    after = snapshot(tuner)
+    total = 0
+    for name in tuner.backbone_names:
+        changed = int((before[name] != after[name]).sum())
+        param = tuner.network.get_parameter(name)
+        if in_scope(name, param):
+            assert 0 < changed <= int(0.05 * param.numel()), name  # density 5% (4% + 1% regrown)
+        else:
+            assert changed == 0, name
+        total += changed
+    assert report["trainable_fraction_per_update"] == [report["selected_fraction"]]
+    assert report["moved_fraction"] == total / tuner.backbone_numel
+    assert "sparcl_generator" in tuner.phase_state

@@ -80,7 +80,7 @@ class ExperimentConfig:
                           "(models/sparse/presets.py) or 'none' (or null), which disables it. As in the official "
                           "code, SimpleCIL ignores 'cerun' and RanPAC ignores 'run' (no tuning phase, with a warning); "
                           "'ce_finetune' (dense CE fine-tuning), 'piece_f', 'piece_s', 'magnitude_gate' and "
-                          "'mist_random' are ours, and 'acl', 'spu', 'gps' are ports of rival methods (README, "
+                          "'mist_random' are ours, and 'acl', 'spu', 'gps', 'spg', 'sparcl' are ports of rival methods (README, "
                           "docs/deviations.md).", registry="preset")
     select_rate: float = _f(0.1, "Fraction of each maskable tensor selected by importance score (SPEC 4.5).", gt=0, le=1)
     drop_rate: float = _f(0.9, "Probability of DROPPING a selected gradient entry at each step; keep prob = 1 - drop_rate.", ge=0, lt=1)

@@ -74,6 +74,9 @@ class SparseTuner:
             warn_ignored("weight_decay", cfg.weight_decay, sgd.weight_decay, "The tuning phase uses the module constant.")
         self.sigma = 1.0  # the CE ablations' cosine-head scale, carried across tasks
         self.trained_rows: Optional[torch.Tensor] = None
+        #: what a registered phase keeps across tasks (SPG's soft mask, SparCL's stream): name -> tensor, saved
+        #: in checkpoints
+        self.phase_state: dict[str, torch.Tensor] = {}
         self.gate = (MagnitudeGate(cfg.gate_threshold, cfg.gate_budget_large, cfg.gate_budget_small, cfg.gate_memory,
                                    cfg.gate_ema) if self.recipe.gate else None)
         self.backbone_names = [n for n, _ in self.network.named_parameters() if n.startswith("convnet.")]
@@ -120,8 +123,9 @@ class SparseTuner:
     # ---- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs besides the backbone: projection head, sparsity state, random streams, the CE
-        head's sigma and the gate's reference gradient."""
+        head's sigma, the gate's reference gradient and a registered phase's ``phase_state``."""
         return {"simclr": self.network.simclr.state_dict(), "sparsity": self.state.state_dict(),
+                "phase": {k: v.clone() for k, v in self.phase_state.items()},
                 "generators": {name: gen.get_state() for name, gen in self.generators.items()},
                 "sigma": torch.tensor(self.sigma),
                 "gate": self.gate.state_dict() if self.gate is not None else None}
@@ -130,6 +134,7 @@ class SparseTuner:
         """Restore :meth:`state_dict`. Raises KeyError/ValueError/RuntimeError when it does not fit."""
         self.network.simclr.load_state_dict(state["simclr"])
         self.state.load_state_dict(state["sparsity"])
+        self.phase_state = {k: v.clone() for k, v in state.get("phase", {}).items()}
         for name, gen in self.generators.items():
             gen.set_state(state["generators"][name])
         self.sigma = float(state["sigma"])
