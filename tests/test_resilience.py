@@ -39,7 +39,8 @@ def overrides(images: Path, model_name: str, *extra: str) -> list[str]:
     return tiny_overrides(images, model_name, init_cls=2, increment=2) + list(extra)
 
 
-@pytest.mark.parametrize("model_name,spr", [("ranpac", "mist"), ("simplecil", "mist"), ("simplecil", "rand")])
+@pytest.mark.parametrize("model_name,spr", [("ranpac", "mist"), ("simplecil", "mist"), ("simplecil", "rand"),
+                                            ("ranpac", "spg"), ("simplecil", "sparcl")])
 def test_stopped_and_resumed_run_equals_the_uninterrupted_run(images, tmp_path, model_name, spr):
     full_cfg = load_config(None, overrides(images, model_name, f"spr={spr}"))
     (full_path,) = trainer.run(full_cfg, tmp_path / "full")
