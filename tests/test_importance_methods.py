@@ -305,7 +305,7 @@ def test_new_presets_run_end_to_end(images, tmp_path, learner, spr):
 
 
 def test_comparison_runner_jobs_and_configs():
-    """exps/importance: the 14 demo configs cover every method for both learners; --base expands each base
+    """exps/importance: the demo configs cover every method for both learners; --base expands each base
     config into one run per method, dense fine-tuning with ablation_epochs = mi_epochs - 1."""
     import importlib.util
 
