@@ -10,6 +10,7 @@
 - ``optim.py``: the registered optimizers and the masked step with the SPEC 9.4 fixes;
 - ``gate.py``: update-magnitude control's cosine gate (SPEC 14.3);
 - ``network.py``: backbone + projection head, and the cosine CE heads;
+- ``acl.py``, ``spu.py``, ``gps.py``, ``spg.py``, ``sparcl.py``: the rivals in MIST's slot (SPEC 19), one file each;
 - ``tuner.py``: :class:`SparseTuner`, which owns the state across tasks and runs a phase per task.
 
 Which ``spr`` values build a tuner for which learner is decided here, in :func:`tuner_for` (SPEC 5).
