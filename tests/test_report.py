@@ -383,3 +383,21 @@ def test_a_preset_rebuilt_by_composition_keys_is_reported_under_the_preset_it_ra
     composed.write_text(json.dumps(data))
     assert report.load_run(rebuilt).method == "mist"
     assert report.load_run(composed).method == 'mist_random (importance="fisher")'
+
+
+def test_moved_fraction_and_relative_change_are_averaged_over_tuned_tasks(tmp_path):
+    """Issue 14: the share of backbone entries a phase changed and its relative weight change, per tuned task."""
+    root = tmp_path / "runs"
+    for seed, moved, change in [(1, (0.5, 0.7), (1e-6, 3e-6)), (2, (0.2, 0.4), (2e-6, 2e-6))]:
+        tuning = [{"method": "spu", "moved_fraction": m, "relative_change": c} for m, c in zip(moved, change)]
+        write_run(root, "ranpac", "spu", "cifar224", seed, avg=80.0, last=70.0, forgetting=1.0, seconds=(1.0, 1.0),
+                  curve=(90.0, 70.0), matrix=((90.0,), (60.0, 80.0)), tuning=tuning)
+    col, _ = report.build_report([root], tmp_path / "out")
+    rows = {(r["learner"], r["method"], r["dataset"], r["metric"]): r for r in report.csv_rows(col)}
+    r = rows[("ranpac", "spu", "cifar224", "moved_fraction")]
+    assert float(r["mean"]) == pytest.approx(0.45) and float(r["std"]) == pytest.approx(statistics.stdev([0.6, 0.3]))
+    r = rows[("ranpac", "spu", "cifar224", "relative_change")]
+    assert float(r["mean"]) == pytest.approx(2e-6)
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "## Backbone entries moved per task (%)" in table and "45.000 ± 21.213 (n=2)" in table
+    assert "2.00 ± 0.00 (n=2)" in table.split("## Relative weight change per task (x 1e-6)")[1].split("##")[0]

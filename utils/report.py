@@ -109,6 +109,8 @@ METRICS = (
     Metric("forgetting", "Forgetting (accuracy points)", "points", 1.0, 2),
     Metric("updated_fraction_per_step", "Backbone updated per step (%)", "fraction", 100.0, 3),
     Metric("selected_fraction", "Backbone selected (%)", "fraction", 100.0, 3),
+    Metric("moved_fraction", "Backbone entries moved per task (%)", "fraction", 100.0, 3),
+    Metric("relative_change", "Relative weight change per task (x 1e-6)", "ratio", 1e6, 2),
     Metric("wall_seconds", "Wall time (s)", "s", 1.0, 1),
 )
 
@@ -118,8 +120,9 @@ class RunRecord:
     """What the report needs from one results.json.
 
     ``values`` (complete runs only; None where not applicable) holds average_accuracy, last_accuracy,
-    forgetting, updated_fraction_per_step and selected_fraction (means over the tasks that ran a tuning
-    phase, as fractions of the backbone), and wall_seconds (sum of the tasks' ``seconds``).
+    forgetting, updated_fraction_per_step, selected_fraction and moved_fraction (means over the tasks that ran a
+    tuning phase, as fractions of the backbone), relative_change (mean ||theta - theta_0|| / ||theta_0|| per tuned
+    task), and wall_seconds (sum of the tasks' ``seconds``).
     """
 
     path: Path
@@ -359,6 +362,8 @@ def load_run(path: Path) -> RunRecord:
         "forgetting": _number(data.get("forgetting"), "forgetting", allow_none=True, bounds=SIGNED_PERCENT),
         "updated_fraction_per_step": _mean_over_tuned(tasks, "updated_fraction_per_step"),
         "selected_fraction": _mean_over_tuned(tasks, "selected_fraction"),
+        "moved_fraction": _mean_over_tuned(tasks, "moved_fraction"),
+        "relative_change": _mean_over_tuned(tasks, "relative_change"),
         "wall_seconds": float(sum(s for s in seconds if s is not None)) if tasks and None not in seconds else None,
     }
     return run
@@ -579,6 +584,9 @@ def markdown(col: Collection, plots: Sequence[Path], command: str = "") -> str:
             "- Backbone updated per step / selected: mean over the tasks that ran a tuning phase of "
             "`updated_fraction_per_step` / `selected_fraction`, in % of the backbone's entries "
             "(`-`: no tuning phase, or the method reports no selection).",
+            "- Backbone entries moved / relative weight change: mean over the tuned tasks of `moved_fraction` (share of "
+            "entries whose value the tuning phase changed; weight decay moves unselected entries too) and of "
+            "`relative_change` (||theta - theta_0|| / ||theta_0|| over the task's phase).",
             "- Wall time: sum over tasks of each task's `seconds` (learning and evaluation).",
             "- Paired differences: for each seed where both ran, the method's value minus the same learner's `none` "
             "run (same class order); mean ± sample std over those seeds, and how many differences are > 0. A "
