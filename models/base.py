@@ -133,8 +133,8 @@ class Learner(abc.ABC):
         :meth:`update_head`.
 
         Returns:
-            A report for results.json: ``tuning`` (the tuning phase's accounting, if it ran) and whatever
-            :meth:`train_task` returns (under ``training``).
+            A report for results.json: ``tuning`` (the tuning phase's accounting, if it ran), whatever
+            :meth:`train_task` returns (under ``training``) and :meth:`update_head` returns (under ``head``).
         """
         report: dict[str, Any] = {}
         self.announce(task)
@@ -144,7 +144,9 @@ class Learner(abc.ABC):
         if trained:
             report["training"] = trained
         self.backbone.eval()
-        self.update_head(task)
+        head = self.update_head(task)
+        if head:
+            report["head"] = head
         return report
 
     def tune(self, task: TaskData) -> dict[str, Any]:
@@ -162,8 +164,9 @@ class Learner(abc.ABC):
         """Log the official lines that open a task (from the learner's own module, as the original)."""
 
     @abc.abstractmethod
-    def update_head(self, task: TaskData) -> None:
-        """Update the classifier for ``task``'s classes from features of the current backbone."""
+    def update_head(self, task: TaskData) -> Optional[dict[str, Any]]:
+        """Update the classifier for ``task``'s classes from features of the current backbone; may return what
+        results.json should record of it (under the task's ``head``, e.g. RanPAC's ridge lambda)."""
 
     @abc.abstractmethod
     def logits(self, features: torch.Tensor) -> torch.Tensor:

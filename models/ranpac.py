@@ -16,7 +16,7 @@ tuning phase runs on every task; old-task features are never re-extracted.
 from __future__ import annotations
 
 import logging
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 
@@ -25,6 +25,8 @@ from models.heads import PROJECTION_DIM, cosine_logits, grow_prototypes
 from models.ridge import RIDGE_GRID, RidgeAccumulator, one_hot  # noqa: F401 (RIDGE_GRID re-exported)
 from models.ridge_search import select_ridge
 from utils.config import config_keys, key
+from utils.data_manager import task_sizes
+from utils.errors import ConfigError
 from utils.registry import LEARNERS
 from utils.runtime import make_generator
 
@@ -43,6 +45,10 @@ class RanPACKeys:
     )
     ridge_device: Literal["cpu", "device"] = key("cpu", "Where RanPAC's G, Q and ridge solves live (official: cpu, "
                                                         "float32).")
+    ridge_lambdas: Optional[list[float]] = key(
+        None, "RanPAC: the ridge lambda of each task (one positive value per task, e.g. the tasks[i].head.ridge_lambda "
+        "of an untuned run's results.json) instead of the official search on the task's 80/20 split, so that a tuning "
+        "method's effect is not a lambda flip; null = the search.")
     ridge_solver: Literal["fast", "official"] = key(
         "fast", "RanPAC ridge search and solve: fast (one shared factorisation, same lambda, W_o within 1e-4) or "
         "official (17 + 1 dense solves, bit-faithful).",
@@ -101,16 +107,33 @@ class RanPAC(Learner):
         logger.info("Starting CIL Task %d", task.task_id + 1)
         logger.info("Learning on classes %d-%d", task.known, task.seen - 1)
 
-    def update_head(self, task: TaskData) -> None:
-        if self.use_RP:
-            self._update_ridge_head(task)
-        else:
-            self._update_prototype_head(task)
+    def update_head(self, task: TaskData) -> Optional[dict[str, Any]]:
+        """The ridge head (``use_RP``) or the prototype head; returns the task's ridge lambda and whether it was
+        fixed by ``ridge_lambdas`` (None without RP).
+
+        Raises:
+            ConfigError: ``ridge_lambdas`` has not one positive value per task.
+        """
+        head = self._update_ridge_head(task) if self.use_RP else self._update_prototype_head(task)
         total, trainable = self.count_parameters()  # show_num_params, after the head update (SPEC 6, 6.4)
         logger.info("%s total parameters.", f"{total:,}")
         logger.info("%s training parameters.", f"{trainable:,}")
+        return head
 
-    def _update_ridge_head(self, task: TaskData) -> None:
+    def fixed_ridge(self, task: TaskData) -> Optional[float]:
+        """``ridge_lambdas[task]``, or None for the search. Raises ConfigError unless the list has one positive value
+        per task (checked at task 0, before any head is built)."""
+        values = self.cfg.ridge_lambdas
+        if values is None:
+            return None
+        n_tasks = len(task_sizes(task.n_classes, self.cfg.init_cls, self.cfg.increment))
+        if len(values) != n_tasks or any(not v > 0 for v in values):
+            raise ConfigError(f"key 'ridge_lambdas' has value {values!r}; expected {n_tasks} positive numbers, one "
+                              f"per task of this run ({task.n_classes} classes, init_cls {self.cfg.init_cls}, "
+                              f"increment {self.cfg.increment}), or null for the search.")
+        return float(values[task.task_id])
+
+    def _update_ridge_head(self, task: TaskData) -> dict[str, Any]:
         if task.task_id == 0:
             self.setup_random_projection(task.n_classes)
         # shuffled loader order, as the official "CPs" loader: it decides the 80/20 ridge split
@@ -118,9 +141,14 @@ class RanPAC(Learner):
         H = self.project(feats.to(self.ridge_device))
         Y = one_hot(labels.to(self.ridge_device), task.n_classes)
         self.accumulator.update(H, Y)
-        ridge = select_ridge(H, Y, solver=self.cfg.ridge_solver)
-        logger.info("Optimal lambda: %s", ridge)
+        ridge = self.fixed_ridge(task)
+        if ridge is None:
+            ridge = select_ridge(H, Y, solver=self.cfg.ridge_solver)
+            logger.info("Optimal lambda: %s", ridge)
+        else:
+            logger.info("Fixed lambda: %s (ridge_lambdas)", ridge)
         self.W_o = self.accumulator.solve(ridge, solver=self.cfg.ridge_solver)[: task.seen].to(self.device)
+        return {"ridge_lambda": float(ridge), "ridge_fixed": self.cfg.ridge_lambdas is not None}
 
     def _update_prototype_head(self, task: TaskData) -> None:
         """``use_RP`` false (official ``replace_fc`` else-branch): ``fc.weight[c]`` = mean raw feature of class c

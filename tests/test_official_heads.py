@@ -197,3 +197,37 @@ def test_ranpac_without_rp_resumes_to_the_uninterrupted_run(images, tmp_path):  
     resumed = json.loads(resumed_path.read_text())
     assert resumed["status"] == "complete"
     assert comparable(resumed) == comparable(full)
+
+
+# ---------------------------------------------------------------------------------------------
+# ridge_lambdas: the ridge lambda fixed per task (issue 15's "no lambda flips" comparisons)
+# ---------------------------------------------------------------------------------------------
+def test_ranpac_records_its_ridge_lambda_and_ridge_lambdas_fixes_it(make_config, tmp_path):
+    from utils.errors import ConfigError
+
+    tasks = make_tasks()  # 4 classes, 2 tasks of 2
+    searched = RanPAC(make_config(tmp_path, model_name="ranpac", M=16, init_cls=2, increment=2), IdentityBackbone(8),
+                      CPU, seed=1993)
+    reports = [searched.learn_task(t) for t in tasks]
+    found = [r["head"]["ridge_lambda"] for r in reports]
+    assert all(r["head"]["ridge_fixed"] is False for r in reports) and all(v > 0 for v in found)
+    # the searched lambdas, fixed: the same heads; another lambda: the solve with that lambda
+    same = RanPAC(make_config(tmp_path, model_name="ranpac", M=16, init_cls=2, increment=2, ridge_lambdas=found),
+                  IdentityBackbone(8), CPU, seed=1993)
+    for t in tasks:
+        assert same.learn_task(t)["head"] == {"ridge_lambda": found[t.task_id], "ridge_fixed": True}
+    torch.testing.assert_close(same.W_o, searched.W_o)
+    other = [found[0], found[1] * 1000.0]
+    fixed = RanPAC(make_config(tmp_path, model_name="ranpac", M=16, init_cls=2, increment=2, ridge_lambdas=other),
+                   IdentityBackbone(8), CPU, seed=1993)
+    for t in tasks:
+        fixed.learn_task(t)
+    H = torch.cat([fixed.project(t.train.features) for t in tasks])
+    Y = F.one_hot(torch.as_tensor(np.concatenate([t.train.labels for t in tasks])), 4).float()
+    want = torch.linalg.solve(H.T @ H + other[1] * torch.eye(16), H.T @ Y).T
+    torch.testing.assert_close(fixed.W_o, want, rtol=1e-3, atol=1e-5)
+    for bad in ([1.0], [1.0, 0.0], [1.0, 2.0, 3.0]):
+        learner = RanPAC(make_config(tmp_path, model_name="ranpac", M=16, init_cls=2, increment=2, ridge_lambdas=bad),
+                         IdentityBackbone(8), CPU, seed=1993)
+        with pytest.raises(ConfigError, match="key 'ridge_lambdas'.*expected 2 positive numbers"):
+            learner.learn_task(tasks[0])
