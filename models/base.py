@@ -144,8 +144,7 @@ class Learner(abc.ABC):
         if trained:
             report["training"] = trained
         self.backbone.eval()
-        head = self.update_head(task)
-        if head:
+        if head := self.update_head(task):
             report["head"] = head
         return report
 
@@ -165,8 +164,7 @@ class Learner(abc.ABC):
 
     @abc.abstractmethod
     def update_head(self, task: TaskData) -> Optional[dict[str, Any]]:
-        """Update the classifier for ``task``'s classes from features of the current backbone; may return what
-        results.json should record of it (under the task's ``head``, e.g. RanPAC's ridge lambda)."""
+        """Update the classifier for ``task``'s classes; may return what results.json records as its ``head``."""
 
     @abc.abstractmethod
     def logits(self, features: torch.Tensor) -> torch.Tensor:
@@ -226,9 +224,8 @@ class Learner(abc.ABC):
             width = min(k, int(self.logits(torch.zeros(1, self.feature_dim, device=self.device)).shape[1]))
             top = torch.cat(preds) if preds else torch.zeros(0, width, dtype=torch.int64, device=self.device)
             y_all = (torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)).long().to(self.device)
-            n, size = len(dataset), self.eval_batch_size
-            return (distributed.gather_batches(top, n, size).cpu().numpy(),
-                    distributed.gather_batches(y_all, n, size).cpu().numpy())
+            return tuple(distributed.gather_batches(t, len(dataset), self.eval_batch_size).cpu().numpy()
+                         for t in (top, y_all))
         return torch.cat(preds).cpu().numpy(), torch.cat(labels).long().numpy()
 
     # ---- checkpoints -------------------------------------------------------------------------

@@ -151,7 +151,14 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, batch: Batch) -> 
     """
     if batch.rows is None:
         return F.cross_entropy(logits, targets)
-    part = F.cross_entropy(logits, targets, reduction="sum") / batch.rows[1]
+    return global_mean(F.cross_entropy(logits, targets, reduction="sum"), batch)
+
+
+def global_mean(total: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Under torchrun, the mean over the global batch from this process's ``total`` (a scalar sum over its rows):
+    the gradient is this process's part (total / global batch size), so the gradients summed over the processes are
+    the one-process ones, and the value is the whole batch's mean (summed over the processes)."""
+    part = total / batch.rows[1]
     whole = distributed.all_reduce_sum_(part.detach().clone())
     return part + (whole - part.detach())
 

@@ -34,6 +34,15 @@ def tuner_for(*overrides: str, seed: int = 3):
     return build_tuner(make_cfg(*overrides), tiny_backbone(), CPU, seed, RANPAC_DEFAULTS)
 
 
+def tune_one_task(*overrides: str):
+    """(tuner, weights before, weights after, report) of one tuned task on 16 random images, batches of 4."""
+    tuner = tuner_for(*overrides)
+    loader = make_loader(n=16, batch=4)
+    before = snapshot(tuner)
+    report = tuner.tune(loader, make_task(0, loader))
+    return tuner, before, snapshot(tuner), report
+
+
 # ---------------------------------------------------------------------------------------------
 # SPU
 # ---------------------------------------------------------------------------------------------
@@ -105,12 +114,7 @@ def test_spu_selects_only_first_mlp_entries_top_tenth_per_weight_and_full_bias()
 
 
 def test_spu_leaves_every_unselected_entry_bit_identical_under_adamw_weight_decay():
-    tuner = tuner_for("spr=spu", "mi_epochs=3", "spu_lr=1e-3")
-    loader = make_loader(n=16, batch=4)
-    task = make_task(0, loader)
-    before = snapshot(tuner)
-    report = tuner.tune(loader, task)
-    after = snapshot(tuner)
+    tuner, before, after, report = tune_one_task("spr=spu", "mi_epochs=3", "spu_lr=1e-3")
     moved = {n for n in before if not torch.equal(before[n], after[n])}
     assert moved == {f"convnet.blocks.{i}.mlp.fc1.{k}" for i in (0, 1) for k in ("weight", "bias")}
     for i in (0, 1):
@@ -120,11 +124,9 @@ def test_spu_leaves_every_unselected_entry_bit_identical_under_adamw_weight_deca
     assert report["moved_fraction"] == pytest.approx(
         sum(int((before[n] != after[n]).sum()) for n in tuner.backbone_names) / tuner.backbone_numel)
     # the shipped AdamW also shrinks the unselected fc1 entries
-    quirk = tuner_for("spr=spu", "mi_epochs=3", "spu_lr=1e-3", "spu_decay_masked_entries=true")
-    before = snapshot(quirk)
-    quirk.tune(loader, task)
+    _, before, after, _ = tune_one_task("spr=spu", "mi_epochs=3", "spu_lr=1e-3", "spu_decay_masked_entries=true")
     w = "convnet.blocks.0.mlp.fc1.weight"
-    assert int((before[w] != snapshot(quirk)[w]).sum()) > int(0.1 * before[w].numel())
+    assert int((before[w] != after[w]).sum()) > int(0.1 * before[w].numel())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,12 +193,7 @@ def test_row_top_k_of_a_conv_weight_counts_output_channels():
 
 
 def test_gps_trains_only_its_selection():
-    tuner = tuner_for("spr=gps", "mi_epochs=3", "gps_lr=1e-3")
-    loader = make_loader(n=16, batch=4)
-    task = make_task(0, loader)
-    before = snapshot(tuner)
-    report = tuner.tune(loader, task)
-    after = snapshot(tuner)
+    tuner, before, after, report = tune_one_task("spr=gps", "mi_epochs=3", "gps_lr=1e-3")
     for name in tuner.backbone_names:
         changed = before[name] != after[name]
         if "norm" in name or "pos_embed" in name or "cls_token" in name:
@@ -231,12 +228,7 @@ def test_acl_first_loss_is_cross_entropy_over_cosine_to_the_class_means_over_tau
 
 
 def test_acl_moves_every_backbone_tensor_and_only_the_backbone():
-    tuner = tuner_for("spr=acl", "warm_epochs=2")
-    loader = make_loader(n=16, batch=4)
-    task = make_task(0, loader)
-    before = snapshot(tuner)
-    report = tuner.tune(loader, task)
-    after = snapshot(tuner)
+    tuner, before, after, report = tune_one_task("spr=acl", "warm_epochs=2")
     for name in before:
         moved = not torch.equal(before[name], after[name])
         assert moved == name.startswith("convnet."), name
@@ -353,11 +345,7 @@ def test_sparcl_prune_keeps_the_most_important_and_regrows_only_pruned_positions
 def test_sparcl_trains_only_its_mask_inside_weight_matrices():
     from models.sparse.sparcl import in_scope
 
-    tuner = tuner_for("spr=sparcl", "mi_epochs=2", "sparcl_lr=1e-3")
-    loader = make_loader(n=16, batch=4)
-    before = snapshot(tuner)
-    report = tuner.tune(loader, make_task(0, loader))
-    after = snapshot(tuner)
+    tuner, before, after, report = tune_one_task("spr=sparcl", "mi_epochs=2", "sparcl_lr=1e-3")
     total = 0
     for name in tuner.backbone_names:
         changed = int((before[name] != after[name]).sum())

@@ -164,22 +164,20 @@ def scoring_pass(loop, network: nn.Module, loader, forward, state: SparsityState
     """
     params = {name: p for name, p in network.named_parameters() if p.requires_grad}
     total = len(loader)
-    rule = ScoringRule(params, state, total, moments)
-    if stop is None:
-        losses, _, _ = loop.run(loader, [1], forward, None, grads=[FlatGradients(params)], rule=rule,
-                                scheduler=scheduler, module=network, where=where, of=of, label="scoring")
-        return PassSums(rule.squares, rule.firsts, total, losses[0])
-    if not moments:
+    if stop is not None and not moments:
         raise ValueError("an early-stopping scoring pass needs the moments pass (n_b is not known in advance)")
-    used = [0]
+    rule = ScoringRule(params, state, total, moments)
+    used = 0
 
     def until_stop():
+        nonlocal used
         for k, batch in enumerate(batches(loader)):
             yield batch  # resumed after the loop has taken the step of this batch
-            used[0] = k + 1
-            if stop(k, total, rule):
+            used = k + 1
+            if stop is not None and stop(k, total, rule):
                 return
 
     losses, _, _ = loop.run(until_stop(), [1], forward, None, grads=[FlatGradients(params)], rule=rule,
                             scheduler=scheduler, module=network, where=where, of=of, label="scoring", n_batches=total)
-    return PassSums(rule.squares, rule.firsts, used[0], losses[0] * total / max(used[0], 1))
+    loss = losses[0] if used == total else losses[0] * total / max(used, 1)  # the monitor divides by ``total``
+    return PassSums(rule.squares, rule.firsts, used, loss)

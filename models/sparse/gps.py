@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.sparse.estimators import Estimator, PassSums
+from models.sparse.losses import two_view_embeddings
 from models.sparse.presets import register_preset
-from utils import distributed
 from utils.config import config_keys, key
 from utils.registry import ESTIMATORS, LOSSES, OPTIMIZERS, SCOPES
-from utils.runtime import Batch, autocast
+from utils.runtime import Batch
 
 SUPCON_TEMPERATURE = 0.07  # GPS utils/loss_utils.py: temperature = base_temperature = 0.07
 COSINE_MIN_LR = 1e-8  # GPS: cosine schedule's floor
@@ -79,23 +79,8 @@ def supervised_contrastive(features: torch.Tensor, labels: torch.Tensor, tempera
 @LOSSES.register("supcon")
 def supcon(tuner, head: Optional[nn.Module], task) -> Callable[[Batch], torch.Tensor]:
     """GPS's scoring loss: :func:`supervised_contrastive` of the backbone features of (x, aug(x)) (the project's
-    batched second view, ``losses.SecondViewAugment``). Under torchrun the features of every process are gathered
-    (differentiably), so each process computes the one-process loss, as MIST's contrastive loss."""
-    from models.sparse.losses import two_views
-
-    def forward(batch: Batch) -> torch.Tensor:
-        x, y = batch.x.to(tuner.device, non_blocking=True), batch.y.to(tuner.device, non_blocking=True)
-        views = two_views(x, tuner.augment, batch.rows)
-        with autocast(tuner.device, tuner.cfg.precision):
-            features = tuner.network.convnet(views).float()
-        if batch.rows is not None:
-            counts, n = distributed.shares(batch.rows[1]), x.shape[0]
-            features = torch.cat([distributed.gather_rows(features[:n], counts),
-                                  distributed.gather_rows(features[n:], counts)])
-            y = distributed.gather_rows(y, counts)
-        return supervised_contrastive(features, y)
-
-    return forward
+    batched second view; gathered over torchrun processes as MIST's loss: ``losses.two_view_embeddings``)."""
+    return lambda batch: supervised_contrastive(*two_view_embeddings(tuner, batch, tuner.network.convnet))
 
 
 def signed_sum(sums: PassSums, network: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:

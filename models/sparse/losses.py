@@ -173,15 +173,25 @@ def contrastive_loss(tuner, batch: Batch) -> torch.Tensor:
     the whole batch and the projections of every process are gathered (differentiably), so each process computes
     the one-process loss.
     """
+    proj, y = two_view_embeddings(tuner, batch, tuner.network)
+    return supervised_nt_xent(proj, y, exclude_self_positive=tuner.cfg.exclude_self_positive)
+
+
+def two_view_embeddings(tuner, batch: Batch, embed: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``embed`` of (x, aug(x)) as (2B, d) float32, originals first, and the B labels (SPEC 4.2).
+
+    Under torchrun (``batch.rows`` set) the views are drawn for the whole batch and the embeddings and labels of
+    every process are gathered (differentiably), so each process computes the one-process loss from them.
+    """
     x, y = batch.x.to(tuner.device, non_blocking=True), batch.y.to(tuner.device, non_blocking=True)
     views = two_views(x, tuner.augment, batch.rows)
     with autocast(tuner.device, tuner.cfg.precision):
-        proj = tuner.network(views).float()
+        out = embed(views).float()
     if batch.rows is not None:
         counts, n = distributed.shares(batch.rows[1]), x.shape[0]
-        proj = torch.cat([distributed.gather_rows(proj[:n], counts), distributed.gather_rows(proj[n:], counts)])
+        out = torch.cat([distributed.gather_rows(out[:n], counts), distributed.gather_rows(out[n:], counts)])
         y = distributed.gather_rows(y, counts)
-    return supervised_nt_xent(proj, y, exclude_self_positive=tuner.cfg.exclude_self_positive)
+    return out, y
 
 
 def head_logits(tuner, head: nn.Module, batch: Batch, columns: slice = slice(None)) -> torch.Tensor:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from models.loop import FlatGradients
+from models.sparse.optim import MaskedStep
 from models.sparse.presets import register_preset
 from models.sparse.scopes import is_embedding
 from utils.config import config_keys, key
@@ -81,32 +82,24 @@ def prune_and_regrow(weight: torch.Tensor, grad: Optional[torch.Tensor], p: floa
     return mask.view(weight.shape)
 
 
-class DynamicMaskRule:
-    """Per step: the backbone's flat gradient times the current mask, the masked gradient kept for the next prune;
-    with ``fixed`` (AdamW's decoupled decay), the masked-out entries are saved and restored around the step."""
+class DynamicMaskRule(MaskedStep):
+    """The masked step with ``hard_freeze`` over the current flat mask (views of it, so a re-selection in place
+    needs no new rule): masked entries stay bit-identical under AdamW's decoupled decay; the masked gradient of each
+    step is kept for the next prune (``last``, flat)."""
 
     def __init__(self, params: dict[str, nn.Parameter], mask: torch.Tensor) -> None:
-        self.params, self.mask = params, mask
+        views, offset = {}, 0
+        for name, p in params.items():
+            views[name] = mask[offset: offset + p.numel()].view_as(p)
+            offset += p.numel()
+        super().__init__(params, lambda: views, 0.0, sparse_weight_decay=False, hard_freeze=True, device=mask.device)
+        self.mask = mask
         self.last: Optional[torch.Tensor] = None
-        self._saved: Optional[torch.Tensor] = None
 
-    def before_step(self, grads: Sequence[FlatGradients]) -> None:
-        buffer = grads[0].buffer[: self.mask.numel()]
-        buffer.mul_(self.mask)
-        self.last = buffer.clone()
-        self._saved = torch.cat([p.detach().reshape(-1) for p in self.params.values()])
-        return None
-
-    def after_step(self, grads: Sequence[FlatGradients]) -> None:
-        with torch.no_grad():
-            offset = 0
-            for p in self.params.values():
-                part = slice(offset, offset + p.numel())
-                p.copy_(torch.where(self.mask[part].view_as(p) > 0, p, self._saved[part].view_as(p)))
-                offset += p.numel()
-        self._saved = None
-        for flat in grads:
-            flat.buffer.zero_()
+    def before_step(self, grads: Sequence[FlatGradients]) -> torch.Tensor:
+        nonzero = super().before_step(grads)
+        self.last = grads[0].buffer[: self.mask.numel()].clone()
+        return nonzero
 
 
 def in_scope(name: str, param: torch.Tensor) -> bool:

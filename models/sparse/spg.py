@@ -57,15 +57,8 @@ def logit_sum(tuner, rows: torch.Tensor) -> Callable[[Batch], torch.Tensor]:
     """The "other tasks" loss of SPG (``other_tasks_loss.py``): the sum over the batch and the classes of the cosine
     logits against an earlier task's head rows (C, D); labels unused. Under torchrun each process sums its rows (the
     summed gradients are the whole batch's)."""
-    head = nn.Linear(rows.shape[1], rows.shape[0], bias=False).to(tuner.device)
-
-    def forward(batch: Batch) -> torch.Tensor:
-        with torch.no_grad():
-            head.weight.copy_(F.normalize(rows, dim=1))
-        features = head_logits(tuner, lambda f: F.normalize(f, dim=1), batch)
-        return head(features).sum()
-
-    return forward
+    unit = F.normalize(rows, dim=1)
+    return lambda batch: head_logits(tuner, lambda f: F.normalize(f, dim=1) @ unit.T, batch).sum()
 
 
 class SoftMaskRule:

@@ -25,11 +25,11 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import nn
 
+from models.loop import global_mean
 from models.sparse.estimators import Estimator, ScoringRule
 from models.sparse.gps import signed_sum
 from models.sparse.losses import head_logits
 from models.sparse.presets import register_preset
-from utils import distributed
 from utils.config import config_keys, key
 from utils.registry import ESTIMATORS, LOSSES, OPTIMIZERS, SCOPES
 from utils.runtime import Batch
@@ -61,15 +61,10 @@ def is_first_mlp(name: str, names: set[str]) -> bool:
 
 def logit_norm(tuner, head: nn.Module, task) -> Callable[[Batch], torch.Tensor]:
     """SPU's label-free score loss, ``logits.pow(2).sum(1).mean()`` of the batch (``trainer/spu.py``), on the task's
-    prototype cosine head. Under torchrun the value is the whole batch's mean and each process's gradient its part of
-    it (as ``models.loop.cross_entropy``)."""
+    prototype cosine head; under torchrun the whole batch's mean (``models.loop.global_mean``)."""
     def forward(batch: Batch) -> torch.Tensor:
         squares = head_logits(tuner, head, batch).pow(2).sum(dim=1)
-        if batch.rows is None:
-            return squares.mean()
-        part = squares.sum() / batch.rows[1]
-        whole = distributed.all_reduce_sum_(part.detach().clone())
-        return part + (whole - part.detach())
+        return squares.mean() if batch.rows is None else global_mean(squares.sum(), batch)
 
     return forward
 
