@@ -187,8 +187,8 @@ class TuningLoop:
             optimizer: Optional[torch.optim.Optimizer], grads: Sequence[FlatGradients] = (),
             rule: Optional[StepRule] = None, scheduler=None, module: Optional[nn.Module] = None,
             freeze_bn_stats: bool = False, where: str = "", of: Optional[int] = None, label: str = "train",
-            on_epoch: Optional[Callable[[int, float], None]] = None, n_batches: Optional[int] = None
-            ) -> tuple[list[float], int, torch.Tensor]:
+            on_epoch: Optional[Callable[[int, float], None]] = None, n_batches: Optional[int] = None,
+            max_steps: Optional[int] = None) -> tuple[list[float], int, torch.Tensor]:
         """Train ``len(epochs)`` epochs.
 
         Args:
@@ -209,6 +209,7 @@ class TuningLoop:
             label: the progress bar's label.
             on_epoch: called with (epoch, mean loss) after every epoch (logging).
             n_batches: the number of batches per epoch when ``loader`` has no ``len``.
+            max_steps: stop after this many steps (within an epoch: its mean loss is over the steps it took).
 
         Returns:
             (mean loss of every epoch, steps taken, the rule's non-zero counts summed over the steps: a 0-dim
@@ -226,11 +227,14 @@ class TuningLoop:
             flat.attach()
         last = of if of is not None else (epochs[-1] if len(epochs) else 0)
         for epoch in epochs:
+            if max_steps is not None and steps >= max_steps:
+                break
             if module is not None:
                 module.train()
                 if freeze_bn_stats:
                     keep_batchnorm_in_eval(module)
             monitor = LossMonitor(self.device, f"{where}, epoch {epoch}/{last}" if where else f"epoch {epoch}")
+            taken = steps
             for batch in tqdm(batches(loader), total=total, desc=f"{label} epoch {epoch}/{last}", leave=False,
                               disable=not self.progress):
                 loss = forward(batch)
@@ -246,11 +250,13 @@ class TuningLoop:
                     nonzero += count
                 monitor.add(loss)
                 steps += 1
+                if max_steps is not None and steps >= max_steps:
+                    break
             if scheduler is not None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)
                     scheduler.step()
-            losses.append(monitor.mean(total))
+            losses.append(monitor.mean(total if max_steps is None else steps - taken))
             if on_epoch is not None:
                 on_epoch(epoch, losses[-1])
         for flat in grads:

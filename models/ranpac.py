@@ -49,6 +49,9 @@ class RanPACKeys:
         None, "RanPAC: the ridge lambda of each task (one positive value per task, e.g. the tasks[i].head.ridge_lambda "
         "of an untuned run's results.json) instead of the official search on the task's 80/20 split, so that a tuning "
         "method's effect is not a lambda flip; null = the search.")
+    ridge_lambdas_by_seed: Optional[dict[str, Any]] = key(
+        None, "RanPAC: ridge_lambdas per seed, {\"<seed>\": [one positive value per task], ...}, for a config that "
+        "runs several seeds (the comparison protocol fixes each seed's lambdas to its untuned run's); null = unused.")
     ridge_solver: Literal["fast", "official"] = key(
         "fast", "RanPAC ridge search and solve: fast (one shared factorisation, same lambda, W_o within 1e-4) or "
         "official (17 + 1 dense solves, bit-faithful).",
@@ -123,9 +126,19 @@ class RanPAC(Learner):
     def fixed_ridge(self, task: TaskData) -> Optional[float]:
         """``ridge_lambdas[task]``, or None for the search. Raises ConfigError unless the list has one positive value
         per task (checked at task 0, before any head is built)."""
-        values = self.cfg.ridge_lambdas
+        values, by_seed = self.cfg.ridge_lambdas, self.cfg.ridge_lambdas_by_seed
+        if by_seed is not None:
+            if values is not None:
+                raise ConfigError("keys 'ridge_lambdas' and 'ridge_lambdas_by_seed' are both set; set one of them.")
+            if str(self.seed) not in by_seed:
+                raise ConfigError(f"key 'ridge_lambdas_by_seed' has no entry for seed {self.seed} (it has "
+                                  f"{sorted(by_seed)}); add one or set it to null for the search.")
+            values = by_seed[str(self.seed)]
         if values is None:
             return None
+        if not isinstance(values, list) or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+            raise ConfigError(f"key 'ridge_lambdas' (or ridge_lambdas_by_seed's entry for seed {self.seed}) has value "
+                              f"{values!r}; expected a list of positive numbers, one per task.")
         n_tasks = len(task_sizes(task.n_classes, self.cfg.init_cls, self.cfg.increment))
         if len(values) != n_tasks or any(not v > 0 for v in values):
             raise ConfigError(f"key 'ridge_lambdas' has value {values!r}; expected {n_tasks} positive numbers, one "
@@ -148,7 +161,8 @@ class RanPAC(Learner):
         else:
             logger.info("Fixed lambda: %s (ridge_lambdas)", ridge)
         self.W_o = self.accumulator.solve(ridge, solver=self.cfg.ridge_solver)[: task.seen].to(self.device)
-        return {"ridge_lambda": float(ridge), "ridge_fixed": self.cfg.ridge_lambdas is not None}
+        fixed = self.cfg.ridge_lambdas is not None or self.cfg.ridge_lambdas_by_seed is not None
+        return {"ridge_lambda": float(ridge), "ridge_fixed": fixed}
 
     def _update_prototype_head(self, task: TaskData) -> None:
         """``use_RP`` false (official ``replace_fc`` else-branch): ``fc.weight[c]`` = mean raw feature of class c

@@ -9,7 +9,9 @@ The official presets and ``ce_finetune`` were pinned at commit 0b0f7f5, before t
 composition (issue 6); ``none``, ``piece_f``, ``piece_s``, ``magnitude_gate`` and ``mist_random`` at 4ad82a4,
 before the registries, the tuning loop and the learner hooks (issue 12), which left all 24 bit-identical; SLCA with
 and without MIST when it was added (issue 12; its slow learner's and alignment's reports are pinned with the tuning
-reports); ACL, SPU, GPS, SPG and SparCL when they were added (issue 14).
+reports); ACL, SPU, GPS, SPG and SparCL when they were added (issue 14). Issue 15 moved PIECE-F/S closer to the
+official run (scoring batch 4 on un-augmented data in order, clipping at norm 1.0): their earlier pins are kept as
+the ``+legacy`` cases, run with the keys that restore the earlier port, and the defaults were pinned anew.
 
 Float kernels differ in their last bits between CPU capabilities (AVX2, AVX512) and torch builds, so
 ``exact`` holds one pin per platform: on a pinned platform the tuning reports and a SHA-256 of every tensor must
@@ -47,7 +49,12 @@ GOLDEN = HERE / "golden" / "presets.json"
 PRESETS = ("none", "mist", "rand", "l2", "grad", "run", "cerun", "ce_finetune", "piece_f", "piece_s",
            "magnitude_gate", "mist_random", "acl", "spu", "gps", "spg",
            "sparcl")
-CASES = [(learner, spr) for learner in ("ranpac", "simplecil") for spr in PRESETS] + [("slca", "none"), ("slca", "mist")]
+#: PIECE's port before issue 15 (training loader for scoring, no clipping), behind its keys: pinned by the same runs
+#: that pinned piece_f/piece_s at 4ad82a4
+LEGACY = {"piece_f+legacy": ("piece_f", dict(piece_scoring_batch_size=None, piece_clip_norm=0.0)),
+          "piece_s+legacy": ("piece_s", dict(piece_scoring_batch_size=None, piece_clip_norm=0.0))}
+CASES = ([(learner, spr) for learner in ("ranpac", "simplecil") for spr in (*PRESETS, *LEGACY)]
+         + [("slca", "none"), ("slca", "mist")])
 #: SLCA's own keys in its cases (pinned at issue 12, when SLCA was added): 2 slow-learner epochs, a milestone,
 #: 2 alignment epochs, the config's batch of 4
 SLCA_KEYS = dict(epochs=2, milestones=[1], ca_epochs=2, use_config_batch_size=True)
@@ -87,7 +94,8 @@ def _strip(report):
 def digest(root: Path, out: Path, learner: str, spr: str) -> dict:
     """Run the tiny case and summarise it (see the module docstring)."""
     extra = SLCA_KEYS if learner == "slca" else {}
-    cfg = load_config(None, tiny_overrides(root, learner, spr=spr, ablation_epochs=2, **extra))
+    spr, keys = LEGACY.get(spr, (spr, {}))
+    cfg = load_config(None, tiny_overrides(root, learner, spr=spr, ablation_epochs=2, **extra, **keys))
     (path,) = trainer.run(cfg, out)
     results = json.loads(path.read_text())
     state = torch.load(path.parent / trainer.CHECKPOINT_NAME, weights_only=True)["learner"]

@@ -98,4 +98,5 @@ register_preset("acl", phase="acl", loss="ce", importance=None, scope=None, step
                 drop=False, overlap=False, freeze=False, exclude_embeddings=False, strict_mask=False, gate=False,
                 head="prototypes", budget_key=None, epochs_key="warm_epochs", label="ACL", order=65,
                 keys=("warm_epochs", "warm_lr", "warm_temp", "warm_weight_decay"), compare=True,
-                source="ACL (github byyx666/ACL_code: models/simplecil.py, models/ranpac.py), SPEC 19.1")
+                source="ACL (github byyx666/ACL_code: models/simplecil.py, models/ranpac.py), SPEC 19.1",
+                lr_key="warm_lr")

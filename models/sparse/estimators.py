@@ -4,7 +4,8 @@ The pass (:class:`ScoringRule` in the project's :class:`~models.loop.TuningLoop`
 after the frozen entries of every gradient are zeroed and the gradient is summed over the torchrun processes:
 
 - ``mean_squares`` (MIST's own pass, SPEC 4.4): A += g_b^2 / n_b;
-- ``moments`` (PIECE, SPEC 13.2; and whenever the gate needs the task's mean gradient): S1 += g_b, S2 += g_b^2.
+- ``moments`` (PIECE, SPEC 13.2; and whenever the gate needs the task's mean gradient): S1 += g_b, S2 += g_b^2,
+  with each batch's NaN gradient entries set to 0 first, as PIECE's gradient hook does.
 
 Each estimator is a registered :class:`Estimator`: the pass it wants and a function from the pass's sums to
 float32 scores of every scored parameter's shape. Adding one is one ``ESTIMATORS.register`` call
@@ -131,6 +132,9 @@ class ScoringRule:
         for name, mask in self.frozen.items():
             self.params[name].grad.masked_fill_(mask, 0.0)
         g = [p.grad for p in self.params.values()]
+        if self.moments:  # PIECE's hook zeroes a batch's NaN gradient entries before accumulating (SPEC 13.2)
+            for grad in g:
+                torch.nan_to_num_(grad, nan=0.0)
         squares = torch._foreach_pow(g, 2)
         if self.moments:
             torch._foreach_add_(list(self.firsts.values()), g)

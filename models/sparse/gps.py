@@ -159,4 +159,5 @@ register_preset("gps", loss="ce", score_loss="supcon", importance="signed_sum", 
                 optimizer="gps_adam", drop=False, overlap=False, freeze=False, exclude_embeddings=False,
                 strict_mask=True, gate=False, head="prototypes", budget_key="gps_k", epochs_key="mi_epochs",
                 label="GPS", order=95, keys=("gps_k", "gps_lr"), compare=True,
-                source="GPS (github FightingFighting/GPS: train_gps.py, utils/pruning.py), SPEC 19.5")
+                source="GPS (github FightingFighting/GPS: train_gps.py, utils/pruning.py), SPEC 19.5",
+                lr_key="gps_lr")

@@ -20,6 +20,9 @@ from utils.registry import OPTIMIZERS
 class AdamKeys:
     adam_lr: float = key(1e-5, "Adam tuning optimizer: backbone learning rate (PIECE's 1e-5, SPEC 13.5).", gt=0)
     adam_head_lr: float = key(1e-3, "Adam tuning optimizer: learning rate of the CE head and projection head.", gt=0)
+    mist_lr: Optional[float] = key(
+        None, "MIST's SGD (MIST, its ablations, dense CE fine-tuning): backbone learning rate; null: the official "
+        "module constant 1e-4 (SPEC 4.1).", gt=0)
 
 
 @dataclass(frozen=True)
@@ -61,20 +64,43 @@ def _groups(tuner, head: Optional[nn.Module], backbone_lr: float, head_lr: float
 
 @OPTIMIZERS.register("mist_sgd")
 def mist_sgd(tuner, head: Optional[nn.Module] = None):
-    """SPEC 4.1: SGD with groups convnet (lr 1e-4), fc (lr 1e-2), simclr (lr 1e-2), momentum 0.9, weight decay 5e-4
-    (0 with ``sparse_weight_decay``: the step adds it where an entry may move), and MultiStepLR."""
+    """SPEC 4.1: SGD with groups convnet (lr 1e-4, or ``mist_lr``), fc (lr 1e-2), simclr (lr 1e-2), momentum 0.9,
+    weight decay 5e-4 (0 with ``sparse_weight_decay``: the step adds it where an entry may move), and MultiStepLR."""
     sgd = tuner.sgd
     wd = 0.0 if tuner.cfg.sparse_weight_decay else sgd.weight_decay
-    optimizer = torch.optim.SGD(_groups(tuner, head, sgd.backbone_lr, sgd.head_lr, weight_decay=wd), lr=0.01,
+    backbone_lr = sgd.backbone_lr if tuner.cfg.mist_lr is None else tuner.cfg.mist_lr
+    optimizer = torch.optim.SGD(_groups(tuner, head, backbone_lr, sgd.head_lr, weight_decay=wd), lr=0.01,
                                 momentum=sgd.momentum)
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, list(sgd.milestones), gamma=sgd.gamma)
+
+
+class ClippedAdam(torch.optim.Adam):
+    """Adam whose step first scales every gradient of its groups so that their global L2 norm is at most
+    ``max_norm`` (``torch.nn.utils.clip_grad_norm_``; DeepSpeed's ``gradient_clipping`` of PIECE's run). The
+    gradients are clipped after the step rule masked them, as PIECE's hooks mask them before DeepSpeed clips."""
+
+    def __init__(self, groups: list[dict], max_norm: float, **kw) -> None:
+        super().__init__(groups, **kw)
+        self.max_norm = max_norm
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(grads, self.max_norm)
+        return super().step(closure)
 
 
 @OPTIMIZERS.register("adam")
 def adam(tuner, head: Optional[nn.Module] = None):
     """SPEC 13.4: Adam with betas (0.9, 0.95), weight decay 0, groups convnet (``adam_lr``), fc and simclr
-    (``adam_head_lr``), constant learning rate."""
+    (``adam_head_lr``), constant learning rate; with the recipe's ``piece_port`` and ``piece_clip_norm`` > 0, the
+    global gradient norm is clipped at ``piece_clip_norm`` before each step (:class:`ClippedAdam`)."""
     settings, cfg = AdamSettings(), tuner.cfg
+    if tuner.recipe.piece_port and cfg.piece_clip_norm > 0:
+        optimizer = ClippedAdam(_groups(tuner, head, cfg.adam_lr, cfg.adam_head_lr), cfg.piece_clip_norm,
+                                lr=cfg.adam_lr, betas=settings.betas, eps=settings.eps,
+                                weight_decay=settings.weight_decay)
+        return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, [], gamma=1.0)
     optimizer = torch.optim.Adam(_groups(tuner, head, cfg.adam_lr, cfg.adam_head_lr), lr=cfg.adam_lr,
                                  betas=settings.betas, eps=settings.eps, weight_decay=settings.weight_decay)
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, [], gamma=1.0)

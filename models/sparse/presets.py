@@ -33,6 +33,15 @@ from utils.registry import PRESETS
 @config_keys("PIECE (models/sparse/presets.py)")
 class PieceKeys:
     top_ratio: float = key(0.001, "PIECE: global fraction of backbone entries selected per task (SPEC 13.3).", gt=0, le=1)
+    piece_scoring_batch_size: Optional[int] = key(
+        4, "PIECE: batch size of the scoring pass, over the task's un-augmented images in order (official 4, SPEC "
+        "13.5); null: the training loader (augmented, shuffled, batch_size), as before issue 15.", ge=1)
+    piece_clip_norm: float = key(
+        1.0, "PIECE: clip the global gradient norm at this value before each step (DeepSpeed gradient_clipping 1.0 "
+        "of the official run); 0: no clipping.", ge=0)
+    tuning_steps: Optional[int] = key(
+        None, "Optimizer steps of a task-level preset's training after the scoring pass, whatever the epochs key "
+        "says (PIECE's official run: 5 epochs of 1,000 examples at batch 64, about 78 steps); null: the epochs.", ge=1)
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,8 @@ class Recipe:
             trains with CE); None: ``loss``.
         phase: a registered phase (``utils.registry.PHASES``) that runs the task instead of the selective or
             per-step phase (ACL's dense adaptation); None: by ``importance``.
+        piece_port: PIECE's official scoring data (``piece_scoring_batch_size``, the task's un-augmented images in
+            order) and gradient clipping (``piece_clip_norm``); False: score on the training loader, no clipping.
     """
 
     preset: str
@@ -77,6 +88,7 @@ class Recipe:
     epochs: int
     score_loss: Optional[str] = None
     phase: Optional[str] = None
+    piece_port: bool = False
 
     @property
     def selective(self) -> bool:
@@ -100,6 +112,7 @@ class Preset:
             method in the report, named with it.
         official: an ``spr`` value of the official code, subject to a learner's ``OFFICIAL_DISPATCH``.
         compare: one of the methods of the comparison runner (``exps/importance/run.py``).
+        lr_key: the config key of its backbone learning rate (the comparison protocol calibrates it).
     """
 
     name: str
@@ -112,6 +125,7 @@ class Preset:
     keys: tuple[str, ...] = ()
     official: bool = False
     compare: bool = False
+    lr_key: Optional[str] = None
 
     @property
     def selective(self) -> bool:
@@ -145,7 +159,8 @@ def register_preset(name: str, *, like: Optional[str] = None, **fields: Any) -> 
         raise ValueError(f"preset {name!r} lacks the parts {sorted(missing)}")
     own = {k: v for k, v in fields.items() if k in names}
     if base is not None:
-        inherited = {k: getattr(base, k) for k in ("budget_key", "epochs_key", "keys", "source", "official", "compare")}
+        inherited = {k: getattr(base, k) for k in ("budget_key", "epochs_key", "keys", "source", "official", "compare",
+                                                   "lr_key")}
         own = {**inherited, **own}
     return PRESETS.register(name, Preset(name=name, parts=parts, **own))
 
@@ -155,25 +170,29 @@ _MIST_SOURCE = "MIST (official RanPAC-MIST / SimpleCIL-MIST files), SPEC 4"
 register_preset("mist", loss="contrastive", importance="mi_fisher", scope="per_tensor", step_rule=None,
                 optimizer="mist_sgd", drop=True, overlap=True, freeze=True, exclude_embeddings=False,
                 strict_mask=False, gate=False, head="prototypes", budget_key="select_rate", epochs_key="mi_epochs",
-                label="MIST", order=110, source=_MIST_SOURCE, official=True)
+                label="MIST", order=110, source=_MIST_SOURCE, official=True, lr_key="mist_lr")
 register_preset("mist_random", like="mist", importance="random", label="MIST, random scores", order=70,
                 source="ours: random selection at MIST's budget", official=False, compare=True)
 register_preset("piece_f", loss="ce", importance="fisher", scope="global", step_rule=None, optimizer="adam",
                 drop=False, overlap=False, freeze=False, exclude_embeddings=True, strict_mask=False, gate=False,
                 head="prototypes", budget_key="top_ratio", epochs_key="mi_epochs", label="PIECE-F", order=80,
-                source="PIECE-F (github wanglingxiang0717/PIECE), SPEC 13", keys=("top_ratio", "adam_lr", "adam_head_lr"),
-                compare=True)
+                source="PIECE-F (github wanglingxiang0717/PIECE), SPEC 13",
+                keys=("top_ratio", "adam_lr", "adam_head_lr", "piece_scoring_batch_size", "piece_clip_norm", "tuning_steps"),
+                compare=True, lr_key="adam_lr", piece_port=True)
 register_preset("piece_s", like="piece_f", importance="second_order", label="PIECE-S", order=90,
                 source="PIECE-S (github wanglingxiang0717/PIECE), SPEC 13")
 # strict: with PIECE's rule a small budget leaves more tensors fully trainable than a large one, which would invert
 # the gate's "small update" regime (docs/deviations.md, section 4)
+# the gate keeps the scoring data and unclipped steps it was calibrated with (piece_port False)
 register_preset("magnitude_gate", like="piece_f", gate=True, strict_mask=True, budget_key=None, compare=True,
+                piece_port=False,
                 label="update-magnitude gate", order=100, source="update-magnitude control (reconstructed), SPEC 14.3",
                 keys=("adam_lr", "adam_head_lr", "gate_threshold", "gate_budget_large", "gate_budget_small",
-                      "gate_memory", "gate_ema"))
+                      "gate_memory", "gate_ema", "tuning_steps"))
 _ABLATION = dict(loss="ce", importance=None, scope=None, optimizer="mist_sgd", drop=False, overlap=False,
                  freeze=False, exclude_embeddings=False, strict_mask=False, gate=False, head="official",
-                 budget_key=None, epochs_key="ablation_epochs", source="official CE ablations, SPEC 5", official=True)
+                 budget_key=None, epochs_key="ablation_epochs", source="official CE ablations, SPEC 5", official=True,
+                 lr_key="mist_lr")
 register_preset("rand", step_rule="rand", label="rand", order=10, **_ABLATION)
 register_preset("l2", step_rule="l2", label="l2", order=20, **_ABLATION)
 register_preset("grad", step_rule="grad", label="grad", order=30, **_ABLATION)

@@ -66,14 +66,15 @@ class SelectivePhase:
     def run(self, loader, task) -> dict[str, Any]:
         """Score, select and train ``task`` (SPEC 4, 13, 14); returns its accounting for results.json."""
         tuner, r, t = self.tuner, self.tuner.recipe, task.task_id
-        epochs = r.epochs
+        epochs = r.epochs if tuner.cfg.tuning_steps is None else 2  # the scoring pass, then tuning_steps steps
         head = tuner.prototype_head(loader, task) if r.loss == "ce" else None
         forward = LOSSES.get(r.loss)(tuner, head, task)
         optimizer, scheduler = tuner.make_optimizer(head)
         estimator = ESTIMATORS.get(r.importance)
         moments = r.gate or not estimator.mean_squares  # MIST's own pass (SPEC 4.4) otherwise, bit for bit
         score_forward = LOSSES.get(r.score_loss)(tuner, head, task) if r.score_loss else forward
-        sums = scoring_pass(tuner.loop, tuner.network, loader, score_forward, tuner.state, moments,
+        score_loader = tuner.scoring_loader(task) if r.piece_port and tuner.cfg.piece_scoring_batch_size else loader
+        sums = scoring_pass(tuner.loop, tuner.network, score_loader, score_forward, tuner.state, moments,
                             where=f"task {t}", of=epochs, scheduler=scheduler, stop=estimator.stop)
         scores = estimator.score(sums, tuner.network, tuner.score_generator)
         mean_gradient = None
@@ -148,6 +149,8 @@ class SelectivePhase:
             fell short).
         """
         tuner, cfg, epochs = self.tuner, self.tuner.cfg, self.tuner.recipe.epochs
+        if cfg.tuning_steps is not None:  # as many epochs as the steps need; the loop stops at the last step
+            epochs = 1 + -(-cfg.tuning_steps // max(len(loader), 1))
         keep_prob = cfg.keep_prob if tuner.recipe.drop else 1.0
         params = tuner.named_trainables()
         masked = None
@@ -165,5 +168,6 @@ class SelectivePhase:
 
         losses, steps, nonzero = tuner.loop.run(loader, range(2, epochs + 1), forward, optimizer, grads=grads,
                                                 rule=rule, scheduler=scheduler, module=tuner.network,
-                                                where=f"task {t}", label=label, on_epoch=log)
+                                                where=f"task {t}", label=label, on_epoch=log,
+                                                max_steps=cfg.tuning_steps)
         return losses, steps, int(nonzero), int(rule.shortfall)

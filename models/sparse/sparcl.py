@@ -179,4 +179,5 @@ register_preset("sparcl", phase="sparcl", loss="ce", importance=None, scope=None
                 optimizer="sparcl_adamw", drop=False, overlap=False, freeze=False, exclude_embeddings=True,
                 strict_mask=True, gate=False, head="prototypes", budget_key=None, epochs_key="mi_epochs",
                 label="SparCL", order=97, keys=("sparcl_lr", "sparcl_weight_decay"), compare=True,
-                source="SparCL (github neu-spiral/SparCL; port wx-zhang/spu trainer/sparsecl.py), SPEC 19.4")
+                source="SparCL (github neu-spiral/SparCL; port wx-zhang/spu trainer/sparsecl.py), SPEC 19.4",
+                lr_key="sparcl_lr")

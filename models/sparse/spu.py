@@ -124,4 +124,5 @@ register_preset("spu", loss="ce", score_loss="logit_norm", importance="spu", sco
                 optimizer="spu_adamw", drop=False, overlap=False, freeze=False, exclude_embeddings=False,
                 strict_mask=True, gate=False, head="prototypes", budget_key="spu_rate", epochs_key="mi_epochs",
                 label="SPU", order=93, keys=("spu_rate", "spu_lr", "spu_weight_decay", "spu_decay_masked_entries"),
-                compare=True, source="SPU (github wx-zhang/spu: trainer/spu.py, trainer/finetune.py), SPEC 19.2")
+                compare=True, source="SPU (github wx-zhang/spu: trainer/spu.py, trainer/finetune.py), SPEC 19.2",
+                lr_key="spu_lr")

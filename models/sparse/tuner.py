@@ -31,7 +31,7 @@ from models.sparse.scopes import is_embedding
 from models.sparse.selective import SelectivePhase
 from utils.config import warn_ignored
 from utils.registry import OPTIMIZERS, PHASES
-from utils.runtime import Batch, make_generator
+from utils.runtime import Batch, make_generator, make_loader
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +182,15 @@ class SparseTuner:
     def prototype_head(self, loader, task) -> CosineLinear:
         """The ported methods' CE head: the task's class means (``network.prototype_head``)."""
         return prototype_head(self.network, loader, task, self.device, self.cfg.precision)
+
+    def scoring_loader(self, task):
+        """PIECE's scoring data (SPEC 13.5): the task's un-augmented training images (``task.train_eval``) in order, in
+        batches of ``piece_scoring_batch_size`` (shared out per global batch under torchrun, as training batches).
+        Its own generator (stream "scoring") draws the loader's per-epoch seed, so the run's other streams do not
+        shift."""
+        return make_loader(task.train_eval, self.cfg.piece_scoring_batch_size, False, self.cfg.num_workers,
+                           make_generator(self.seed, "cpu", "scoring"), pin_memory=self.device.type == "cuda",
+                           run_seed=self.seed, shard="batch")
 
     def make_head(self, task, head_rows: Optional[torch.Tensor] = None) -> CosineLinear:
         """The CE ablations' head (``network.official_head``), with the sigma carried across tasks."""

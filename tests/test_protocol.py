@@ -1,0 +1,164 @@
+"""The comparison protocol's statistics and plan (issue 15): paired contrasts, Holm's adjustment, the smallest
+detectable effect, equal epochs, learning-rate grids, the fixed ridge lambda per seed, and the PIECE port's keys.
+
+The statistics are checked against values worked out by hand or with independent scipy calls (a one-sample t test,
+a Monte-Carlo power estimate), not against the module's own expressions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from utils.contrasts import detectable_effect, holm, paired
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "exps" / "importance"))
+import protocol  # noqa: E402
+
+
+def test_paired_contrast_by_hand():
+    # differences 1, 2, 3: mean 2, sd 1, t = 2 / (1 / sqrt 3) = 3.4641, df 2
+    c = paired("a - b", [11.0, 12.0, 13.0], [10.0, 10.0, 10.0])
+    assert (c.n, c.mean, c.sd, c.positive) == (3, 2.0, 1.0, 3)
+    half = 4.302652729911275 / math.sqrt(3)  # t_{0.975, 2}
+    assert (c.low, c.high) == (pytest.approx(2 - half), pytest.approx(2 + half))
+    assert c.p == pytest.approx(stats.ttest_1samp([1.0, 2.0, 3.0], 0.0).pvalue)
+    assert c.p == pytest.approx(0.0741799, rel=1e-5)
+
+
+def test_paired_contrast_edge_cases():
+    assert paired("x", [1.0, 2.0], [1.0, 2.0]).p == 1.0  # every difference 0
+    one = paired("x", [3.0], [1.0])
+    assert one.p is None and one.low is None and one.mean == 2.0
+    with pytest.raises(ValueError, match="equal"):
+        paired("x", [1.0], [1.0, 2.0])
+
+
+def test_holm_by_hand():
+    # p = 0.01, 0.04, 0.03, 0.2 (m = 4): sorted 0.01, 0.03, 0.04, 0.2 -> 0.04, 0.09, max(0.09, 0.08) = 0.09, 0.2
+    cs = [paired(f"c{i}", [0.0, 0.0], [0.0, 0.0]) for i in range(4)]
+    cs = [c.__class__(**{**c.__dict__, "p": p}) for c, p in zip(cs, (0.01, 0.04, 0.03, 0.2))]
+    got = [c.holm for c in holm(cs)]
+    assert got == pytest.approx([0.04, 0.09, 0.09, 0.2])
+    none = cs[0].__class__(**{**cs[0].__dict__, "p": None})
+    assert holm([none, cs[0]])[0].holm is None and holm([none, cs[0]])[1].holm == pytest.approx(0.01)
+
+
+def test_detectable_effect_has_the_stated_power():
+    """At the returned effect, a simulated paired t test rejects in about 80% of 20,000 draws."""
+    sd, n = 1.5, 10
+    delta = detectable_effect(sd, n)
+    rng = np.random.default_rng(0)
+    d = rng.normal(delta, sd, size=(20000, n))
+    t = d.mean(1) / (d.std(1, ddof=1) / math.sqrt(n))
+    power = float((np.abs(t) > stats.t.ppf(0.975, n - 1)).mean())
+    assert power == pytest.approx(0.8, abs=0.015)
+    assert detectable_effect(sd, n, alpha=0.05 / 12) > delta  # a stricter level needs a larger effect
+    assert detectable_effect(0.0, n) == 0.0 and math.isinf(detectable_effect(sd, 1))
+
+
+def test_every_method_gets_the_same_training_epochs():
+    """mi_epochs counts the scoring pass of a task-level preset; the phases and per-step presets train every epoch."""
+    assert protocol.epoch_keys("mist", 2) == {"mi_epochs": 3}
+    assert protocol.epoch_keys("piece_s", 2) == {"mi_epochs": 3}
+    assert protocol.epoch_keys("gps", 2) == {"mi_epochs": 3}
+    assert protocol.epoch_keys("spg", 2) == {"mi_epochs": 2}
+    assert protocol.epoch_keys("sparcl", 2) == {"mi_epochs": 2}
+    assert protocol.epoch_keys("acl", 2) == {"warm_epochs": 2}
+    assert protocol.epoch_keys("ce_finetune", 2) == {"ablation_epochs": 2}
+
+
+def test_every_compared_method_has_a_learning_rate_key_and_a_grid():
+    from utils.config import load_config
+
+    cfg = load_config(None, [])
+    for m in protocol.DEFAULT_METHODS:
+        key = protocol.PRESETS.get(m).lr_key
+        assert key is not None and hasattr(cfg, key), m
+        g = protocol.grid(m, protocol.GRID_SGD, protocol.GRID_ADAM)
+        assert g == (protocol.GRID_SGD if m in ("mist", "mist_random", "ce_finetune", "acl", "spg")
+                     else protocol.GRID_ADAM), m
+
+
+def test_plan_config_fixes_lambda_epochs_and_rate():
+    base = json.loads((ROOT / "exps/importance/fmnist_ranpac_none.json").read_text())
+    cfg = protocol.plan_config(base, protocol.SIZES["demo"], "piece_f", [2001, 2002], 2, 1e-4, {},
+                               {"2001": [1e5] * 5, "2002": [1e4] * 5})
+    assert cfg["spr"] == "piece_f" and cfg["adam_lr"] == 1e-4 and cfg["mi_epochs"] == 3
+    assert cfg["seed"] == [2001, 2002] and cfg["input_size"] == 32 and cfg["ridge_lambdas_by_seed"]["2002"][0] == 1e4
+    assert protocol.untuned_lambdas({7: {"tasks": [{"head": {"ridge_lambda": 1e6}}, {"head": {"ridge_lambda": 10.0}}]}}
+                                    ) == {"7": [1e6, 10.0]}
+
+
+def test_table_marks_a_benchmark_where_dense_tuning_does_not_move_as_not_informative():
+    def run(a_bar, a_last, change):
+        return {"average_accuracy": a_bar, "last_accuracy": a_last,
+                "tasks": [{"seconds": 1.0, "tuning": {"moved_fraction": 0.5, "relative_change": change}}]}
+
+    seeds = [1, 2, 3]
+    rows = {"none": {s: run(80 + s, 70 + s, 0.0) for s in seeds},
+            "ce_finetune": {s: run(79 + s, 69 + s, 1e-5) for s in seeds}}
+    lines, summary = protocol.table(rows, ["ce_finetune"], seeds, {"ce_finetune": 1e-3}, 1e-3, "t")
+    assert not summary["informative"] and "NOT informative" in "\n".join(lines)
+    assert summary["contrasts"]["a_last"][0]["mean"] == pytest.approx(-1.0)
+    rows["ce_finetune"] = {s: run(79 + s, 69 + s, 2e-3) for s in seeds}
+    _, summary = protocol.table(rows, ["ce_finetune"], seeds, {"ce_finetune": 1e-3}, 1e-3, "t")
+    assert summary["informative"]
+
+
+# ---- the PIECE port's keys and the fixed lambda per seed ----------------------------------------------------
+def test_clipped_adam_scales_the_global_gradient_norm_before_the_step():
+    from models.sparse.optim import ClippedAdam
+
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+    opt = ClippedAdam([{"params": [a]}, {"params": [b]}], 1.0, lr=0.1)
+    a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([4.0])  # global norm 5
+    opt.step()
+    assert a.grad.tolist() == pytest.approx([0.6, 0.0]) and b.grad.tolist() == pytest.approx([0.8])
+
+
+def test_piece_presets_clip_and_the_gate_does_not():
+    from models.sparse import build_tuner
+    from models.sparse.optim import ClippedAdam
+    from test_sparse_tuning import CPU, RANPAC_DEFAULTS, make_cfg, tiny_backbone
+
+    for spr, clipped in (("piece_f", True), ("piece_s", True), ("magnitude_gate", False)):
+        tuner = build_tuner(make_cfg(f"spr={spr}"), tiny_backbone(), CPU, 3, RANPAC_DEFAULTS)
+        assert isinstance(tuner.make_optimizer()[0], ClippedAdam) == clipped, spr
+    tuner = build_tuner(make_cfg("spr=piece_f", "piece_clip_norm=0"), tiny_backbone(), CPU, 3, RANPAC_DEFAULTS)
+    assert not isinstance(tuner.make_optimizer()[0], ClippedAdam)
+
+
+def test_tuning_steps_takes_exactly_that_many_steps():
+    from models.sparse import build_tuner
+    from test_sparse_tuning import CPU, RANPAC_DEFAULTS, make_cfg, make_loader, make_task, tiny_backbone
+
+    tuner = build_tuner(make_cfg("spr=piece_f", "tuning_steps=5"), tiny_backbone(), CPU, 3, RANPAC_DEFAULTS)
+    loader = make_loader(n=16, batch=8)  # 2 batches per epoch: 5 steps = 2 + 2 + 1
+    report = tuner.tune(loader, make_task(0, loader))
+    assert report["steps"] == 5 and len(report["epoch_losses"]) == 1 + 3
+
+
+def test_ridge_lambdas_by_seed(tmp_path):
+    from utils.config import load_config
+    from utils.errors import ConfigError
+    from test_sparse_tuning import tiny_overrides, write_image_folder
+    import trainer
+
+    root = write_image_folder(tmp_path / "images")
+    n_tasks = 2
+    cfg = load_config(None, tiny_overrides(root, "ranpac", spr="none", ridge_lambdas_by_seed={"1993": [10.0] * n_tasks}))
+    (path,) = trainer.run(cfg, tmp_path / "out")
+    tasks = json.loads(path.read_text())["tasks"]
+    assert [t["head"] for t in tasks] == [{"ridge_lambda": 10.0, "ridge_fixed": True}] * n_tasks
+    bad = load_config(None, tiny_overrides(root, "ranpac", spr="none", ridge_lambdas_by_seed={"7": [10.0] * n_tasks}))
+    with pytest.raises(ConfigError, match="no entry for seed 1993"):
+        trainer.run(bad, tmp_path / "out2")
