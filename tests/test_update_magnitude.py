@@ -1,8 +1,9 @@
 """The update-magnitude experiment (exps/update_magnitude/run.py, SPEC 14) on tiny synthetic Fashion-MNIST.
 
 - the metrics of SPEC 14.4 on a hand-written accuracy matrix;
-- the network: 9 conv layers (stem + 4 blocks x 2, besides 1x1 shortcuts), 128 features, 2-way heads;
+- the network: 9 conv blocks (a single-conv stem, then 8 residual blocks), 128 features, 2-way heads;
 - Frozen leaves the lower layers (weights and BatchNorm statistics) bit-identical, Initialized changes them;
+- Reinitialized draws the last block afresh (timm's init) and then trains it as Frozen;
 - the gradient probe updates nothing;
 - Adaptive follows the gate: tau = 1.01 reproduces Initialized, tau = -1.01 reproduces Frozen, and a
   scripted gate sets each task's regime;
@@ -41,7 +42,7 @@ def tiny():
 
 
 def lower_state(net: um.MultiHeadNet) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in net.trunk.state_dict().items() if k.split(".")[0] in um.LOWER}
+    return {k: v.clone() for k, v in net.trunk.state_dict().items() if um.is_lower(k)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,10 +78,15 @@ def test_tasks_are_consecutive_class_pairs_with_local_labels(tiny):
             assert x[0, 2 * (2 * t + int(y)) + 4].mean() > x[0].mean() + 1.0
 
 
-def test_network_has_nine_conv_layers_and_two_way_heads():
+def test_network_has_nine_conv_blocks_the_first_a_single_layer_and_two_way_heads():
+    from timm.models.resnet import BasicBlock
+
     net = um.MultiHeadNet(5, 2)
+    blocks = [m for m in net.trunk.modules() if isinstance(m, BasicBlock)]
+    assert isinstance(net.trunk.conv1, torch.nn.Conv2d) and len(blocks) == 8  # 1 + 8 = 9 conv blocks
     convs = [m for m in net.trunk.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
-    assert len(convs) == 9
+    assert len(convs) == 1 + 2 * 8
+    assert um.last_block(net) is blocks[-1]
     assert net.trunk.num_features == 128 and len(net.heads) == 5
     assert net(torch.zeros(3, 1, 28, 28), 4).shape == (3, 2)
 
@@ -98,12 +104,12 @@ def trained_on_task0(cfg, tasks) -> um.MultiHeadNet:
 def test_frozen_keeps_lower_layers_bit_identical(tiny):
     cfg, tasks = tiny
     net = trained_on_task0(cfg, tasks)
-    lower, top = lower_state(net), {k: v.clone() for k, v in net.trunk.layer4.state_dict().items()}
+    lower, top = lower_state(net), {k: v.clone() for k, v in um.last_block(net).state_dict().items()}
     head0 = net.heads[0].weight.clone()
     um.train_task(net, 1, tasks[1], FROZEN, cfg, torch.Generator().manual_seed(1))
     after = lower_state(net)
     assert all(torch.equal(lower[k], after[k]) for k in lower)  # weights and BatchNorm buffers
-    assert any(not torch.equal(top[k], v) for k, v in net.trunk.layer4.state_dict().items())
+    assert any(not torch.equal(top[k], v) for k, v in um.last_block(net).state_dict().items())
     assert torch.equal(net.heads[0].weight, head0)
 
 
@@ -116,6 +122,28 @@ def test_initialized_changes_lower_layers(tiny):
     assert not torch.equal(lower["conv1.weight"], after["conv1.weight"])
     assert not torch.equal(lower["layer1.0.bn1.running_mean"], after["layer1.0.bn1.running_mean"])
     assert torch.equal(net.heads[0].weight, head0)  # old heads never train
+
+
+def test_reinitialized_draws_the_last_block_afresh_and_keeps_the_lower_layers(tiny):
+    cfg, tasks = tiny
+    net = trained_on_task0(cfg, tasks)
+    lower = lower_state(net)
+    um.reinitialize_last_block(net, torch.Generator().manual_seed(5))
+    block = um.last_block(net)
+    # timm's init, drawn independently: Kaiming normal (fan_out, relu) convs, BN scale 1 (the last one 0), bias 0
+    want = torch.empty_like(block.conv1.weight)
+    torch.nn.init.kaiming_normal_(want, mode="fan_out", nonlinearity="relu", generator=torch.Generator().manual_seed(5))
+    assert torch.equal(block.conv1.weight, want)
+    assert torch.equal(block.bn1.weight, torch.ones_like(block.bn1.weight)) and not block.bn2.weight.any()
+    assert not block.bn1.running_mean.any() and torch.equal(block.bn1.running_var, torch.ones_like(block.bn1.running_var))
+    assert all(torch.equal(lower[k], v) for k, v in lower_state(net).items())
+    run = um.run_regime(um.REINITIALIZED, tasks, cfg, 0)
+    frozen = um.run_regime(FROZEN, tasks, cfg, 0)
+    assert run.regimes == [INITIALIZED] + [um.REINITIALIZED] * 4
+    assert [n["lower"] for n in run.update_norm[1:]] == [0.0] * 4
+    assert run.acc_matrix[0] == frozen.acc_matrix[0] and run.update_norm[0] == frozen.update_norm[0]  # same task 0
+    for fresh, kept in zip(run.update_norm[1:], frozen.update_norm[1:]):  # a fresh block is a large update
+        assert fresh["last_block"] > 100 * kept["last_block"] > 0
 
 
 def test_gradient_probe_updates_nothing(tiny):
@@ -164,7 +192,7 @@ def test_adaptive_follows_a_scripted_gate(tiny, monkeypatch):
     assert result.similarities == [None, 0.5, 0.5, 0.5, 0.5]
     assert len(seen) == 5 and len(set(seen)) == 1  # one trunk gradient per task, task 0 included
     for regime, norm in zip(result.regimes, result.update_norm):
-        assert (norm["lower"] == 0.0) == (regime == FROZEN) and norm["layer4"] > 0
+        assert (norm["lower"] == 0.0) == (regime == FROZEN) and norm["last_block"] > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,5 +215,5 @@ def test_quick_run_writes_json_and_markdown(tmp_path: Path, monkeypatch):
         for key in ("avg_acc", "task_acc", "forgetting"):
             assert set(payload["summary"][regime][key]) == {"values", "mean", "std"}
     md = (tmp_path / "results.md").read_text()
-    for row in ("| Initialized |", "| Frozen |", "| Adaptive |", "Avg.Acc / Forgetting", "Task.Acc", "tau ="):
+    for row in ("| Initialized |", "| Frozen |", "| Reinitialized |", "| Adaptive |", "Avg.Acc / Forgetting", "Task.Acc", "tau ="):
         assert row in md

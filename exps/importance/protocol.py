@@ -247,6 +247,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--min-change", type=float, default=1e-3)
     ap.add_argument("--workers", type=int, default=2, help="main.py processes at a time")
     ap.add_argument("--no-free-lambda", action="store_true", help="skip RanPAC's free-lambda table")
+    ap.add_argument("--calibrate-on", default=None, metavar="LEARNER",
+                    help="calibrate on this learner only and use its rates for every learner (the tuning phase does "
+                         "not depend on the learner); default: each learner on its own runs")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=JSON")
     ap.add_argument("--quick", action="store_true",
                     help="CI-sized: --size quick, 3 seeds, 1 calibration seed, 2 rates per grid, 1 epoch")
@@ -261,6 +264,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     unknown = [m for m in args.methods if m not in PRESETS.names()]
     missing = [str(p) for p in args.base if not p.is_file()]
+    bad_learner = args.calibrate_on is not None and args.calibrate_on not in {
+        learner_name(json.loads(p.read_text())) for p in args.base if p.is_file()}
+    if bad_learner:
+        print(f"error: --calibrate-on {args.calibrate_on}: no base config of that learner", file=sys.stderr)
+        return 2
     if unknown or missing or set(args.seeds) & set(args.calibration_seeds):
         print(f"error: unknown methods {unknown}, missing base configs {missing}, or a calibration seed is also "
               f"reported ({sorted(set(args.seeds) & set(args.calibration_seeds))})", file=sys.stderr)
@@ -296,7 +304,8 @@ def main(argv=None) -> int:
     # 2. calibration
     calib = {(ln, m, lr): Job(out, "calibration", f"{ln}_{m}_lr{lr_tag(lr)}",
                               plan_config(b, size, m, args.calibration_seeds, args.epochs, lr, overrides, fixed[ln]))
-             for ln, b in bases.items() for m in args.methods for lr in grid(m, tuple(args.grid_sgd),
+             for ln, b in bases.items() if args.calibrate_on in (None, ln)
+             for m in args.methods for lr in grid(m, tuple(args.grid_sgd),
                                                                             tuple(args.grid_adam))}
     failed += run_all(list(calib.values()), args.workers, log)
     chosen: dict[str, dict[str, float]] = {ln: {} for ln in bases}
@@ -309,6 +318,8 @@ def main(argv=None) -> int:
     for ln, by_method in calibration_table.items():
         for m, scores in by_method.items():
             chosen[ln][m] = max(sorted(scores), key=lambda lr: (scores[lr], -lr))
+    if args.calibrate_on is not None:
+        chosen = {ln: dict(chosen.get(args.calibrate_on, {})) for ln in bases}
     # 3. main
     main_jobs: dict[tuple[str, str, str], Job] = {}
     for ln, b in bases.items():
@@ -328,7 +339,9 @@ def main(argv=None) -> int:
              f"Command: `python exps/importance/protocol.py {shlex.join(argv if argv is not None else sys.argv[1:])}`",
              f"Size {args.size} {size}; {args.epochs} training epoch(s) per task for every method; reported seeds "
              f"{args.seeds}; calibration seeds {args.calibration_seeds} (never reported); grids SGD {args.grid_sgd}, "
-             f"Adam/AdamW {args.grid_adam}.", "", "## Calibration (mean A-bar over the calibration seeds)", ""]
+             f"Adam/AdamW {args.grid_adam}."
+             + (f" Rates calibrated on {args.calibrate_on} only, used for every learner." if args.calibrate_on else ""),
+             "", "## Calibration (mean A-bar over the calibration seeds)", ""]
     for ln, by_method in calibration_table.items():
         lines.append(f"- {ln}: " + "; ".join(
             f"{m} " + ", ".join(f"{lr:g}: {s:.2f}" for lr, s in sorted(sc.items())) + f" -> **{chosen[ln][m]:g}**"
