@@ -830,8 +830,32 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         description="Summarise the results.json files under RUNS_DIR(s): table.md, table.csv and PNG plots.")
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUNS_DIR",
                         help="folder(s) searched recursively for results.json (e.g. runs)")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder the report is written to")
-    return parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="folder the report is written to (required unless --against-ledger)")
+    parser.add_argument("--against-ledger", action="store_true",
+                        help="print each run's per-task curve beside the reference of the shipped config it ran "
+                             "(exps/ledger.json, docs/results.md) instead of writing a report")
+    args = parser.parse_args(argv)
+    if args.out is None and not args.against_ledger:
+        parser.error("--out DIR is required (or give --against-ledger)")
+    return args
+
+
+def against_ledger(dirs: Sequence[Path]) -> int:
+    """``--against-ledger``: 0 when every complete run has a reference, 2 when one has none or nothing was found."""
+    from utils.ledger import LedgerError, against
+
+    found = find_results(dirs)
+    if not found:
+        print(f"error: no results.json under {', '.join(map(str, dirs))}", file=sys.stderr)
+        return 2
+    try:
+        lines, missing = against(found)
+    except LedgerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 2 if missing else 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -842,6 +866,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     the other runs is still written, and the exit status is 2 so that a script notices.
     """
     args = parse_args(argv)
+    if args.against_ledger:
+        try:
+            return against_ledger(args.runs)
+        except ReportError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     command = "python -m utils.report " + " ".join([*map(str, args.runs), "--out", str(args.out)])
     try:
         col, written = build_report(args.runs, args.out, command)

@@ -1,0 +1,106 @@
+"""The results ledger (issue 15, item 4): every shipped config has an entry, docs/results.md is generated from it, the
+official MIST logs' rows are there, and ``--against-ledger`` prints a run beside its reference per task."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import trainer
+from utils import ledger as L
+from utils import report
+from utils.config import load_config
+
+from test_sparse_tuning import tiny_overrides, write_image_folder
+
+
+def test_every_shipped_config_has_an_entry_and_the_ledger_is_valid():
+    data = L.load()
+    assert set(L.shipped_configs()) == set(data["configs"])
+    with_ref = [c for c, e in data["configs"].items() if e.get("reference")]
+    assert len(with_ref) >= 30
+
+
+def test_docs_results_md_is_generated_from_the_ledger():
+    assert L.DOCS.read_text() == L.markdown(L.load()), "run: python -m utils.ledger --write-docs"
+
+
+def test_the_official_mist_imagenet_r_logs_and_simplecil_rows():
+    configs = L.load()["configs"]
+    ranpac = configs["exps/ranpac/imagenetr.json"]["reference"]
+    assert ranpac["kind"] == "official_log" and ranpac["seeds"] == [1993]
+    assert ranpac["curve"] == [92.89, 90.23, 87.49, 86.51, 83.89, 82.83, 82.65, 81.91, 81.65, 81.00]
+    assert round(ranpac["a_bar"], 2) == 85.10 and ranpac["a_last"] == 81.00
+    simple = configs["exps/simplecil/imagenetr.json"]["reference"]
+    assert simple["curve"][-1] == 75.20 and round(simple["a_bar"], 2) == 80.95
+    alone = {ds: configs[f"exps/simplecil_baseline/{ds}.json"]["reference"]["a_last"]
+             for ds in ("cifar", "cub", "imagenetr", "imageneta")}
+    assert alone == {"cifar": 81.26, "cub": 86.73, "imagenetr": 54.55, "imageneta": 48.91}
+
+
+def test_load_refuses_an_inconsistent_curve(tmp_path):
+    bad = {"metrics": {}, "configs": {"exps/a/b.json": {"reference": {
+        "kind": "paper", "source": "x", "a_bar": 50.0, "a_last": 40.0, "curve": [60.0, 41.0]}}}}
+    path = tmp_path / "ledger.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(L.LedgerError, match="curve ends at 41.0"):
+        L.load(path)
+    bad["configs"]["exps/a/b.json"] = {"reference": None}
+    path.write_text(json.dumps(bad))
+    with pytest.raises(L.LedgerError, match="why_none"):
+        L.load(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny RanPAC run and a repository root whose only shipped config is that run's config (without its seed)."""
+    tmp = tmp_path_factory.mktemp("ledger")
+    images = write_image_folder(tmp / "images")
+    overrides = tiny_overrides(images, "ranpac", spr="none")
+    cfg = load_config(None, overrides)
+    (path,) = trainer.run(cfg, tmp / "runs")
+    shipped = {k: v for k, v in json.loads(path.read_text())["config"].items() if k not in L.IGNORED_KEYS}
+    root = tmp / "repo"
+    (root / "exps" / "tiny").mkdir(parents=True)
+    (root / "exps" / "tiny" / "ranpac.json").write_text(json.dumps(shipped))
+    return root, path
+
+
+def test_against_prints_each_task_beside_the_reference(tiny_run):
+    root, path = tiny_run
+    data = json.loads(path.read_text())
+    curve = data["top1_curve"]
+    ref = [round(v - 1.0, 2) for v in curve]
+    ledger = {"metrics": {}, "configs": {"exps/tiny/ranpac.json": {"reference": {
+        "kind": "our_run", "source": "a test", "seeds": [1993], "backbone": "tiny", "timm": "-",
+        "a_bar": sum(ref) / len(ref), "a_last": ref[-1], "curve": ref}}}}
+    lines, missing = L.against([path], ledger, root)
+    assert missing == 0 and "run of exps/tiny/ranpac.json" in lines[0]
+    rows = [line for line in lines if line.startswith("  | ") and line[4].isdigit()]
+    assert len(rows) == len(curve)
+    assert all(row.rstrip(" |").endswith("+1.00") for row in rows)  # this run minus the reference, per task
+
+
+def test_against_reports_a_run_without_reference(tiny_run):
+    root, path = tiny_run
+    ledger = {"metrics": {}, "configs": {"exps/tiny/ranpac.json": {"reference": None, "why_none": "not measured"}}}
+    lines, missing = L.against([path], ledger, root)
+    assert missing == 1 and "no reference: not measured" in lines[0]
+    other = json.loads((root / "exps/tiny/ranpac.json").read_text())
+    (root / "exps/tiny/ranpac.json").write_text(json.dumps({**other, "M": 7}))
+    try:
+        lines, missing = L.against([path], ledger, root)
+        assert missing == 1 and "matches no shipped config" in lines[0]
+    finally:
+        (root / "exps/tiny/ranpac.json").write_text(json.dumps(other))
+
+
+def test_report_cli_against_ledger_exit_status(tiny_run, capsys):
+    _, path = tiny_run
+    # the tiny run matches no shipped config of the real repository: exit 2, and it says so
+    assert report.main([str(path.parent), "--against-ledger"]) == 2
+    assert "matches no shipped config" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        report.main([str(path.parent)])  # neither --out nor --against-ledger

@@ -1,0 +1,173 @@
+"""The results ledger (issue 15): what every shipped config is expected to give, and where the number comes from.
+
+``exps/ledger.json`` holds, for every ``exps/*/*.json`` config, either a reference (A-bar, A_last, the per-task
+curve when known, its source: a paper, an official log or our run; the seeds, backbone tag and timm version) or the
+reason there is none. ``docs/results.md`` is generated from it (``python -m utils.ledger --write-docs``; a test
+checks that it is current). ``python -m utils.report RUN --against-ledger`` prints each run of RUN beside the
+reference of the shipped config it was run from (:func:`against`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+LEDGER = REPO / "exps" / "ledger.json"
+DOCS = REPO / "docs" / "results.md"
+KINDS = ("paper", "official_log", "our_run")
+#: config keys that do not change what a run computes, or that a user sets for the machine: not compared when a
+#: run is matched to a shipped config
+IGNORED_KEYS = {"seed", "device", "data_root", "num_workers", "progress", "prefix", "eval_batch_size", "download",
+                "pretrained_path", "weights_path", "output_dir", "stop_after_task"}
+
+
+class LedgerError(ValueError):
+    """A ledger that does not cover the shipped configs, or a run that matches none of them."""
+
+
+def load(path: Path = LEDGER) -> dict[str, Any]:
+    """The ledger, checked: every config it names exists, every reference has a known ``kind``, a source and at
+    least one of A-bar / A_last, a curve (when given) ends at A_last and averages to A-bar (to 0.01).
+
+    Raises:
+        LedgerError: a malformed entry (the message names the config).
+    """
+    data = json.loads(path.read_text())
+    for config, entry in data["configs"].items():
+        ref = entry.get("reference")
+        if ref is None:
+            if not entry.get("why_none"):
+                raise LedgerError(f"{path}: {config} has neither a reference nor a why_none")
+            continue
+        if ref.get("kind") not in KINDS or not ref.get("source"):
+            raise LedgerError(f"{path}: {config}: kind must be one of {KINDS} and a source given")
+        if ref.get("a_bar") is None and ref.get("a_last") is None:
+            raise LedgerError(f"{path}: {config}: a reference needs a_bar or a_last")
+        curve = ref.get("curve")
+        if curve:
+            if ref.get("a_last") is not None and abs(curve[-1] - ref["a_last"]) > 0.01:
+                raise LedgerError(f"{path}: {config}: curve ends at {curve[-1]}, a_last is {ref['a_last']}")
+            if ref.get("a_bar") is not None and abs(sum(curve) / len(curve) - ref["a_bar"]) > 0.01:
+                raise LedgerError(f"{path}: {config}: the curve's mean is not a_bar {ref['a_bar']}")
+    return data
+
+
+def shipped_configs(root: Path = REPO) -> list[str]:
+    """Every shipped config, as ``exps/<folder>/<name>.json`` (the ledger file itself excluded)."""
+    return sorted(str(p.relative_to(root)) for p in (root / "exps").glob("*/*.json"))
+
+
+def match(run_config: dict[str, Any], ledger: dict[str, Any], root: Path = REPO) -> Optional[str]:
+    """The shipped config a run's config came from: every key the shipped file sets (but ``IGNORED_KEYS``) has the
+    same value in the run; among several, the one that sets the most keys. None when none matches."""
+    best, best_n = None, -1
+    for config in ledger["configs"]:
+        path = root / config
+        if not path.is_file():
+            continue
+        shipped = json.loads(path.read_text())
+        keys = [k for k in shipped if k not in IGNORED_KEYS]
+        if all(run_config.get(k) == shipped[k] for k in keys) and len(keys) > best_n:
+            best, best_n = config, len(keys)
+    return best
+
+
+def _fmt(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def against(results: Sequence[Path], ledger: Optional[dict] = None, root: Path = REPO) -> tuple[list[str], int]:
+    """Lines comparing each complete results.json with its shipped config's reference, per task; and how many runs
+    had no reference (no matching config, or a config whose reference is None)."""
+    ledger = ledger or load()
+    lines, missing = [], 0
+    for path in results:
+        data = json.loads(path.read_text())
+        if data.get("status") != "complete":
+            lines.append(f"{path}: not complete (status {data.get('status')!r}); skipped")
+            continue
+        config = match(data["config"], ledger, root)
+        if config is None:
+            missing += 1
+            lines.append(f"{path}: its config matches no shipped config (exps/*/*.json); no reference")
+            continue
+        entry = ledger["configs"][config]
+        ref = entry.get("reference")
+        if ref is None:
+            missing += 1
+            lines.append(f"{path}: run of {config}; no reference: {entry['why_none']}")
+            continue
+        lines.append(f"{path}: run of {config} (seed {data['seed']}) against {ref['kind']}: {ref['source']}")
+        if ref.get("seeds") and len(ref["seeds"]) > 1:
+            lines.append(f"  note: the reference is the mean over seeds {ref['seeds']}; compare the mean of your runs "
+                         "of those seeds (python -m utils.report)")
+        if ref.get("seeds") and data["seed"] not in ref["seeds"]:
+            lines.append(f"  note: the reference is for seed(s) {ref['seeds']}; seed {data['seed']} has another "
+                         "class order")
+        curve, want = data["top1_curve"], ref.get("curve") or []
+        lines.append("  | task | this run | reference | difference |")
+        lines.append("  |---|---|---|---|")
+        for t, got in enumerate(curve):
+            r = want[t] if t < len(want) else None
+            lines.append(f"  | {t} | {got:.2f} | {_fmt(r)} | {'-' if r is None else f'{got - r:+.2f}'} |")
+        for label, got, r in (("A-bar", data["average_accuracy"], ref.get("a_bar")),
+                              ("A_last", data["last_accuracy"], ref.get("a_last"))):
+            lines.append(f"  | {label} | {got:.2f} | {_fmt(r)} | {'-' if r is None else f'{got - r:+.2f}'} |")
+    return lines, missing
+
+
+def markdown(ledger: dict[str, Any]) -> str:
+    """docs/results.md from the ledger."""
+    lines = ["# Results ledger", "", "Generated from `exps/ledger.json` by `python -m utils.ledger --write-docs`; edit "
+             "the JSON, not this file. `python -m utils.report RUN --against-ledger` prints a run beside its row.", "",
+             "Metrics: " + "; ".join(f"**{k}**: {v}" for k, v in ledger["metrics"].items()) + ".", "",
+             "## Configs with a reference", "",
+             "| config | A-bar | A_last | kind | seeds | backbone | timm | source | notes |", "|---|---|---|---|---|---|---|---|---|"]
+    without = []
+    for config, entry in ledger["configs"].items():
+        ref = entry.get("reference")
+        if ref is None:
+            without.append((config, entry["why_none"]))
+            continue
+        seeds = "any" if not ref.get("seeds") else ", ".join(map(str, ref["seeds"]))
+        notes = ref.get("notes") or ""
+        if ref.get("curve"):
+            notes = (notes + " Curve: " + ", ".join(f"{v:.2f}" for v in ref["curve"]) + ".").strip()
+        lines.append(f"| `{config}` | {_fmt(ref.get('a_bar'))} | {_fmt(ref.get('a_last'))} | {ref['kind']} | {seeds} | "
+                     f"{ref['backbone']} | {ref['timm']} | {ref['source']} | {notes} |")
+    lines += ["", "## Published numbers for hosts not shipped yet", "",
+              "| would be | A-bar | A_last | issue | source |", "|---|---|---|---|---|"]
+    for p in ledger.get("pending", []):
+        lines.append(f"| `{p['config']}` | {_fmt(p['a_bar'])} | {_fmt(p['a_last'])} | {p['issue']} | {p['source']} |")
+    lines += ["", f"## Configs without a reference ({len(without)})", "", "| config | why |", "|---|---|"]
+    lines += [f"| `{c}` | {why} |" for c, why in without]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m utils.ledger", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write-docs", action="store_true", help=f"regenerate {DOCS.relative_to(REPO)}")
+    args = parser.parse_args(argv)
+    try:
+        ledger = load()
+    except LedgerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    missing = sorted(set(shipped_configs()) - set(ledger["configs"]))
+    if missing:
+        print(f"error: {LEDGER}: no entry for {', '.join(missing)}", file=sys.stderr)
+        return 2
+    if args.write_docs:
+        DOCS.write_text(markdown(ledger))
+        print(f"wrote {DOCS}")
+    else:
+        print(markdown(ledger))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
