@@ -162,3 +162,56 @@ def test_ridge_lambdas_by_seed(tmp_path):
     bad = load_config(None, tiny_overrides(root, "ranpac", spr="none", ridge_lambdas_by_seed={"7": [10.0] * n_tasks}))
     with pytest.raises(ConfigError, match="no entry for seed 1993"):
         trainer.run(bad, tmp_path / "out2")
+
+
+def test_protocol_end_to_end_on_a_tiny_vit(tmp_path):
+    """The whole protocol on tiny configs: untuned runs, calibration on one learner, fixed- and free-lambda RanPAC
+    tables and SimpleCIL's, one main.py process per job; protocol.md and protocol.json hold what the runs say."""
+    from test_sparse_tuning import tiny_overrides, write_image_folder
+
+    images = write_image_folder(tmp_path / "images")
+    bases = []
+    for learner in ("ranpac", "simplecil"):
+        cfg = {}
+        for item in tiny_overrides(images, learner, use_RP=True):
+            k, _, v = item.partition("=")
+            try:
+                cfg[k] = json.loads(v)
+            except json.JSONDecodeError:
+                cfg[k] = v
+        path = tmp_path / f"{learner}.json"
+        path.write_text(json.dumps(cfg))
+        bases.append(path)
+    out = tmp_path / "out"
+    rc = protocol.main(["--out", str(out), "--base", *map(str, bases), "--methods", "piece_s", "ce_finetune",
+                        "--seeds", "11", "12", "--calibration-seeds", "10", "--grid-sgd", "1e-4", "1e-3",
+                        "--grid-adam", "1e-5", "--epochs", "1", "--size", "none", "--workers", "1",
+                        "--calibrate-on", "ranpac"])
+    assert rc == 0
+    report = json.loads((out / "protocol.json").read_text())
+    assert set(report["chosen_lr"]["simplecil"]) == {"piece_s", "ce_finetune"}
+    assert report["chosen_lr"]["simplecil"] == report["chosen_lr"]["ranpac"]
+    assert report["chosen_lr"]["ranpac"]["piece_s"] == 1e-5
+    scores = report["calibration"]["ranpac"]["ce_finetune"]
+    best = max(scores, key=lambda lr: (scores[lr], -float(lr)))
+    assert report["chosen_lr"]["ranpac"]["ce_finetune"] == float(best)
+    assert set(report["tables"]) == {"ranpac/fixed", "ranpac/free", "simplecil/free"}
+    fixed = report["tables"]["ranpac/fixed"]
+    assert fixed["seeds"] == [11, 12] and {c["name"] for c in fixed["contrasts"]["a_last"]} == {
+        "piece_s - none", "ce_finetune - none"}
+    lambdas = report["ridge_lambdas_by_seed"]
+    assert set(lambdas) == {"10", "11", "12"}
+    # the fixed-lambda runs used each seed's untuned choice
+    for path in (out / "main" / "ranpac_piece_s_fixed").glob("**/results.json"):
+        data = json.loads(path.read_text())
+        assert [t["head"]["ridge_lambda"] for t in data["tasks"]] == lambdas[str(data["seed"])]
+        assert all(t["head"]["ridge_fixed"] for t in data["tasks"])
+    md = (out / "protocol.md").read_text()
+    assert "Holm" in md and "Smallest detectable effect" in md
+    # a second call runs nothing again
+    runs_before = (out / "protocol.log").read_text().count(": exit ")
+    assert protocol.main(["--out", str(out), "--base", *map(str, bases), "--methods", "piece_s", "ce_finetune",
+                          "--seeds", "11", "12", "--calibration-seeds", "10", "--grid-sgd", "1e-4", "1e-3",
+                          "--grid-adam", "1e-5", "--epochs", "1", "--size", "none", "--workers", "1",
+                          "--calibrate-on", "ranpac"]) == 0
+    assert (out / "protocol.log").read_text().count(": exit ") == runs_before

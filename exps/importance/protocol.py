@@ -118,8 +118,11 @@ class Job:
         return proc.returncode == 0
 
 
-def run_all(jobs: list[Job], workers: int, log) -> list[str]:
-    """Run ``jobs`` on ``workers`` processes at a time; returns the names of the failed ones."""
+def run_all(jobs: list[Job], workers: int, log, report_only: bool = False) -> list[str]:
+    """Run ``jobs`` on ``workers`` processes at a time; returns the names of the failed ones (with
+    ``report_only``, runs nothing and returns the unfinished ones)."""
+    if report_only:
+        return [j.name for j in jobs if not j.done()]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         ok = list(pool.map(lambda j: j.run(log), jobs))
     return [j.name for j, good in zip(jobs, ok) if not good]
@@ -250,6 +253,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--calibrate-on", default=None, metavar="LEARNER",
                     help="calibrate on this learner only and use its rates for every learner (the tuning phase does "
                          "not depend on the learner); default: each learner on its own runs")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: write the report from the runs already finished under --out")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=JSON")
     ap.add_argument("--quick", action="store_true",
                     help="CI-sized: --size quick, 3 seeds, 1 calibration seed, 2 rates per grid, 1 epoch")
@@ -298,7 +303,7 @@ def main(argv=None) -> int:
     # 1. untuned
     untuned = {ln: Job(out, "untuned", f"{ln}_none", plan_config(b, size, "none", seeds_all, args.epochs, None,
                                                                      overrides, None)) for ln, b in bases.items()}
-    failed += run_all(list(untuned.values()), args.workers, log)
+    failed += run_all(list(untuned.values()), args.workers, log, args.report_only)
     fixed = {ln: (untuned_lambdas(j.results()) if ln == "ranpac" and bases[ln].get("use_RP") else None)
              for ln, j in untuned.items()}
     # 2. calibration
@@ -307,7 +312,7 @@ def main(argv=None) -> int:
              for ln, b in bases.items() if args.calibrate_on in (None, ln)
              for m in args.methods for lr in grid(m, tuple(args.grid_sgd),
                                                                             tuple(args.grid_adam))}
-    failed += run_all(list(calib.values()), args.workers, log)
+    failed += run_all(list(calib.values()), args.workers, log, args.report_only)
     chosen: dict[str, dict[str, float]] = {ln: {} for ln in bases}
     calibration_table = {}
     for (ln, m, lr), job in calib.items():
@@ -333,7 +338,7 @@ def main(argv=None) -> int:
                 if m in chosen[ln]:
                     main_jobs[(ln, m, mode)] = Job(out, "main", f"{ln}_{m}_{mode}", plan_config(
                         b, size, m, args.seeds, args.epochs, chosen[ln][m], overrides, lambdas))
-    failed += run_all(list(main_jobs.values()), args.workers, log)
+    failed += run_all(list(main_jobs.values()), args.workers, log, args.report_only)
     # 4. report
     lines = ["# Comparison protocol (issue 15)", "",
              f"Command: `python exps/importance/protocol.py {shlex.join(argv if argv is not None else sys.argv[1:])}`",
@@ -359,7 +364,8 @@ def main(argv=None) -> int:
         lines += tl
         report["tables"][f"{ln}/{mode}"] = summary
     wall = time.perf_counter() - start
-    lines.append(f"Wall time of this invocation: {wall:.0f} s; failed runs: {', '.join(failed) or 'none'}.")
+    lines.append(f"Wall time of this invocation: {wall:.0f} s; {'unfinished' if args.report_only else 'failed'} runs: "
+                 f"{', '.join(failed) or 'none'}.")
     (out / "protocol.md").write_text("\n".join(lines) + "\n")
     (out / "protocol.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
     log(f"report: {out / 'protocol.md'}; {wall:.0f} s; failed: {', '.join(failed) or 'none'}")
