@@ -14,7 +14,8 @@ from utils.config import FIELDS, ExperimentConfig, config_from_dict, load_config
 from utils.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-EXP_FILES = sorted((REPO / "exps").glob("**/*.json"))
+# every shipped config (exps/ledger.json is the results ledger, not a config)
+EXP_FILES = sorted(p for p in (REPO / "exps").glob("**/*.json") if p.name != "ledger.json")
 NONFINITE = "NaN, Infinity"
 
 # (id, file content, fragments). "{path}" stands for the file's path.
