@@ -130,11 +130,12 @@ def test_reinitialized_draws_the_last_block_afresh_and_keeps_the_lower_layers(ti
     lower = lower_state(net)
     um.reinitialize_last_block(net, torch.Generator().manual_seed(5))
     block = um.last_block(net)
-    # timm's init, drawn independently: Kaiming normal (fan_out, relu) convs, BN scale 1 (the last one 0), bias 0
+    # the network's init, drawn independently: Kaiming normal (fan_out, relu) convs, BN scale 1, shift 0
     want = torch.empty_like(block.conv1.weight)
     torch.nn.init.kaiming_normal_(want, mode="fan_out", nonlinearity="relu", generator=torch.Generator().manual_seed(5))
     assert torch.equal(block.conv1.weight, want)
-    assert torch.equal(block.bn1.weight, torch.ones_like(block.bn1.weight)) and not block.bn2.weight.any()
+    assert torch.equal(block.bn1.weight, torch.ones_like(block.bn1.weight))
+    assert torch.equal(block.bn2.weight, torch.ones_like(block.bn2.weight)) and not block.bn2.bias.any()
     assert not block.bn1.running_mean.any() and torch.equal(block.bn1.running_var, torch.ones_like(block.bn1.running_var))
     assert all(torch.equal(lower[k], v) for k, v in lower_state(net).items())
     run = um.run_regime(um.REINITIALIZED, tasks, cfg, 0)

@@ -21,7 +21,7 @@ task-split benchmarks and compares two update regimes with a cosine-gated hybrid
   the previous task, it is not re-initialised); ``frozen`` trains only the last block + the fresh head, the
   lower layers (stem, 7 blocks) are fixed, BatchNorm statistics included (small update); ``reinitialized`` (the
   other reading of the paper's "Initialized") re-initialises the last block (timm's own init: Kaiming-normal
-  convs, BatchNorm reset, zero last BN scale) and then trains it as ``frozen`` does; ``adaptive`` asks
+  convs, BatchNorm reset to scale 1 / shift 0) and then trains it as ``frozen`` does; ``adaptive`` asks
   :class:`models.sparse.gate.MagnitudeGate` at the start of each task: the mean gradient of the task's
   loss w.r.t. all trunk parameters, through the fresh head, with no update (BatchNorm in batch-statistics
   mode, running statistics restored afterwards), is compared with the previous task's by cosine
@@ -134,7 +134,10 @@ class MultiHeadNet(nn.Module):
 
     def __init__(self, n_tasks: int, classes_per_task: int) -> None:
         super().__init__()
-        self.trunk = ResNet(BasicBlock, layers=LAYERS, channels=WIDTHS, in_chans=1, num_classes=0)
+        # zero_init_last=False: timm would zero each block's last BatchNorm scale, which leaves a residual branch
+        # (the last block included) at zero with no gradient into its convs for most of a short training
+        self.trunk = ResNet(BasicBlock, layers=LAYERS, channels=WIDTHS, in_chans=1, num_classes=0,
+                            zero_init_last=False)
         self.trunk.maxpool = nn.Identity()  # 28 px input: keep 14x14 after the stride-2 stem conv
         self.heads = nn.ModuleList(nn.Linear(self.trunk.num_features, classes_per_task) for _ in range(n_tasks))
 
@@ -169,9 +172,9 @@ def is_lower(name: str) -> bool:
 
 
 def reinitialize_last_block(net: MultiHeadNet, generator: torch.Generator) -> None:
-    """Fresh parameters for the last block, as timm's ``ResNet.init_weights`` draws them: Kaiming-normal
-    (fan_out, relu) conv weights from ``generator``, BatchNorm weight 1 / bias 0 / running statistics reset, and
-    the block's last BatchNorm scale zeroed (``zero_init_last``)."""
+    """Fresh parameters for the last block, as the network was initialised (timm's ``ResNet.init_weights`` with
+    ``zero_init_last=False``): Kaiming-normal (fan_out, relu) conv weights from ``generator``, BatchNorm weight 1 /
+    bias 0 / running statistics reset."""
     block = last_block(net)
     with torch.no_grad():
         for m in block.modules():
@@ -179,7 +182,6 @@ def reinitialize_last_block(net: MultiHeadNet, generator: torch.Generator) -> No
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu", generator=generator)
             elif isinstance(m, nn.BatchNorm2d):
                 m.reset_parameters()
-        block.zero_init_last()
 
 
 def set_regime(net: MultiHeadNet, task: int, regime: str) -> list[nn.Parameter]:
