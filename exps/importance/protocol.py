@@ -168,23 +168,29 @@ def table(rows: dict[str, dict[int, dict]], methods: list[str], seeds: list[int]
     """Markdown lines and the JSON summary of one table (one learner, one lambda mode)."""
     lines = [f"### {title}", ""]
     summary: dict[str, Any] = {"methods": {}, "contrasts": {}}
-    base = rows.get("none", {})
-    common = [s for s in seeds if all(s in rows.get(m, {}) for m in ["none", *methods])]
-    dense = rows.get("ce_finetune", {})
-    dense_change = float(np.mean([metrics(dense[s])["change"] for s in common])) if dense and common else None
+    # each method on the reported seeds it finished; a contrast on the seeds both of its methods finished
+    done = {m: [s for s in seeds if s in rows.get(m, {})] for m in ["none", *methods]}
+    common = [s for s in seeds if all(s in done[m] for m in done)]
+    dense = done.get("ce_finetune", [])
+    dense_change = float(np.mean([metrics(rows["ce_finetune"][s])["change"] for s in dense])) if dense else None
     informative = dense_change is not None and dense_change >= min_change
-    lines.append(f"Seeds with every method: {len(common)} ({', '.join(map(str, common))}). Dense CE fine-tuning moved "
-                 f"the backbone by a relative {dense_change if dense_change is None else f'{dense_change:.2e}'} per "
-                 f"task: " + ("informative (>= %g)." % min_change if informative else
-                              f"**NOT informative** (< {min_change:g}: the backbone barely moves, so the methods "
-                              "cannot differ)."))
-    lines += ["", "| method | lr | A-bar | A_B | moved % per task | rel. change per task | wall s | "
-              "Δ A_B [95% CI] | p | Holm p | Δ A-bar [95% CI] | Holm p |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    moved = "not run" if dense_change is None else f"{dense_change:.2e}"
+    lines.append(f"Seeds with every method: {len(common)} of {len(seeds)}. Dense CE fine-tuning moved the backbone by a "
+                 f"relative {moved} per task: " + ("informative (>= %g)." % min_change if informative else
+                                                   f"**NOT informative** (< {min_change:g}: the backbone barely moves, "
+                                                   "so the methods cannot differ)."))
+    lines += ["", "| method | lr | n | A-bar | A_B | moved % per task | rel. change per task | wall s | "
+              "Δ A_B [95% CI] | p | Holm p | Δ A-bar [95% CI] | Holm p |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     family = [(m, "none") for m in methods] + [(a, b) for a, b in CONTRASTS_EXTRA if a in methods and b in methods]
+    family = [(a, b) for a, b in family if any(s in done[b] for s in done[a])]
     found: dict[str, list[Contrast]] = {}
     for metric in ("a_last", "a_bar"):
-        cs = [paired(f"{a} - {b}", [metrics(rows[a][s])[metric] for s in common],
-                     [metrics(rows[b][s])[metric] for s in common]) for a, b in family] if len(common) else []
+        cs = []
+        for a, b in family:
+            both = [s for s in done[a] if s in done[b]]
+            cs.append(paired(f"{a} - {b}", [metrics(rows[a][s])[metric] for s in both],
+                             [metrics(rows[b][s])[metric] for s in both]))
         found[metric] = holm(cs)
     by_name = {metric: {c.name: c for c in cs} for metric, cs in found.items()}
 
@@ -199,14 +205,14 @@ def table(rows: dict[str, dict[int, dict]], methods: list[str], seeds: list[int]
         return "" if p is None else ("< 0.001" if p < 0.001 else f"{p:.3f}")
 
     for m in ["none", *methods]:
-        vals = [metrics(rows[m][s]) for s in common]
+        vals = [metrics(rows[m][s]) for s in done[m]]
         if not vals:
             continue
         col = {k: np.array([v[k] for v in vals]) for k in vals[0]}
         sd = lambda a: float(a.std(ddof=1)) if len(a) > 1 else 0.0  # noqa: E731
         c_last, c_bar = by_name["a_last"].get(f"{m} - none"), by_name["a_bar"].get(f"{m} - none")
         lines.append(f"| {PRESETS.get(m).label if m != 'none' else 'none'} | "
-                     f"{'' if lrs.get(m) is None else f'{lrs[m]:g}'} | {col['a_bar'].mean():.2f} ± {sd(col['a_bar']):.2f} | "
+                     f"{'' if lrs.get(m) is None else f'{lrs[m]:g}'} | {len(vals)} | {col['a_bar'].mean():.2f} ± {sd(col['a_bar']):.2f} | "
                      f"{col['a_last'].mean():.2f} ± {sd(col['a_last']):.2f} | {100 * col['moved'].mean():.2f} | "
                      f"{col['change'].mean():.1e} | {col['wall'].mean():.0f} | {ci(c_last)} | "
                      f"{pv(c_last.p if c_last else None)} | {pv(c_last.holm if c_last else None)} | {ci(c_bar)} | "
@@ -226,9 +232,10 @@ def table(rows: dict[str, dict[int, dict]], methods: list[str], seeds: list[int]
         sds = [c.sd for c in found[metric] if c.sd is not None]
         if sds:
             med = float(np.median(sds))
-            mde = detectable_effect(med, len(common), alpha=0.05 / m_family)
-            mde1 = detectable_effect(med, len(common))
-            lines.append(f"- Smallest detectable effect on {label} (80% power, paired t, n = {len(common)}, median sd "
+            n = max((c.n for c in found[metric]), default=0)
+            mde = detectable_effect(med, n, alpha=0.05 / m_family)
+            mde1 = detectable_effect(med, n)
+            lines.append(f"- Smallest detectable effect on {label} (80% power, paired t, n = {n}, median sd "
                          f"of the paired differences {med:.2f}): {mde:.2f} points at Holm's first step (α = 0.05/"
                          f"{m_family}), {mde1:.2f} at α = 0.05 uncorrected.")
             summary[f"detectable_{metric}"] = {"median_sd": med, "holm_first_step": mde, "uncorrected": mde1}
