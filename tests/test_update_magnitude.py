@@ -215,6 +215,13 @@ def test_quick_run_writes_json_and_markdown(tmp_path: Path, monkeypatch):
     for regime in um.REGIMES:
         for key in ("avg_acc", "task_acc", "forgetting"):
             assert set(payload["summary"][regime][key]) == {"values", "mean", "std"}
+    assert [c["name"] for c in payload["contrasts"]["avg_acc"]] == [f"{a} - {b}" for a, b in um.CONTRASTS]
+    by = {r["regime"]: r["metrics"]["avg_acc"] for r in payload["runs"]}
+    first = payload["contrasts"]["avg_acc"][0]  # one seed: the difference itself, no interval
+    assert first["n"] == 1 and first["mean"] == pytest.approx(by["adaptive"] - by["initialized"])
+    before = (tmp_path / "results.md").read_text()
+    assert um.main(["--rewrite", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "results.md").read_text() == before
     md = (tmp_path / "results.md").read_text()
     for row in ("| Initialized |", "| Frozen |", "| Reinitialized |", "| Adaptive |", "Avg.Acc / Forgetting", "Task.Acc", "tau ="):
         assert row in md

@@ -61,6 +61,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 from timm.models.resnet import BasicBlock, ResNet  # noqa: E402
 
 from models.sparse.gate import FROZEN, INITIALIZED, MagnitudeGate  # noqa: E402
+from utils.contrasts import holm, paired  # noqa: E402
 from utils.datasets import Split, load_fmnist  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -385,6 +386,44 @@ def _matrix_md(result: RunResult) -> str:
     return "\n".join([head, "|---" * (len(result.acc_matrix) + 1) + "|"] + rows) + "\n"
 
 
+#: the planned paired contrasts between regimes (same seed: same network at the start, same task 0, same data order)
+CONTRASTS = ((ADAPTIVE, INITIALIZED), (ADAPTIVE, FROZEN), (FROZEN, INITIALIZED), (REINITIALIZED, FROZEN),
+             (REINITIALIZED, INITIALIZED))
+
+
+def contrasts(runs: Sequence[RunResult]) -> dict[str, list[dict[str, Any]]]:
+    """Per metric, the planned contrasts of :data:`CONTRASTS` over the seeds both regimes ran: paired mean
+    difference, 95% t interval, p-value and Holm-adjusted p-value within the metric's family
+    (``utils.contrasts``)."""
+    by = {(r.regime, r.seed): r for r in runs}
+    out = {}
+    for key in ("avg_acc", "task_acc", "forgetting"):
+        cs = []
+        for a, b in CONTRASTS:
+            seeds = sorted(s for (g, s) in by if g == a and (b, s) in by)
+            if seeds:
+                cs.append(paired(f"{a} - {b}", [by[a, s].metrics[key] for s in seeds],
+                                 [by[b, s].metrics[key] for s in seeds]))
+        out[key] = [c.__dict__ for c in holm(cs)]
+    return out
+
+
+def contrasts_md(found: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Markdown table of :func:`contrasts`."""
+    lines = ["| contrast | n | Δ Avg.Acc [95% CI] | Holm p | Δ Task.Acc [95% CI] | Holm p | Δ Forgetting [95% CI] | Holm p |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def cell(c: dict[str, Any]) -> str:
+        ci = "" if c["low"] is None else f" [{c['low']:+.2f}, {c['high']:+.2f}]"
+        p = "" if c["holm"] is None else ("< 0.001" if c["holm"] < 0.001 else f"{c['holm']:.3f}")
+        return f"{c['mean']:+.2f}{ci} | {p}"
+
+    for i, c in enumerate(found["avg_acc"]):
+        lines.append(f"| {c['name']} | {c['n']} | {cell(c)} | {cell(found['task_acc'][i])} | "
+                     f"{cell(found['forgetting'][i])} |")
+    return lines
+
+
 def write_outputs(out: Path, cfg: Config, tau: float, calibration: dict[str, list[float]],
                   runs: Sequence[RunResult], wall_s: float) -> dict[str, Any]:
     """Write ``results.json`` and ``results.md`` into ``out``; returns the JSON object."""
@@ -393,15 +432,16 @@ def write_outputs(out: Path, cfg: Config, tau: float, calibration: dict[str, lis
     payload = {"config": {**asdict(cfg), "seeds": list(cfg.seeds)},
                "reconstruction": "see exps/update_magnitude/README.md",
                "calibration": {"seed": cfg.calibration_seed, "similarities": calibration, "tau": tau},
-               "runs": [asdict(r) for r in runs], "summary": summary, "paper_table_i": PAPER_TABLE_I,
-               "wall_time_s": wall_s}
+               "runs": [asdict(r) for r in runs], "summary": summary, "contrasts": contrasts(runs),
+               "paper_table_i": PAPER_TABLE_I, "wall_time_s": wall_s}
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     md = ["# Update magnitude on Split Fashion-MNIST (reconstruction of arXiv 2602.20796, SPEC 14)", "",
           f"train/class {cfg.train_per_class}, test/class {cfg.test_per_class or 'all'}, epochs {cfg.epochs}, "
           f"SGD lr {cfg.lr} momentum {cfg.momentum}, batch {cfg.batch_size}; wall time {wall_s:.0f} s.", "",
           f"Calibration seed {cfg.calibration_seed}: tau = {tau:.4f} (median of the pooled cosines, task 1 once; "
           + "; ".join(f"{k}-probe {[round(s, 4) for s in v]}" for k, v in calibration.items()) + ").", "",
-          markdown_table(summary, cfg.seeds), "## Adaptive gate per seed", ""]
+          markdown_table(summary, cfg.seeds), "## Paired contrasts (same seed; Holm within each metric)", "",
+          *contrasts_md(payload["contrasts"]), "", "## Adaptive gate per seed", ""]
     for r in runs:
         if r.regime == ADAPTIVE:
             md.append(f"- seed {r.seed}: " + ", ".join(
@@ -426,13 +466,28 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--threshold", type=float, default=None, help="skip calibration and use this tau")
     p.add_argument("--data-root", default=Config.data_root, help="Fashion-MNIST root (Debian package found too)")
     p.add_argument("--quick", action="store_true", help="tiny CI run: 20 train / 20 test per class, 1 epoch, seed 0")
+    p.add_argument("--rewrite", action="store_true",
+                   help="run nothing: rewrite results.json / results.md in --out from its results.json")
     return p.parse_args(argv)
+
+
+def rewrite(out: Path) -> dict[str, Any]:
+    """``--rewrite``: the outputs again from ``out/results.json`` (e.g. with the contrasts of a newer version)."""
+    old = json.loads((out / "results.json").read_text())
+    cfg = Config(**{**old["config"], "seeds": tuple(old["config"]["seeds"])})
+    runs = [RunResult(**r) for r in old["runs"]]
+    cal = old["calibration"]
+    return write_outputs(out, cfg, cal["tau"], cal["similarities"], runs, old["wall_time_s"])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Calibrate tau, run every regime on every seed, write the results; returns 0."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.rewrite:
+        payload = rewrite(args.out)
+        print(markdown_table(payload["summary"], payload["config"]["seeds"]))
+        return 0
     torch.set_num_threads(1)
     cfg = Config(train_per_class=args.train_per_class or None, test_per_class=args.test_per_class or None,
                  epochs=args.epochs, seeds=tuple(args.seeds), calibration_seed=args.calibration_seed,
