@@ -154,15 +154,15 @@ class RanPAC(Learner):
         H = self.project(feats.to(self.ridge_device))
         Y = one_hot(labels.to(self.ridge_device), task.n_classes)
         self.accumulator.update(H, Y)
-        ridge = self.fixed_ridge(task)
-        if ridge is None:
+        fixed = self.fixed_ridge(task)
+        if fixed is None:
             ridge = select_ridge(H, Y, solver=self.cfg.ridge_solver)
             logger.info("Optimal lambda: %s", ridge)
         else:
+            ridge = fixed
             logger.info("Fixed lambda: %s (ridge_lambdas)", ridge)
         self.W_o = self.accumulator.solve(ridge, solver=self.cfg.ridge_solver)[: task.seen].to(self.device)
-        fixed = self.cfg.ridge_lambdas is not None or self.cfg.ridge_lambdas_by_seed is not None
-        return {"ridge_lambda": float(ridge), "ridge_fixed": fixed}
+        return {"ridge_lambda": float(ridge), "ridge_fixed": fixed is not None}
 
     def _update_prototype_head(self, task: TaskData) -> None:
         """``use_RP`` false (official ``replace_fc`` else-branch): ``fc.weight[c]`` = mean raw feature of class c

@@ -107,15 +107,12 @@ def test_scoring_pass_zeroes_a_batch_nan_gradient_entry_as_pieces_hook():
 
 def _task_start_gradients(tuner, loader, task, head) -> list[dict[str, torch.Tensor]]:
     """Per-batch gradients at the current weights, by autograd, one batch at a time, in float64."""
+    params = {n: p for n, p in tuner.network.named_parameters() if p.requires_grad and n.startswith("convnet.")}
     out = []
     tuner.network.train()
     for _, x, y in loader:
-        loss = tuner.ce_loss(head, task.known, x, y)
-        names = [n for n, p in tuner.network.named_parameters() if p.requires_grad and n.startswith("convnet.")]
-        grads = torch.autograd.grad(loss, [dict(tuner.network.named_parameters())[n] for n in names],
-                                    allow_unused=True)
-        out.append({n: (g if g is not None else torch.zeros_like(p)).double()
-                    for n, g, p in zip(names, grads, (dict(tuner.network.named_parameters())[n] for n in names))})
+        grads = torch.autograd.grad(tuner.ce_loss(head, task.known, x, y), list(params.values()), allow_unused=True)
+        out.append({n: (torch.zeros_like(p) if g is None else g).double() for (n, p), g in zip(params.items(), grads)})
     return out
 
 

@@ -11,6 +11,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -99,9 +100,9 @@ def test_plan_config_fixes_lambda_epochs_and_rate():
 
 
 def test_table_marks_a_benchmark_where_dense_tuning_does_not_move_as_not_informative():
-    def run(a_bar, a_last, change):
-        return {"average_accuracy": a_bar, "last_accuracy": a_last,
-                "tasks": [{"seconds": 1.0, "tuning": {"moved_fraction": 0.5, "relative_change": change}}]}
+    def run(a_bar, a_last, change):  # what utils.report.load_run gives the protocol
+        return SimpleNamespace(values={"average_accuracy": a_bar, "last_accuracy": a_last, "moved_fraction": 0.5,
+                                       "relative_change": change, "wall_seconds": 1.0})
 
     seeds = [1, 2, 3]
     rows = {"none": {s: run(80 + s, 70 + s, 0.0) for s in seeds},

@@ -45,6 +45,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 from utils.contrasts import Contrast, detectable_effect, holm, paired  # noqa: E402
+from utils.report import RESULTS_NAME, InvalidResults, RunRecord, load_run  # noqa: E402
 from utils.registry import PRESETS  # noqa: E402
 import models  # noqa: E402,F401  (registers the learners and presets)
 
@@ -85,19 +86,17 @@ class Job:
         self.config_path = out / "configs" / f"{name}.json"
         self.run_dir = out / stage / name
 
-    def results(self) -> dict[int, dict]:
-        """seed -> the newest complete results.json of this job's folder."""
-        found: dict[int, tuple[float, dict]] = {}
-        for path in self.run_dir.glob("**/results.json"):
+    def results(self) -> dict[int, RunRecord]:
+        """seed -> the newest complete run of this job's folder (read by the report tool, ``utils.report``)."""
+        found: dict[int, RunRecord] = {}
+        for path in self.run_dir.glob(f"**/{RESULTS_NAME}"):
             try:
-                data = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
+                run = load_run(path)
+            except InvalidResults:
                 continue
-            if data.get("status") == "complete":
-                seed = int(data["seed"])
-                if seed not in found or path.stat().st_mtime > found[seed][0]:
-                    found[seed] = (path.stat().st_mtime, data)
-        return {seed: data for seed, (_, data) in found.items()}
+            if run.complete and (run.seed not in found or run.newest_key > found[run.seed].newest_key):
+                found[run.seed] = run
+        return found
 
     def done(self) -> bool:
         return set(self.cfg["seed"]) <= set(self.results())
@@ -132,13 +131,12 @@ def lr_tag(lr: float) -> str:
     return f"{lr:.0e}".replace("e-0", "e-")
 
 
-def metrics(data: dict) -> dict[str, float]:
-    """A run's A-bar, A_B, mean moved fraction and relative change per tuned task, and wall time (s)."""
-    tuned = [t["tuning"] for t in data["tasks"] if t.get("tuning")]
-    mean = lambda key: float(np.mean([t[key] for t in tuned])) if tuned and key in tuned[0] else 0.0  # noqa: E731
-    return {"a_bar": float(data["average_accuracy"]), "a_last": float(data["last_accuracy"]),
-            "moved": mean("moved_fraction"), "change": mean("relative_change"),
-            "wall": float(sum(t.get("seconds", 0.0) for t in data["tasks"]))}
+def metrics(run: RunRecord) -> dict[str, float]:
+    """A run's A-bar, A_B, mean moved fraction and relative change per tuned task (0 without tuning), and wall time
+    (s), from the report tool's reading of its results.json."""
+    v = run.values
+    return {"a_bar": v["average_accuracy"], "a_last": v["last_accuracy"], "moved": v["moved_fraction"] or 0.0,
+            "change": v["relative_change"] or 0.0, "wall": v["wall_seconds"] or 0.0}
 
 
 def untuned_lambdas(results: dict[int, dict]) -> dict[str, list[float]]:
@@ -163,7 +161,7 @@ def plan_config(base: dict, size: dict, method: str, seeds, epochs: int, lr: Opt
     return cfg
 
 
-def table(rows: dict[str, dict[int, dict]], methods: list[str], seeds: list[int], lrs: dict[str, float],
+def table(rows: dict[str, dict[int, RunRecord]], methods: list[str], seeds: list[int], lrs: dict[str, float],
           min_change: float, title: str) -> tuple[list[str], dict]:
     """Markdown lines and the JSON summary of one table (one learner, one lambda mode)."""
     lines = [f"### {title}", ""]
@@ -311,8 +309,8 @@ def main(argv=None) -> int:
     untuned = {ln: Job(out, "untuned", f"{ln}_none", plan_config(b, size, "none", seeds_all, args.epochs, None,
                                                                      overrides, None)) for ln, b in bases.items()}
     failed += run_all(list(untuned.values()), args.workers, log, args.report_only)
-    fixed = {ln: (untuned_lambdas(j.results()) if ln == "ranpac" and bases[ln].get("use_RP") else None)
-             for ln, j in untuned.items()}
+    fixed = {ln: (untuned_lambdas({s: json.loads(r.path.read_text()) for s, r in j.results().items()})
+                  if ln == "ranpac" and bases[ln].get("use_RP") else None) for ln, j in untuned.items()}
     # 2. calibration
     calib = {(ln, m, lr): Job(out, "calibration", f"{ln}_{m}_lr{lr_tag(lr)}",
                               plan_config(b, size, m, args.calibration_seeds, args.epochs, lr, overrides, fixed[ln]))

@@ -131,10 +131,10 @@ class ScoringRule:
     def before_step(self, grads: Sequence[FlatGradients]) -> None:
         for name, mask in self.frozen.items():
             self.params[name].grad.masked_fill_(mask, 0.0)
-        g = [p.grad for p in self.params.values()]
         if self.moments:  # PIECE's hook zeroes a batch's NaN gradient entries before accumulating (SPEC 13.2)
-            for grad in g:
-                torch.nan_to_num_(grad, nan=0.0)
+            for flat in grads:  # the gradients are views of these buffers: one call each
+                torch.nan_to_num_(flat.buffer, nan=0.0)
+        g = [p.grad for p in self.params.values()]
         squares = torch._foreach_pow(g, 2)
         if self.moments:
             torch._foreach_add_(list(self.firsts.values()), g)

@@ -82,11 +82,11 @@ class ClippedAdam(torch.optim.Adam):
     def __init__(self, groups: list[dict], max_norm: float, **kw) -> None:
         super().__init__(groups, **kw)
         self.max_norm = max_norm
+        self._clipped = [p for g in self.param_groups for p in g["params"]]  # clip_grad_norm_ skips absent grads
 
     @torch.no_grad()
     def step(self, closure=None):
-        grads = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(grads, self.max_norm)
+        torch.nn.utils.clip_grad_norm_(self._clipped, self.max_norm)
         return super().step(closure)
 
 
@@ -96,13 +96,10 @@ def adam(tuner, head: Optional[nn.Module] = None):
     (``adam_head_lr``), constant learning rate; with the recipe's ``piece_port`` and ``piece_clip_norm`` > 0, the
     global gradient norm is clipped at ``piece_clip_norm`` before each step (:class:`ClippedAdam`)."""
     settings, cfg = AdamSettings(), tuner.cfg
-    if tuner.recipe.piece_port and cfg.piece_clip_norm > 0:
-        optimizer = ClippedAdam(_groups(tuner, head, cfg.adam_lr, cfg.adam_head_lr), cfg.piece_clip_norm,
-                                lr=cfg.adam_lr, betas=settings.betas, eps=settings.eps,
-                                weight_decay=settings.weight_decay)
-        return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, [], gamma=1.0)
-    optimizer = torch.optim.Adam(_groups(tuner, head, cfg.adam_lr, cfg.adam_head_lr), lr=cfg.adam_lr,
-                                 betas=settings.betas, eps=settings.eps, weight_decay=settings.weight_decay)
+    groups = _groups(tuner, head, cfg.adam_lr, cfg.adam_head_lr)
+    kw = dict(lr=cfg.adam_lr, betas=settings.betas, eps=settings.eps, weight_decay=settings.weight_decay)
+    clip = cfg.piece_clip_norm if tuner.recipe.piece_port else 0.0
+    optimizer = ClippedAdam(groups, clip, **kw) if clip > 0 else torch.optim.Adam(groups, **kw)
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, [], gamma=1.0)
 
 
