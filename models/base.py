@@ -82,7 +82,7 @@ class Learner(abc.ABC):
         self.tuner = None
         if cfg.tuning is not None:
             # None when the learner's official code does not dispatch cfg.spr (SPEC 5; warned there)
-            self.tuner = build_tuner(cfg, self.backbone, device, seed, self.DEFAULTS, learner=type(self))
+            self.tuner = build_tuner(cfg, self.tuned_module(), device, seed, self.DEFAULTS, learner=type(self))
 
     @classmethod
     def build_backbone(cls, cfg: ExperimentConfig) -> nn.Module:
@@ -98,6 +98,11 @@ class Learner(abc.ABC):
 
         return build_backbone(cfg.convnet_type, cfg.pretrained, cfg.weights_path, cfg.input_size,
                               **cfg.backbone_kwargs)
+
+    def tuned_module(self) -> nn.Module:
+        """What the tuning phase tunes (``x`` -> (B, D), with ``out_dim``): the backbone; a host whose backbone also
+        holds prompts, adapters or a query model returns its plain ViT (models/ease.py, models/prompt_hosts.py)."""
+        return self.backbone
 
     # ---- configuration -----------------------------------------------------------------------
     @property
@@ -268,13 +273,9 @@ class Learner(abc.ABC):
 
     def modules(self) -> list[nn.Module]:
         """Every module of ours holding parameters: what torchrun replicas compare (not what the logs count)."""
-        mods: list[nn.Module] = [self.backbone]
-        if self.tuner is not None:
-            mods.extend(self.tuner.extra_modules())
-        return mods
+        return [self.backbone, *(self.tuner.extra_modules() if self.tuner is not None else [])]
 
-    def parameters(self) -> list[nn.Parameter]:
-        """Every parameter of :meth:`modules`, each once."""
+    def parameters(self) -> list[nn.Parameter]:  # every parameter of :meth:`modules`, each once
         return list({id(p): p for m in self.modules() for p in m.parameters()}.values())
 
     def count_parameters(self) -> tuple[int, int]:
@@ -290,9 +291,7 @@ class Learner(abc.ABC):
 
     def extra_parameter_count(self) -> int:
         """Parameters counted besides backbone and heads: the tuning phase's extra modules (MIST's projection)."""
-        if self.tuner is None:
-            return 0
-        return sum(p.numel() for m in self.tuner.extra_modules() for p in m.parameters())
+        return 0 if self.tuner is None else sum(p.numel() for m in self.tuner.extra_modules() for p in m.parameters())
 
     @abc.abstractmethod
     def head_parameter_count(self) -> int:

@@ -281,3 +281,30 @@ def test_under_torchrun_a_bad_input_is_one_error_line(image_folder, tmp_path):
                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln and "no-such-data" in ln]
     assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+
+
+HOST_KEYS = {"ease": dict(init_epochs=2, later_epochs=2, init_lr=0.05, later_lr=0.05),
+             "l2p": dict(prompt_epochs=2, pool_size=4, top_k=2, prompt_length=2, prompt_lr=0.01),
+             "dualprompt": dict(prompt_epochs=2, pool_size=4, prompt_length=2, g_prompt_layers=[0],
+                                e_prompt_layers=[1], prompt_lr=0.01)}
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside this Python")
+@pytest.mark.parametrize("model_name", sorted(HOST_KEYS))
+def test_two_processes_equal_one_process_for_the_prompt_and_adapter_hosts_with_mist(image_folder, tmp_path,
+                                                                                     model_name):
+    """EASE, L2P and DualPrompt after MIST (issue 13): their training goes through the loop's gradient sync, EASE's
+    adapter dropout masks are drawn for the whole batch, L2P's batch vote counts the whole batch; 2 processes give the
+    1-process losses and accuracies, and the replicas stay identical (check_replicas)."""
+    config = _tiny_config(image_folder, tmp_path, model_name=model_name, **HOST_KEYS[model_name])
+    # one colour per class (the same files rewritten): the cosine logits of 8 test images have no near-ties that a
+    # float reduction order could flip
+    image_folder("cub", "test", n_classes=6, train_per_class=7, test_per_class=4, noise=40.0)
+    one, two = _run(config, tmp_path / "one", 1), _run(config, tmp_path / "two", 2)
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert a["status"] == b["status"] == "complete"
+    for ta, tb in zip(a["tasks"], b["tasks"]):
+        assert ta["tuning"]["epoch_losses"] == pytest.approx(tb["tuning"]["epoch_losses"], rel=1e-4)
+        assert ta["training"]["epoch_losses"] == pytest.approx(tb["training"]["epoch_losses"], rel=1e-4)
+    for ra, rb in zip(a["accuracy_matrix"], b["accuracy_matrix"]):
+        assert ra == pytest.approx(rb, abs=1e-4)

@@ -9,7 +9,8 @@ The official presets and ``ce_finetune`` were pinned at commit 0b0f7f5, before t
 composition (issue 6); ``none``, ``piece_f``, ``piece_s``, ``magnitude_gate`` and ``mist_random`` at 4ad82a4,
 before the registries, the tuning loop and the learner hooks (issue 12), which left all 24 bit-identical; SLCA with
 and without MIST when it was added (issue 12; its slow learner's and alignment's reports are pinned with the tuning
-reports); ACL, SPU, GPS, SPG and SparCL when they were added (issue 14). Issue 15 moved PIECE-F/S closer to the
+reports); ACL, SPU, GPS, SPG and SparCL when they were added (issue 14); EASE, L2P and DualPrompt with and without MIST
+when they were added (issue 13). Issue 15 moved PIECE-F/S closer to the
 official run (scoring batch 4 on un-augmented data in order, clipping at norm 1.0): their earlier pins are kept as
 the ``+legacy`` cases, run with the keys that restore the earlier port, and the defaults were pinned anew.
 
@@ -54,10 +55,18 @@ PRESETS = ("none", "mist", "rand", "l2", "grad", "run", "cerun", "ce_finetune", 
 LEGACY = {"piece_f+legacy": ("piece_f", dict(piece_scoring_batch_size=None, piece_clip_norm=0.0)),
           "piece_s+legacy": ("piece_s", dict(piece_scoring_batch_size=None, piece_clip_norm=0.0))}
 CASES = ([(learner, spr) for learner in ("ranpac", "simplecil") for spr in (*PRESETS, *LEGACY)]
-         + [("slca", "none"), ("slca", "mist")])
+         + [("slca", "none"), ("slca", "mist")]
+         + [(host, spr) for host in ("ease", "l2p", "dualprompt") for spr in ("none", "mist")])
 #: SLCA's own keys in its cases (pinned at issue 12, when SLCA was added): 2 slow-learner epochs, a milestone,
 #: 2 alignment epochs, the config's batch of 4
 SLCA_KEYS = dict(epochs=2, milestones=[1], ca_epochs=2, use_config_batch_size=True)
+#: the hosts' own keys in their cases (pinned at issue 13, when they were added): 2 epochs of the host's training,
+#: DualPrompt's prefixes in the tiny ViT's two blocks
+HOST_KEYS = {"slca": SLCA_KEYS,
+             "ease": dict(init_epochs=2, later_epochs=2, init_lr=0.05, later_lr=0.05),
+             "l2p": dict(prompt_epochs=2, pool_size=4, top_k=2, prompt_length=2, prompt_lr=0.01),
+             "dualprompt": dict(prompt_epochs=2, pool_size=4, prompt_length=2, g_prompt_layers=[0],
+                                e_prompt_layers=[1], prompt_lr=0.01)}
 WALL = ("wall_time_s", "seconds", "time_s")
 #: report entries added after the pins (issue 16: what was trainable); checked by their own tests, not pinned
 ADDED_AFTER_PIN = {"trainable_fraction", "moved_fraction", "relative_change"}
@@ -93,7 +102,7 @@ def _strip(report):
 
 def digest(root: Path, out: Path, learner: str, spr: str) -> dict:
     """Run the tiny case and summarise it (see the module docstring)."""
-    extra = SLCA_KEYS if learner == "slca" else {}
+    extra = HOST_KEYS.get(learner, {})
     spr, keys = LEGACY.get(spr, (spr, {}))
     cfg = load_config(None, tiny_overrides(root, learner, spr=spr, ablation_epochs=2, **extra, **keys))
     (path,) = trainer.run(cfg, out)
