@@ -208,6 +208,7 @@ def test_only_the_hosts_own_parameters_train_without_a_tuning_phase(make_config,
     for name, tensor in learner.backbone.vit.state_dict().items():
         assert torch.equal(tensor, vit_before[name]), name
     assert all(p.requires_grad for p in learner.backbone.vit.parameters())  # flags restored for a tuning phase
+    assert all(p.grad is None for p in learner.backbone.vit.parameters())  # no backward into the frozen weights
     own_after = {n: p for n, p in learner.backbone.named_parameters() if not n.startswith(("vit.", "query."))}
     moved = [n for n in own_after if n not in own_before or not torch.equal(own_after[n], own_before[n])]
     assert moved, "the host trained nothing"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The six hosts with and without MIST on Fashion-MNIST with the DINOv2 ViT-S/14 (84 px, 100 train / 50 test images
+# The six hosts with and without MIST on Fashion-MNIST with the DINOv2 ViT-S/14 (56 px, 100 train / 50 test images
 # per class, 5 tasks of 2 classes), seeds 1993-1995, one run at a time; a (config, seed) with a complete run is skipped.
 # Usage: bash exps/demo_vit/run.sh [OUT (default runs/demo_vit)] [SEEDS (default "1993 1994 1995")]
 # Then: python -m utils.report OUT/*
