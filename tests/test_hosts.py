@@ -314,3 +314,24 @@ def test_hosts_with_and_without_mist_run_checkpoint_and_resume_identically(make_
     for a, b in zip(resumed["tasks"], whole["tasks"]):
         assert a["training"]["epoch_losses"] == b["training"]["epoch_losses"]
         assert a.get("tuning", {}).get("epoch_losses") == b.get("tuning", {}).get("epoch_losses")
+
+
+def test_the_demo_summary_pairs_each_host_with_its_mist_twin_by_seed(make_config, cub_root, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("summarize", Path(__file__).parents[1] / "exps/demo_vit/summarize.py")
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    finals = {}
+    for seed in (1, 2, 3):
+        for spr in ("none", "mist"):
+            cfg = host_cfg(make_config, cub_root, "ease", spr=spr, mi_epochs=2, seed=[seed])
+            finals[(spr, seed)] = run(cfg, tmp_path / f"seed{seed}" / spr)["last_accuracy"]
+    runs = summarize.collect(tmp_path)
+    assert sorted(runs) == [("ease", "mist"), ("ease", "none")] and sorted(runs[("ease", "none")]) == [1, 2, 3]
+    text = summarize.report(runs)
+    row = next(line for line in text.splitlines() if line.startswith("| EASE | 3 |"))
+    diffs = [finals[("mist", s)] - finals[("none", s)] for s in (1, 2, 3)]
+    assert f"{sum(diffs) / 3:+.2f}" in row.split("|")[3]
+    mist_row = next(line for line in text.splitlines() if line.startswith("| EASE | mist | 3 |"))
+    assert mist_row.split("|")[8].strip() != "-"  # the share of entries MIST moved is reported
