@@ -87,14 +87,16 @@ class ExperimentConfig:
     mi_epochs: int = _f(20, "MIST epochs per task, the scoring pass included (SPEC 4.4-4.6).", min=1)
     # ---- official keys that the official code reads but ignores, or never reads ----
     prefix: str = _f("exp", "Run label. " + UNUSED)
-    weight_decay: float = _f(0.0005, "Official constant 5e-4 is used instead. " + UNUSED, ge=0)
+    weight_decay: float = _f(0.0005, "EASE's SGD weight decay; MIST's tuning phase and SLCA use their official "
+                                     "constant 5e-4 instead.", ge=0)
     optimizer: str = _f("sgd", "SGD is hard-coded. " + UNUSED)
     memory_size: int = _f(2000, "Exemplar budget (no rehearsal). " + UNUSED)
     memory_per_class: int = _f(20, "Exemplar option. " + UNUSED)
     fixed_memory: bool = _f(False, "Exemplar option. " + UNUSED)
     prompt_token_num: int = _f(30, "VPT option. " + UNUSED)
-    ffn_num: int = _f(64, "Adapter option. " + UNUSED)
-    min_lr: float = _f(0.0, "Cosine-schedule floor in APER/RanPAC. " + UNUSED)
+    ffn_num: int = _f(64, "EASE: adapter bottleneck width (official 64); unused by the other learners.", min=1)
+    min_lr: float = _f(0.0, "EASE: floor of its cosine learning-rate schedule (official 0); unused by the other "
+                            "learners.", ge=0)
     tuned_epoch: int = _f(20, "PETL epochs of upstream RanPAC (dead code in MIST). " + UNUSED)
     vpt_type: str = _f("shallow", "VPT option. " + UNUSED)
     config: Optional[str] = _f(None, "Path of the config file; set by main.py and logged only.")
