@@ -3,7 +3,8 @@
 - unit level: shares of a batch, per-rank augmentation draws, per-sample transform seeds, sharded loaders;
 - end to end: a 2-process gloo run (``torchrun --standalone``) of a tiny MIST config gives the 1-process
   accuracies (within 1e-4), the same masks, frozen sets and update counts, and losses within float
-  reduction order; 0 and 2 loader workers give identical results.json accuracies.
+  reduction order (the Adam-based rival methods: weights within 1e-4 of their norm and at most one test image
+  apart, see their test); 0 and 2 loader workers give identical results.json accuracies.
 """
 
 from __future__ import annotations
@@ -174,8 +175,8 @@ def test_two_processes_equal_one_process_for_the_rivals(image_folder, tmp_path, 
     SPU's early stop decided from the summed gradients, prototypes reduced over the ranks, SPG's importance from the
     summed gradients, SparCL's regrowth from the same stream on every rank."""
     config = _tiny_config(image_folder, tmp_path, model_name="simplecil", spr=spr, **extra)
-    a = json.loads(_run(config, tmp_path / "one", 1).read_text())
-    b = json.loads(_run(config, tmp_path / "two", 2).read_text())
+    one, two = _run(config, tmp_path / "one", 1), _run(config, tmp_path / "two", 2)
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert a["status"] == b["status"] == "complete"
     for ta, tb in zip(a["tasks"], b["tasks"]):
         assert ta["tuning"]["steps"] == tb["tuning"]["steps"]
@@ -184,8 +185,20 @@ def test_two_processes_equal_one_process_for_the_rivals(image_folder, tmp_path, 
         assert ta["tuning"]["moved_fraction"] == pytest.approx(tb["tuning"]["moved_fraction"], abs=1e-3)
         assert ta["tuning"]["relative_change"] == pytest.approx(tb["tuning"]["relative_change"], rel=1e-3)
         assert ta["tuning"]["epoch_losses"] == pytest.approx(tb["tuning"]["epoch_losses"], rel=1e-4)
-    for ra, rb in zip(a["accuracy_matrix"], b["accuracy_matrix"]):
-        assert ra == pytest.approx(rb, abs=1e-4)
+    # Adam (SPU, GPS, SparCL) turns a gradient entry that is zero up to rounding into a step of about its lr, so
+    # reduction order leaves the 1- and 2-process models apart by up to 1.2e-5 of the backbone's norm (GPS) and
+    # 5.2e-5 of the prototypes' (SPG), measured on an AVX512 CPU, while SPU, GPS and SparCL move the backbone by
+    # 3-5e-3 of its norm per task. On this random tiny ViT such a gap can flip a test image that lies as close to
+    # two prototypes: the weights must agree to 1e-4 (backbone) and 5e-4 (head) of their norms, and at most one
+    # image (of 8 per task) may differ in the whole accuracy matrix.
+    for kind in ("backbone", "head"):
+        wa, wb = (torch.load(p.with_name("checkpoint.pt"), weights_only=True)["learner"][kind] for p in (one, two))
+        names = [n for n, t in wa.items() if torch.is_tensor(t) and t.is_floating_point()]
+        gap = sum(float((wa[n] - wb[n]).double().pow(2).sum()) for n in names) ** 0.5
+        size = sum(float(wa[n].double().pow(2).sum()) for n in names) ** 0.5
+        assert gap <= (1e-4 if kind == "backbone" else 5e-4) * size, (kind, gap / size)
+    flips = sum(abs(x - y) for ra, rb in zip(a["accuracy_matrix"], b["accuracy_matrix"]) for x, y in zip(ra, rb))
+    assert flips <= 100 / 8 + 1e-4, (a["accuracy_matrix"], b["accuracy_matrix"])
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside this Python")

@@ -15,13 +15,16 @@ official run (scoring batch 4 on un-augmented data in order, clipping at norm 1.
 the ``+legacy`` cases, run with the keys that restore the earlier port, and the defaults were pinned anew.
 
 Float kernels differ in their last bits between CPU capabilities (AVX2, AVX512) and torch builds, so
-``exact`` holds one pin per platform: on a pinned platform the tuning reports and a SHA-256 of every tensor must
-match bit for bit. On another platform, curves and integer tensors must still match exactly, the reports'
-numbers to a relative 1e-4 (a gradient entry that rounds to exactly zero on one platform moves an
-updated fraction by 1 entry in 32,224), and the float tensors through their sums and norms (to 1e-5 of the norm), except
-RanPAC's ridge head ``W_o``: on 12 rows of a random tiny ViT the hold-out losses of several ridge values are
-within rounding of each other, so the chosen lambda (and W_o) may differ between platforms while the
-accuracies do not.
+``exact`` holds one pin per platform (AVX2 and AVX512 pin every case): on a pinned platform the tuning reports and
+a SHA-256 of every tensor must match bit for bit. On another platform, curves and integer tensors must still
+match exactly, the reports' numbers to a relative 2e-3 and the float tensors through their sums (to 5e-3 of the
+tensor's norm) and norms (to a relative 2e-4), except RanPAC's ridge head ``W_o``: on 12 rows of a random tiny ViT
+the hold-out losses of several ridge values are within rounding of each other, so the chosen lambda (and W_o) may
+differ between platforms while the accuracies do not. Those tolerances are 2.5x what separates the AVX2 and the
+AVX512 pins (measured 2026-12-04): the selection-based phases (PIECE-F/S, GPS, SPU) flip a few gradient entries
+that round to exactly zero on one platform (``updated_fraction_per_step`` up to 8e-4 apart, relative), and two
+epochs carry that into near-zero-mean bias sums (up to 1.9e-3 of the norm, GPS's ``qkv.bias``) while every norm
+stays within 7e-5.
 
 ``python tests/test_presets_unchanged.py --write`` pins the cases missing from the file (all platforms) and
 ``--platform`` adds this platform's exact pin of every case already there.
@@ -71,6 +74,9 @@ WALL = ("wall_time_s", "seconds", "time_s")
 #: report entries added after the pins (issue 16: what was trainable); checked by their own tests, not pinned
 ADDED_AFTER_PIN = {"trainable_fraction", "moved_fraction", "relative_change"}
 PLATFORM_DEPENDENT = ("head.W_o",)  # see the module docstring
+#: tolerances on a platform without an exact pin (module docstring): reports (relative), float sums (times the
+#: tensor's norm), float norms (relative)
+REPORT_REL, SUM_OF_NORM, NORM_REL = 2e-3, 5e-3, 2e-4
 
 
 def platform() -> str:
@@ -126,9 +132,9 @@ def digest(root: Path, out: Path, learner: str, spr: str) -> dict:
 
 
 def _approx(got, want):
-    """``want`` with every float replaced by pytest.approx (relative 1e-4), recursively."""
+    """``want`` with every float replaced by pytest.approx (relative REPORT_REL), recursively."""
     if isinstance(want, float):
-        return pytest.approx(want, rel=1e-4, abs=1e-7)
+        return pytest.approx(want, rel=REPORT_REL, abs=1e-7)
     if isinstance(want, dict) and isinstance(got, dict):
         return {k: _approx(got.get(k), v) for k, v in want.items()}
     if isinstance(want, list) and isinstance(got, list) and len(got) == len(want):
@@ -169,9 +175,9 @@ def test_preset_matches_its_pinned_run(image_root, tmp_path, golden, learner, sp
     for name, (s, n) in want["sums"].items():
         if name in PLATFORM_DEPENDENT:
             continue
-        tol = 1e-5 * max(n, 1e-3)
+        tol = SUM_OF_NORM * max(n, 1e-3)
         assert got["sums"][name][0] == pytest.approx(s, abs=tol), name
-        assert got["sums"][name][1] == pytest.approx(n, rel=1e-5, abs=1e-7), name
+        assert got["sums"][name][1] == pytest.approx(n, rel=NORM_REL, abs=1e-7), name
 
 
 def main() -> None:
