@@ -32,7 +32,7 @@ from torch import nn
 from backbones.vit_parts import ADAPTER_SLOT, KEEP_SLOT, Adapter, add_adapter_slots, attached, frozen, vit_of
 from models.base import Learner, TaskData
 from models.heads import CosineLinear
-from models.loop import FlatGradients, TuningLoop, cross_entropy
+from models.loop import FlatGradients, TrainAccuracy, TuningLoop, cross_entropy
 from utils.config import config_keys, key
 from utils.registry import LEARNERS
 from utils.runtime import Batch, GeneratorState, autocast, make_generator
@@ -137,7 +137,7 @@ class EASE(Learner):
         params.update({f"proxy_fc.{n}": p for n, p in proxy.named_parameters()})
         optimizer = torch.optim.SGD(list(params.values()), lr=lr, momentum=MOMENTUM, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=cfg.min_lr)
-        counts = torch.zeros(2, dtype=torch.int64, device=self.device)
+        accuracy = TrainAccuracy(self.device)
         rows = [(0, 0)]  # this process's (offset, global batch size), for the adapters' dropout masks
 
         def keep(shape: torch.Size) -> torch.Tensor:  # the global batch's mask from the run's stream, this share
@@ -151,15 +151,11 @@ class EASE(Learner):
                 features = net.subspace(batch.x.to(self.device, non_blocking=True), t).float()
             logits = proxy(features)
             targets = batch.y.to(self.device, non_blocking=True) - task.known  # official: y - known classes
-            counts[0] += (logits.detach().argmax(1) == targets).sum()
-            counts[1] += targets.shape[0]
+            accuracy.add(logits, targets)
             return cross_entropy(logits, targets, batch)
 
         def log(epoch: int, loss: float) -> None:
-            correct, seen = counts.tolist()
-            logger.info("Task %d, Epoch %d/%d => Loss %.3f, Train_accy %.2f", t, epoch, epochs, loss,
-                        100.0 * correct / max(seen, 1))
-            counts.zero_()
+            logger.info("Task %d, Epoch %d/%d => Loss %.3f, Train_accy %.2f", t, epoch, epochs, loss, accuracy.take())
 
         loader = self.loader(task.train, shuffle=True, train=True)
         with frozen(net.vit), attached(KEEP_SLOT, {adapter: keep for adapter in adapters}):

@@ -163,6 +163,28 @@ def global_mean(total: torch.Tensor, batch: Batch) -> torch.Tensor:
     return part + (whole - part.detach())
 
 
+class TrainAccuracy:
+    """Top-1 training accuracy over an epoch, for the per-epoch log line (``Train_accy``, as the official learners).
+
+    ``add(logits, targets)`` counts a batch (logits (B, C), targets (B,) int64; counted on ``device`` without a
+    host sync); ``take()`` returns the epoch's accuracy in percent (0 when nothing was counted), summed over the
+    processes under torchrun, and starts the next epoch's count.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.counts = torch.zeros(2, dtype=torch.int64, device=device)  # correct, seen
+
+    def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        self.counts[0] += (logits.detach().argmax(1) == targets).sum()
+        self.counts[1] += targets.shape[0]
+
+    def take(self) -> float:
+        done = distributed.all_reduce_sum_(self.counts.clone()) if distributed.active() else self.counts
+        correct, seen = (int(v) for v in done.tolist())
+        self.counts.zero_()
+        return 100.0 * correct / max(seen, 1)
+
+
 def keep_batchnorm_in_eval(module: nn.Module) -> None:
     """Put every BatchNorm layer of ``module`` in eval mode, so that training does not move its running statistics
     (config ``freeze_bn_stats``; the official code trains them; ViTs have none)."""

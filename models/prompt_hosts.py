@@ -27,7 +27,7 @@ from torch import nn
 
 from backbones.vit_parts import frozen, vit_of
 from models.base import Learner, TaskData
-from models.loop import FlatGradients, TuningLoop, cross_entropy, global_mean
+from models.loop import FlatGradients, TrainAccuracy, TuningLoop, cross_entropy, global_mean
 from models.sparse.optim import ClippedAdam
 from utils import distributed
 from utils.config import config_keys, key
@@ -191,7 +191,7 @@ class PromptHost(Learner):
         outside = torch.ones(task.n_classes, dtype=torch.bool, device=self.device)
         outside[task.known: task.seen] = False
         lam, epochs = self.setting("pull_constraint_coeff"), self.setting("prompt_epochs")
-        counts = torch.zeros(2, dtype=torch.int64, device=self.device)
+        accuracy = TrainAccuracy(self.device)
 
         def forward(batch: Batch) -> torch.Tensor:
             x = batch.x.to(self.device, non_blocking=True)
@@ -201,17 +201,13 @@ class PromptHost(Learner):
                 ids = self.train_ids(sim, task)
                 logits = self.head(net.features(x, ids, batch.rows).float()).masked_fill(outside, float("-inf"))
             targets = batch.y.to(self.device, non_blocking=True)
-            counts[0] += (logits.detach().argmax(1) == targets).sum()
-            counts[1] += targets.shape[0]
+            accuracy.add(logits, targets)
             pulled = sim.gather(1, ids).sum()  # S times B
             surrogate = pulled / targets.shape[0] if batch.rows is None else global_mean(pulled, batch)
             return cross_entropy(logits, targets, batch) - lam * surrogate
 
         def log(epoch: int, loss: float) -> None:
-            correct, seen = counts.tolist()
-            logger.info("Task %d, Epoch %d/%d => Loss %.3f, Train_accy %.2f", t, epoch, epochs, loss,
-                        100.0 * correct / max(seen, 1))
-            counts.zero_()
+            logger.info("Task %d, Epoch %d/%d => Loss %.3f, Train_accy %.2f", t, epoch, epochs, loss, accuracy.take())
 
         loader = self.loader(task.train, shuffle=True, train=True)
         with frozen(net.vit):

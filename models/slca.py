@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from models.base import Learner, TaskData
-from models.loop import FlatGradients, TuningLoop, cross_entropy
+from models.loop import FlatGradients, TrainAccuracy, TuningLoop, cross_entropy
 from utils.config import config_keys, key
 from utils.registry import LEARNERS
 from utils.runtime import Batch, GeneratorState, autocast, make_generator
@@ -116,22 +116,19 @@ class SLCA(Learner):
         groups.append({"params": list(head.parameters()), "lr": cfg.slca_lr})
         optimizer = torch.optim.SGD(groups, lr=cfg.slca_lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.milestones), gamma=GAMMA)
-        counts = torch.zeros(2, dtype=torch.int64, device=self.device)
+        accuracy = TrainAccuracy(self.device)
 
         def forward(batch: Batch) -> torch.Tensor:
             with torch.set_grad_enabled(slow), autocast(self.device, cfg.precision):
                 features = self.backbone(batch.x.to(self.device, non_blocking=True)).float()
             logits = head(features)  # the new head's logits = all logits[:, known:] (SPEC 17.4)
             targets = batch.y.to(self.device, non_blocking=True) - task.known
-            counts[0] += (logits.detach().argmax(1) == targets).sum()
-            counts[1] += targets.shape[0]
+            accuracy.add(logits, targets)
             return cross_entropy(logits, targets, batch)
 
         def log(epoch: int, loss: float) -> None:
-            correct, seen = counts.tolist()
             logger.info("Task %d, Epoch %d/%d => Loss %.3f, Train_accy %.2f", t, epoch, cfg.epochs, loss,
-                        100.0 * correct / max(seen, 1))
-            counts.zero_()
+                        accuracy.take())
 
         params = {f"backbone.{i}": p for i, p in enumerate(backbone)}
         params.update({f"head.{n}": p for n, p in head.named_parameters()})

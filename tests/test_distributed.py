@@ -201,6 +201,17 @@ def test_two_processes_equal_one_process_for_the_rivals(image_folder, tmp_path, 
     assert flips <= 100 / 8 + 1e-4, (a["accuracy_matrix"], b["accuracy_matrix"])
 
 
+def _same_training_and_accuracies(a: dict, b: dict) -> None:
+    """Two complete runs' results.json (a learner that trains after a tuning phase): the tuning and training losses
+    agree within float reduction order and the accuracies exactly."""
+    assert a["status"] == b["status"] == "complete"
+    for ta, tb in zip(a["tasks"], b["tasks"]):
+        assert ta["tuning"]["epoch_losses"] == pytest.approx(tb["tuning"]["epoch_losses"], rel=1e-4)
+        assert ta["training"]["epoch_losses"] == pytest.approx(tb["training"]["epoch_losses"], rel=1e-4)
+    for ra, rb in zip(a["accuracy_matrix"], b["accuracy_matrix"]):
+        assert ra == pytest.approx(rb, abs=1e-4)
+
+
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside this Python")
 def test_two_processes_equal_one_process_for_slca_with_mist(image_folder, tmp_path):
     """A learner that trains (SLCA's slow learner) through the loop's one gradient sync, after MIST: 2 processes
@@ -210,12 +221,7 @@ def test_two_processes_equal_one_process_for_slca_with_mist(image_folder, tmp_pa
                           use_config_batch_size=True)
     one, two = _run(config, tmp_path / "one", 1), _run(config, tmp_path / "two", 2)
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
-    assert a["status"] == b["status"] == "complete"
-    for ta, tb in zip(a["tasks"], b["tasks"]):
-        assert ta["tuning"]["epoch_losses"] == pytest.approx(tb["tuning"]["epoch_losses"], rel=1e-4)
-        assert ta["training"]["epoch_losses"] == pytest.approx(tb["training"]["epoch_losses"], rel=1e-4)
-    for ra, rb in zip(a["accuracy_matrix"], b["accuracy_matrix"]):
-        assert ra == pytest.approx(rb, abs=1e-4)
+    _same_training_and_accuracies(a, b)
     ha = torch.load(one.with_name("checkpoint.pt"), weights_only=True)["learner"]["head"]
     hb = torch.load(two.with_name("checkpoint.pt"), weights_only=True)["learner"]["head"]
     torch.testing.assert_close(ha["means"], hb["means"], rtol=1e-4, atol=1e-5)
@@ -315,9 +321,4 @@ def test_two_processes_equal_one_process_for_the_prompt_and_adapter_hosts_with_m
     image_folder("cub", "test", n_classes=6, train_per_class=7, test_per_class=4, noise=40.0)
     one, two = _run(config, tmp_path / "one", 1), _run(config, tmp_path / "two", 2)
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
-    assert a["status"] == b["status"] == "complete"
-    for ta, tb in zip(a["tasks"], b["tasks"]):
-        assert ta["tuning"]["epoch_losses"] == pytest.approx(tb["tuning"]["epoch_losses"], rel=1e-4)
-        assert ta["training"]["epoch_losses"] == pytest.approx(tb["training"]["epoch_losses"], rel=1e-4)
-    for ra, rb in zip(a["accuracy_matrix"], b["accuracy_matrix"]):
-        assert ra == pytest.approx(rb, abs=1e-4)
+    _same_training_and_accuracies(a, b)

@@ -5,7 +5,6 @@ with and without MIST end to end, checkpointed and resumed (issue 13)."""
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 
@@ -15,13 +14,12 @@ import timm
 import torch
 from torch import nn
 
-import trainer
 from backbones.vit_parts import (ADAPTER_SLOT, PREFIX_SLOT, PrefixAttention, add_adapter_slots, add_prefix_slots,
                                  attached, forward_with_tokens)
 from models import build_learner
 from models.dualprompt import DualPromptNet
-from tests.test_slca import tasks_of
-from utils.errors import ConfigError, RunStopped
+from tests.test_slca import check_runs_checkpoints_and_resumes_identically, run, tasks_of
+from utils.errors import ConfigError
 
 CPU = torch.device("cpu")
 HOSTS = ("ease", "l2p", "dualprompt")
@@ -289,31 +287,12 @@ def test_ease_logit_weighs_the_own_subspace_1_and_the_others_alpha_over_t(make_c
 
 
 # ---- end to end ---------------------------------------------------------------------------------------------------
-def run(cfg, out: Path) -> dict:
-    (path,) = trainer.run(cfg, out)
-    return json.loads(path.read_text())
-
-
 @pytest.mark.parametrize("spr", ["none", "mist"])
 @pytest.mark.parametrize("model", HOSTS)
 def test_hosts_with_and_without_mist_run_checkpoint_and_resume_identically(make_config, cub_root, tmp_path, model,
                                                                             spr):
-    cfg = host_cfg(make_config, cub_root, model, spr=spr, mi_epochs=2)
-    whole = run(cfg, tmp_path / "whole")
-    assert whole["complete"] and len(whole["tasks"]) == 2
-    assert [t["training"]["steps"] for t in whole["tasks"]] == [2 * 3, 2 * 3]  # 12 images, batch 4, 2 epochs
-    assert ("tuning" in whole["tasks"][0]) == (spr == "mist")
-    assert all(math.isfinite(v) for t in whole["tasks"] for v in t["training"]["epoch_losses"])
-    with pytest.raises(RunStopped):
-        trainer.run(cfg.replace(stop_after_task=0), tmp_path / "parts")
-    (run_dir,) = (tmp_path / "parts").glob("*/*")
-    (path,) = trainer.resume(run_dir)
-    resumed = json.loads(path.read_text())
-    for key in ("top1_curve", "top5_curve", "accuracy_matrix", "class_order"):
-        assert resumed[key] == whole[key], key
-    for a, b in zip(resumed["tasks"], whole["tasks"]):
-        assert a["training"]["epoch_losses"] == b["training"]["epoch_losses"]
-        assert a.get("tuning", {}).get("epoch_losses") == b.get("tuning", {}).get("epoch_losses")
+    check_runs_checkpoints_and_resumes_identically(host_cfg(make_config, cub_root, model, spr=spr, mi_epochs=2),
+                                                   tmp_path, spr)
 
 
 def test_the_demo_summary_pairs_each_host_with_its_mist_twin_by_seed(make_config, cub_root, tmp_path):

@@ -17,10 +17,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from models.loop import FlatGradients, cross_entropy
+from models.loop import FlatGradients, TrainAccuracy, cross_entropy
 from models.sparse.losses import head_logits
 from models.sparse.optim import MaskedStep, step_decay
-from utils import distributed
 from utils.registry import STEP_RULES
 
 logger = logging.getLogger(__name__)
@@ -94,21 +93,16 @@ class PerStepPhase:
         params = {**backbone, **{f"fc.{n}": p for n, p in head.named_parameters()}}
         rule = MaskedStep(params, lambda: self.masks(params), step_decay(tuner), cfg.sparse_weight_decay,
                           cfg.hard_freeze, tuner.device)
-        counts = torch.zeros(2, dtype=torch.int64, device=tuner.device)  # correct, seen (this epoch)
+        accuracy = TrainAccuracy(tuner.device)
 
         def forward(batch):
             targets = batch.y.to(tuner.device, non_blocking=True) - task.known
             logits = head_logits(tuner, head, batch, new)
-            counts[0] += (logits.detach().argmax(1) == targets).sum()
-            counts[1] += targets.shape[0]
+            accuracy.add(logits, targets)
             return cross_entropy(logits, targets, batch)
 
         def log(epoch: int, loss: float) -> None:
-            done = distributed.all_reduce_sum_(counts.clone()) if distributed.active() else counts
-            correct, seen = (int(v) for v in done.tolist())
-            logger.info("Task %d, Epoch %d/%d => Loss %.3f, Train_accy %.2f", t, epoch, epochs, loss,
-                        100.0 * correct / max(seen, 1))
-            counts.zero_()
+            logger.info("Task %d, Epoch %d/%d => Loss %.3f, Train_accy %.2f", t, epoch, epochs, loss, accuracy.take())
 
         losses, steps, nonzero = tuner.loop.run(
             loader, range(1, epochs + 1), forward, optimizer, grads=[FlatGradients(params)], rule=rule,
