@@ -154,8 +154,13 @@ class Learner(abc.ABC):
         return report
 
     def tune(self, task: TaskData) -> dict[str, Any]:
-        """Run the tuning phase on ``task``'s training images (a seeded, augmented, per-process loader)."""
-        return self.tuner.tune(self.loader(task.train, shuffle=True, train=True), task)
+        """Run the tuning phase on ``task``'s training images (:meth:`tuning_loader`)."""
+        return self.tuner.tune(self.tuning_loader(task), task)
+
+    def tuning_loader(self, task: TaskData):
+        """The tuning phase's loader: ``task``'s training images, seeded, augmented, per process, in batches of
+        ``tuning_batch_size`` (null: the learner's batch size)."""
+        return self.loader(task.train, shuffle=True, batch_size=self.cfg.tuning_batch_size, train=True)
 
     def train_task(self, task: TaskData, loop: TuningLoop) -> Optional[dict[str, Any]]:
         """The learner's own training on ``task`` (after the tuning phase, before the head update), through ``loop``

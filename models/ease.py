@@ -6,8 +6,8 @@ Per task T (after the tuning phase ``spr``, if any, which tunes the plain ViT, a
    to the MLP, zero output at start), and a new cosine head over the task's classes (``proxy_fc``, sigma learnable)
    train on the frozen ViT (adapter dropout 0.1, its masks drawn for the whole batch from the run's ``ease_dropout``
    stream, so that torchrun gives the one-process result): CE(head(f_T(x)), y - known), SGD (momentum 0.9, ``weight_decay``), CosineAnnealingLR to
-   ``min_lr`` over the task's epochs (``init_epochs``/``init_lr`` on task 0, ``later_*`` after); the adapters are
-   then frozen for good;
+   ``min_lr`` over the task's epochs (``init_epochs``/``init_lr`` on task 0 and on every task when init_cls ==
+   increment, ``later_*`` otherwise: :func:`task_schedule`); the adapters are then frozen for good;
 2. **prototypes** (:meth:`EASE.update_head`): the mean unnormalised [CLS] feature of each new class in every subspace
    i = 0..T (its training images under test transforms, backbone with adapter set i);
 3. **semantic-guided completion**: an old class o of task t gets in each later subspace s the prototype
@@ -45,11 +45,15 @@ ADAPTER_SCALE, ADAPTER_DROPOUT = 0.1, 0.1  # inc_net.py ffn_adapter_scalar, vit_
 
 @config_keys("EASE (models/ease.py)")
 class EASEKeys:
-    init_epochs: int = key(20, "EASE: adapter epochs of the first task (official key).", min=1)
-    later_epochs: int = key(20, "EASE: adapter epochs of every later task (official key).", min=1)
-    init_lr: float = key(0.025, "EASE: SGD learning rate of the first task (official key; cifar 0.025, imagenetr/a "
-                                "0.05, cub 0.008).", gt=0)
-    later_lr: float = key(0.025, "EASE: SGD learning rate of later tasks (official key).", gt=0)
+    init_epochs: int = key(20, "EASE: adapter epochs of the first task, and of every task when init_cls == increment "
+                               "(official key and rule).", min=1)
+    later_epochs: Optional[int] = key(None, "EASE: adapter epochs of the tasks after the first when init_cls != "
+                                            "increment (official key; ignored, with a warning, when they are equal, as "
+                                            "the official code ignores it); null: init_epochs.", min=1)
+    init_lr: float = key(0.025, "EASE: SGD learning rate of the first task, and of every task when init_cls == "
+                                "increment (official key; cifar 0.025, imagenetr/a 0.05, cub 0.008).", gt=0)
+    later_lr: Optional[float] = key(None, "EASE: SGD learning rate of the tasks after the first when init_cls != "
+                                          "increment (official key; ignored as later_epochs); null: init_lr.", gt=0)
     alpha: float = key(0.1, "EASE: weight of the other subspaces' cosines in a logit, alpha / T each (official key; "
                             "cub 0.05).", ge=0)
     recalc_sim: bool = key(True, "EASE: complete old prototypes in every later subspace from all newer classes "
@@ -99,6 +103,16 @@ class EASENet(nn.Module):
         return super().load_state_dict(state, strict=strict, assign=assign)
 
 
+def task_schedule(cfg, task_id: int) -> tuple[int, float]:
+    """(epochs, learning rate) of the adapters of task ``task_id`` (official ``ease.py`` ``_train``): ``init_epochs``
+    and ``init_lr`` on the first task and on every task when ``init_cls == increment``; otherwise ``later_epochs`` and
+    ``later_lr``, null standing for the init value (the official code's missing or 0)."""
+    if task_id == 0 or cfg.init_cls == cfg.increment:
+        return cfg.init_epochs, cfg.init_lr
+    return (cfg.later_epochs if cfg.later_epochs is not None else cfg.init_epochs,
+            cfg.later_lr if cfg.later_lr is not None else cfg.init_lr)
+
+
 @LEARNERS.register("ease", aliases=("ease_mist",))
 class EASE(Learner):
     """EASE with an optional tuning phase (``spr``) before each task.
@@ -111,6 +125,13 @@ class EASE(Learner):
 
     def __init__(self, cfg, backbone, device, seed) -> None:
         super().__init__(cfg, backbone, device, seed)
+        ignored = [f"{k} = {getattr(cfg, k)}" for k, first in (("later_epochs", cfg.init_epochs),
+                                                                  ("later_lr", cfg.init_lr))
+                   if getattr(cfg, k) is not None and getattr(cfg, k) != first]
+        if ignored and cfg.init_cls == cfg.increment:
+            logger.warning("EASE: %s ignored: with init_cls == increment (%d) every task trains with init_epochs = %d "
+                           "and init_lr = %g, as the official ease.py does.", " and ".join(ignored), cfg.increment,
+                           cfg.init_epochs, cfg.init_lr)
         self.prototypes = torch.zeros(0, 0, device=device)
         self.bounds: list[int] = [0]
         self.dropout_generator = make_generator(seed, device, "ease_dropout")
@@ -132,7 +153,7 @@ class EASE(Learner):
         adapters = net.add_adapters()
         self.feature_dim = net.out_dim * len(net.adapters)
         proxy = CosineLinear(net.out_dim, task.seen - task.known).to(self.device)
-        epochs, lr = (cfg.init_epochs, cfg.init_lr) if t == 0 else (cfg.later_epochs, cfg.later_lr)
+        epochs, lr = task_schedule(cfg, t)
         params = {f"adapters.{n}": p for n, p in adapters.named_parameters()}
         params.update({f"proxy_fc.{n}": p for n, p in proxy.named_parameters()})
         optimizer = torch.optim.SGD(list(params.values()), lr=lr, momentum=MOMENTUM, weight_decay=cfg.weight_decay)

@@ -6,9 +6,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+from timm.layers import trunc_normal_
 from torch import nn
 
 PROJECTION_DIM = 128  # MIST's projection head ``simclr``: Linear(D, 128) with bias (SPEC 3.2)
+LINEAR_HEAD_STD = 0.02  # timm's ViT head init (init_weights_vit_timm): trunc_normal std 0.02, bias 0
 
 
 class CosineLinear(nn.Module):
@@ -36,6 +38,24 @@ class CosineLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, D) float -> logits (B, C)."""
         return self.sigma * F.linear(F.normalize(x, p=2, dim=1), F.normalize(self.weight, p=2, dim=1))
+
+
+def timm_linear_head(in_features: int, out_features: int, device: torch.device | str = "cpu") -> nn.Linear:
+    """A new linear classifier as timm's ViT builds its head (``init_weights_vit_timm``): weight drawn by timm's
+    ``trunc_normal_`` (std 0.02, cut at +-2, the erfinv sampler of the official code; torch's
+    ``nn.init.trunc_normal_`` draws other values), bias zero. Drawn on the CPU from the global torch generator, as
+    the official heads are built, then moved to ``device`` (the same weights on every device).
+
+    Used by SLCA (``linears.py``), the L2P/DualPrompt ports' head and GPS's training head.
+
+    Returns:
+        ``nn.Linear(in_features, out_features)`` float32 on ``device``.
+    """
+    head = nn.Linear(in_features, out_features)
+    with torch.no_grad():
+        trunc_normal_(head.weight, std=LINEAR_HEAD_STD)
+        head.bias.zero_()
+    return head.to(device)
 
 
 def class_means(features: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:

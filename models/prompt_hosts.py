@@ -4,8 +4,8 @@ the training of prompts, keys and a linear head on a frozen ViT, and their confi
 - The **query** of an image is the [CLS] feature of a frozen copy of the pretrained ViT (``original_model`` of the
   ports), taken before any tuning phase; ``query_model: tuned`` reads the tuned backbone instead (SPEC 18.4).
 - **Selection**: cos(q, k_m) for every key, the ``top_k`` largest per image; with ``batchwise_prompt`` every image
-  gets the batch's ``top_k`` most frequent ids (ties: the smaller id; under torchrun the counts cover the whole global
-  batch).
+  gets the batch's ``top_k`` most frequent ids (ties broken as the ports' ``torch.topk`` over the ``torch.unique``
+  counts breaks them, ``prompt_vote_ties``; under torchrun the counts cover the whole global batch).
 - **Training** (:meth:`PromptHost.train_task`, l2p-pytorch/dualprompt-pytorch ``engine.py``): logits outside the task's
   classes are -inf, loss = CE - lambda S with S = (1/B) sum_b sum_{m selected for b} cos(q_b, k_m); Adam (0.9, 0.999,
   eps 1e-8, no weight decay), constant learning rate, the global gradient norm clipped at ``prompt_clip_norm``, a new
@@ -27,6 +27,7 @@ from torch import nn
 
 from backbones.vit_parts import frozen, vit_of
 from models.base import Learner, TaskData
+from models.heads import timm_linear_head
 from models.loop import FlatGradients, TrainAccuracy, TuningLoop, cross_entropy, global_mean
 from models.sparse.optim import ClippedAdam
 from utils import distributed
@@ -36,7 +37,6 @@ from utils.runtime import Batch, autocast
 logger = logging.getLogger(__name__)
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # timm create_optimizer defaults of the ports (SPEC 18.2)
-HEAD_INIT_STD = 0.02  # timm's trunc_normal init of the ports' head
 
 
 @config_keys("L2P and DualPrompt (models/prompt_hosts.py)")
@@ -62,6 +62,10 @@ class PromptKeys:
     query_model: Literal["pretrained", "tuned"] = key("pretrained", "L2P/DualPrompt: the query is the [CLS] feature of "
                                                                     "a frozen copy of the pretrained ViT (official), or "
                                                                     "of the tuned backbone (SPEC 18.4).")
+    prompt_vote_ties: Literal["official", "smaller_id"] = key(
+        "official", "L2P/DualPrompt: how the batch vote breaks a tie between ids of equal count: as the ports' prompt.py "
+                    "(torch.topk over the torch.unique counts on the run's device: on the CPU the larger id wins), or "
+                    "the smaller id first.")
     prompt_init: Literal["uniform", "jax"] = key("uniform", "L2P/DualPrompt: prompts, keys and prefixes drawn from "
                                                             "U(-1, 1) (PyTorch ports) or U[0, 0.01) (JAX official).")
 
@@ -70,6 +74,30 @@ def init_prompt(shape: tuple[int, ...], how: str) -> nn.Parameter:
     """A prompt, key or prefix tensor: U(-1, 1) (``uniform``, the ports) or U[0, 0.01) (``jax``, flax ``uniform()``)."""
     low, high = (-1.0, 1.0) if how == "uniform" else (0.0, 0.01)
     return nn.Parameter(torch.empty(shape).uniform_(low, high))
+
+
+def batch_vote(counts: torch.Tensor, top_k: int, ties: str = "official") -> torch.Tensor:
+    """The batch's ``top_k`` most frequent pool ids, most frequent first, from ``counts`` (M,) int64 (how many images
+    selected each id).
+
+    ``ties="official"``: the ports' ``prompt.py`` (l2p-pytorch, dualprompt-pytorch): the ids present in the batch in
+    ascending order (``torch.unique(sorted=True)``) and their counts, padded to M entries with (smallest id, count 0),
+    then ``torch.topk(counts, top_k)``; a tie between counts goes the way ``torch.topk`` breaks it on this device (on
+    the CPU: the larger id). ``"smaller_id"``: a stable descending sort, the smaller id first.
+
+    Returns:
+        (top_k,) int64 ids on ``counts``' device.
+    """
+    if ties == "smaller_id":
+        return torch.argsort(counts, descending=True, stable=True)[:top_k]
+    present = torch.nonzero(counts).squeeze(1)
+    ids, votes = present, counts[present]
+    if present.numel() < counts.numel():
+        pad = counts.numel() - present.numel()
+        ids = torch.cat([ids, present[:1].expand(pad) if present.numel() else torch.zeros(pad, dtype=ids.dtype,
+                                                                                             device=ids.device)])
+        votes = torch.cat([votes, torch.zeros(pad, dtype=votes.dtype, device=votes.device)])
+    return ids[torch.topk(votes, top_k).indices]
 
 
 class PromptedViT(nn.Module):
@@ -94,7 +122,7 @@ class PromptedViT(nn.Module):
         self.query = copy.deepcopy(vit).requires_grad_(False).eval() if query_copy else None
         self.out_dim, self.init = int(vit.out_dim), init
         self.keys = init_prompt((pool_size, self.out_dim), init)
-        self.top_k, self.eval_batchwise = 1, True
+        self.top_k, self.eval_batchwise, self.vote_ties = 1, True, "official"
 
     def train(self, mode: bool = True) -> "PromptedViT":
         super().train(mode)
@@ -122,16 +150,15 @@ class PromptedViT(nn.Module):
 
     def select(self, sim: torch.Tensor, batchwise: bool, whole_batch: bool = False) -> torch.Tensor:
         """The ``top_k`` ids per image (B, k) int64 from ``sim`` (B, M); with ``batchwise`` the batch's ``top_k`` most
-        frequent ids, given to every image (most frequent first, ties to the smaller id); ``whole_batch``: the counts
-        are summed over the torchrun processes (a training batch split over them)."""
+        frequent ids, given to every image (:func:`batch_vote`); ``whole_batch``: the counts are summed over the
+        torchrun processes (a training batch split over them)."""
         ids = torch.topk(sim.detach(), self.top_k, dim=1).indices
         if not batchwise:
             return ids
         counts = torch.bincount(ids.reshape(-1), minlength=sim.shape[1])
         if whole_batch and distributed.active():
             counts = distributed.all_reduce_sum_(counts)
-        major = torch.argsort(counts, descending=True, stable=True)[: self.top_k]
-        return major.expand(sim.shape[0], -1)
+        return batch_vote(counts, self.top_k, self.vote_ties).expand(sim.shape[0], -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x, self.select(self.similarity(self.query_features(x)), self.eval_batchwise))
@@ -155,6 +182,7 @@ class PromptHost(Learner):
         backbone.top_k = self.setting("top_k")
         backbone.eval_batchwise = (cfg.batchwise_prompt if cfg.batchwise_prompt_eval is None
                                    else cfg.batchwise_prompt_eval)
+        backbone.vote_ties = cfg.prompt_vote_ties
 
     def setting(self, name: str) -> Any:
         """Config key ``name``, or the learner's default when it is null."""
@@ -178,9 +206,7 @@ class PromptHost(Learner):
         """Prompts, keys and head on the task (module docstring); the ViT frozen."""
         cfg, t, net = self.cfg, task.task_id, self.backbone
         if self.head is None:
-            self.head = nn.Linear(net.out_dim, task.n_classes).to(self.device)
-            nn.init.trunc_normal_(self.head.weight, std=HEAD_INIT_STD)
-            nn.init.zeros_(self.head.bias)
+            self.head = timm_linear_head(net.out_dim, task.n_classes, self.device)  # the ports' timm head init
         self.before_training(task)
         params = {**net.prompt_parameters(), "keys": net.keys}
         params.update({f"head.{n}": p for n, p in self.head.named_parameters()})

@@ -52,7 +52,7 @@ class SimpleCIL(Learner):
         old prototypes (official ``update_fc`` before ``_sparse_training``), and stay them after the phase (moved by
         weight decay and momentum)."""
         rows = self.tuning_head_rows(task)
-        report = self.tuner.tune(self.loader(task.train, shuffle=True, train=True), task, head_rows=rows)
+        report = self.tuner.tune(self.tuning_loader(task), task, head_rows=rows)
         if rows is not None and self.tuner.trained_rows.shape[0]:
             self.prototypes = self.tuner.trained_rows
         return report

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from models.base import Learner, TaskData
+from models.heads import timm_linear_head
 from models.loop import FlatGradients, TrainAccuracy, TuningLoop, cross_entropy
 from utils.config import config_keys, key
 from utils.registry import LEARNERS
@@ -42,7 +43,6 @@ MOMENTUM, WEIGHT_DECAY, GAMMA = 0.9, 5e-4, 0.1  # slca.py (SPEC 17.4, 17.6)
 COV_RIDGE = 1e-4  # added to every class covariance (base.py, SPEC 17.5)
 SAMPLES_PER_CLASS = 256  # pseudo-features per class per alignment epoch (SPEC 17.6)
 NORM_EPS = 1e-7  # logit-norm epsilon (SPEC 17.6)
-HEAD_INIT_STD = 0.02  # trunc_normal std of a new head (linears.py, SPEC 17.3)
 
 
 @config_keys("SLCA (models/slca.py)")
@@ -105,9 +105,7 @@ class SLCA(Learner):
         """A new head for the task's classes, then ``epochs`` epochs of the slow learner (SPEC 17.4)."""
         cfg, t = self.cfg, task.task_id
         self.heads.requires_grad_(False)  # old heads are frozen (official update)
-        head = nn.Linear(self.feature_dim, task.seen - task.known).to(self.device)
-        nn.init.trunc_normal_(head.weight, std=HEAD_INIT_STD)  # global torch RNG, as the official code
-        nn.init.zeros_(head.bias)
+        head = timm_linear_head(self.feature_dim, task.seen - task.known, self.device)  # global RNG, as the official
         self.heads.append(head)
         self.aligned = None
         slow = cfg.bcb_lrscale > 0

@@ -185,18 +185,32 @@ def test_two_processes_equal_one_process_for_the_rivals(image_folder, tmp_path, 
         assert ta["tuning"]["moved_fraction"] == pytest.approx(tb["tuning"]["moved_fraction"], abs=1e-3)
         assert ta["tuning"]["relative_change"] == pytest.approx(tb["tuning"]["relative_change"], rel=1e-3)
         assert ta["tuning"]["epoch_losses"] == pytest.approx(tb["tuning"]["epoch_losses"], rel=1e-4)
-    # Adam (SPU, GPS, SparCL) turns a gradient entry that is zero up to rounding into a step of about its lr, so
-    # reduction order leaves the 1- and 2-process models apart by up to 1.2e-5 of the backbone's norm (GPS) and
-    # 5.2e-5 of the prototypes' (SPG), measured on an AVX512 CPU, while SPU, GPS and SparCL move the backbone by
-    # 3-5e-3 of its norm per task. On this random tiny ViT such a gap can flip a test image that lies as close to
-    # two prototypes: the weights must agree to 1e-4 (backbone) and 5e-4 (head) of their norms, and at most one
+    # What must agree does (above: steps, selections, moved share, losses to 1e-4). The weights cannot agree bit for
+    # bit: Adam (SPU, GPS, SparCL) turns a gradient entry that is zero up to rounding, whose sign then depends on the
+    # reduction order, into a step of about its lr. Two bounds (issue 26, item 9):
+    # - derived, for the Adam presets, every entry: Adam moves an entry by at most lr (1 - beta1) / sqrt(1 - beta2)
+    #   = 3.16 lr per step (Kingma & Ba 2015, section 2.1; betas 0.9 / 0.999), so two runs are at most
+    #   2 x 3.16 x lr x steps apart per entry, whatever the CPU;
+    # - measured, the whole model (relative L2 gap of the 1- and 2-process weights), on a 2-core AVX2 machine with
+    #   AVX2 kernels and with ATEN_CPU_CAPABILITY=default (2026-12-07), largest of the two: Adam presets backbone
+    #   1.05e-4, head 2.9e-4 (SPU, SparCL); SGD presets (ACL, SPG) 8.9e-9 and 1.5e-7; on AVX512 (2026-12-04, the
+    #   cosine heads before issue 24) at most 1.2e-5 and 5.2e-5. The bounds are 10x the Adam figures and 100x the
+    #   SGD ones.
+    # On this random tiny ViT such a gap can flip a test image that lies as close to two prototypes: at most one
     # image (of 8 per task) may differ in the whole accuracy matrix.
+    adam = spr in ("spu", "gps", "sparcl")
+    bounds = {"backbone": 1e-3 if adam else 1e-6, "head": 3e-3 if adam else 1e-5}
+    steps = sum(t["tuning"]["steps"] for t in a["tasks"])
     for kind in ("backbone", "head"):
         wa, wb = (torch.load(p.with_name("checkpoint.pt"), weights_only=True)["learner"][kind] for p in (one, two))
         names = [n for n, t in wa.items() if torch.is_tensor(t) and t.is_floating_point()]
         gap = sum(float((wa[n] - wb[n]).double().pow(2).sum()) for n in names) ** 0.5
         size = sum(float(wa[n].double().pow(2).sum()) for n in names) ** 0.5
-        assert gap <= (1e-4 if kind == "backbone" else 5e-4) * size, (kind, gap / size)
+        assert gap <= bounds[kind] * size, (kind, gap / size)
+        if adam and kind == "backbone":
+            lr = next(iter(extra.values()))
+            largest = max(float((wa[n] - wb[n]).abs().max()) for n in names)
+            assert largest <= 2 * 0.1 / 0.001 ** 0.5 * lr * steps, largest
     flips = sum(abs(x - y) for ra, rb in zip(a["accuracy_matrix"], b["accuracy_matrix"]) for x, y in zip(ra, rb))
     assert flips <= 100 / 8 + 1e-4, (a["accuracy_matrix"], b["accuracy_matrix"])
 

@@ -114,7 +114,8 @@ def test_hosts_refuse_a_backbone_that_is_not_a_vit(make_config, cub_root):
 
 # ---- L2P and DualPrompt selection -------------------------------------------------------------------------------
 def test_selection_is_the_top_k_keys_by_cosine_and_the_batch_vote(make_config, cub_root):
-    learner = build_learner(host_cfg(make_config, cub_root, "l2p", pool_size=5, top_k=2), CPU, 1993)
+    learner = build_learner(host_cfg(make_config, cub_root, "l2p", pool_size=5, top_k=2,
+                                     prompt_vote_ties="smaller_id"), CPU, 1993)
     net = learner.backbone
     rng = np.random.default_rng(0)
     keys, q = rng.normal(size=(5, 32)), rng.normal(size=(6, 32))
@@ -128,6 +129,84 @@ def test_selection_is_the_top_k_keys_by_cosine_and_the_batch_vote(make_config, c
     counts = np.bincount(np.argsort(-cos, axis=1)[:, :2].ravel(), minlength=5)
     order = sorted(range(5), key=lambda m: (-counts[m], m))[:2]  # most frequent, ties to the smaller id
     assert net.select(sim, batchwise=True).tolist() == [order] * 6
+
+
+def port_vote(ids: torch.Tensor, pool_size: int, top_k: int) -> list[int]:
+    """The batch vote as l2p-pytorch / dualprompt-pytorch ``prompt.py`` writes it: ``torch.unique`` ids and counts,
+    padded to the pool size with (smallest id, 0), then ``torch.topk`` of the counts."""
+    prompt_id, id_counts = torch.unique(ids, return_counts=True, sorted=True)
+    if prompt_id.shape[0] < pool_size:
+        prompt_id = torch.cat([prompt_id, torch.full((pool_size - prompt_id.shape[0],), int(ids.min()))])
+        id_counts = torch.cat([id_counts, torch.zeros(pool_size - id_counts.shape[0], dtype=id_counts.dtype)])
+    return prompt_id[torch.topk(id_counts, k=top_k).indices].tolist()
+
+
+def test_the_batch_vote_breaks_count_ties_as_the_ports_by_default(make_config, cub_root):
+    from models.prompt_hosts import batch_vote
+
+    gen = torch.Generator().manual_seed(0)
+    differ = 0
+    for trial in range(300):
+        pool, k = 10, int(torch.randint(1, 6, (1,), generator=gen))
+        ids = torch.stack([torch.randperm(pool, generator=gen)[:k] for _ in range(int(torch.randint(1, 9, (1,),
+                                                                                                      generator=gen)))])
+        counts = torch.bincount(ids.reshape(-1), minlength=pool)
+        want = port_vote(ids, pool, k)
+        assert batch_vote(counts, k).tolist() == want, trial
+        smaller = batch_vote(counts, k, "smaller_id").tolist()
+        assert smaller == sorted(range(pool), key=lambda m: (-int(counts[m]), m))[:k]
+        differ += set(smaller) != set(want)
+    assert differ > 30  # ties are common: the two rules pick different sets often (docs/deviations.md section 7)
+    for ties in ("official", "smaller_id"):  # the key reaches the backbone's vote
+        cfg = host_cfg(make_config, cub_root, "l2p", pool_size=5, top_k=2, prompt_vote_ties=ties)
+        assert build_learner(cfg, CPU, 1993).backbone.vote_ties == ties
+
+
+def test_new_linear_heads_draw_timms_truncated_normal(make_config, cub_root, monkeypatch, tmp_path):
+    """SLCA's and the prompt hosts' heads (and GPS's): timm's trunc_normal_ (std 0.02) from the global generator, bias
+    0 (official ``linears.py`` / the ports' timm head); torch's own trunc_normal_ draws other values."""
+    from timm.layers import trunc_normal_
+
+    from models.heads import timm_linear_head
+
+    torch.manual_seed(5)
+    head = timm_linear_head(32, 7)
+    torch.manual_seed(5)
+    want = nn.Linear(32, 7).weight.detach()  # the official heads are nn.Linear modules, re-initialised
+    trunc_normal_(want, std=0.02)
+    assert torch.equal(head.weight.detach(), want) and not bool(head.bias.any())
+    torch.manual_seed(5)
+    other = nn.Linear(32, 7).weight.detach()
+    torch.nn.init.trunc_normal_(other, std=0.02)
+    assert not torch.allclose(other, want)
+    import models.prompt_hosts as prompt_hosts
+    import models.slca as slca
+
+    made = []
+    for module in (slca, prompt_hosts):
+        monkeypatch.setattr(module, "timm_linear_head", lambda *a, **k: made.append(a) or timm_linear_head(*a, **k))
+    run(make_config(cub_root, model_name="slca", batch_size=4, epochs=1, ca_epochs=0), tmp_path / "slca")
+    run(host_cfg(make_config, cub_root, "l2p", prompt_epochs=1), tmp_path / "l2p")
+    assert len(made) >= 3  # one SLCA head per task, the L2P head once
+
+
+def test_ease_trains_with_the_init_values_on_every_task_when_init_cls_equals_increment(make_config, cub_root, caplog):
+    """Official ease.py ``_train``: init_epochs / init_lr on task 0 and whenever init_cls == increment; later_* (null:
+    the init values) otherwise; set-but-ignored later_* values get a warning."""
+    from models.ease import task_schedule
+
+    cfg = host_cfg(make_config, cub_root, "ease", init_epochs=3, init_lr=0.1, later_epochs=5, later_lr=0.2)
+    assert cfg.init_cls == cfg.increment
+    assert [task_schedule(cfg, t) for t in (0, 1, 2)] == [(3, 0.1)] * 3
+    with caplog.at_level("WARNING"):
+        build_learner(cfg, CPU, 1993)
+    assert "later_epochs = 5 and later_lr = 0.2 ignored" in caplog.text
+    cfg = host_cfg(make_config, cub_root, "ease", init_cls=4, increment=2, init_epochs=3, init_lr=0.1,
+                   later_epochs=5, later_lr=0.2)
+    assert [task_schedule(cfg, t) for t in (0, 1)] == [(3, 0.1), (5, 0.2)]
+    cfg = host_cfg(make_config, cub_root, "ease", init_cls=4, increment=2, init_epochs=3, init_lr=0.1,
+                   later_epochs=None, later_lr=None)
+    assert task_schedule(cfg, 1) == (3, 0.1)
 
 
 def test_dualprompt_prefixes_reach_exactly_the_configured_layers(make_config, cub_root, monkeypatch):

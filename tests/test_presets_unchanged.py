@@ -12,7 +12,10 @@ and without MIST when it was added (issue 12; its slow learner's and alignment's
 reports); ACL, SPU, GPS, SPG and SparCL when they were added (issue 14); EASE, L2P and DualPrompt with and without MIST
 when they were added (issue 13). Issue 15 moved PIECE-F/S closer to the
 official run (scoring batch 4 on un-augmented data in order, clipping at norm 1.0): their earlier pins are kept as
-the ``+legacy`` cases, run with the keys that restore the earlier port, and the defaults were pinned anew.
+the ``+legacy`` cases, run with the keys that restore the earlier port, and the defaults were pinned anew. Issue 24
+re-pinned 14 cases on AVX2 only (no AVX512 machine at hand): SPU, GPS, SPG and SparCL on both learners (each
+method's official logit scale or head), SLCA, L2P and DualPrompt with and without MIST (timm's truncated-normal head
+init; the ports' tie order of the batch vote); every other case kept its pins bit for bit.
 
 Float kernels differ in their last bits between CPU capabilities (AVX2, AVX512) and torch builds, so
 ``exact`` holds one pin per platform (AVX2 and AVX512 pin every case): on a pinned platform the tuning reports and
@@ -22,9 +25,13 @@ tensor's norm) and norms (to a relative 2e-4), except RanPAC's ridge head ``W_o`
 the hold-out losses of several ridge values are within rounding of each other, so the chosen lambda (and W_o) may
 differ between platforms while the accuracies do not. Those tolerances are 2.5x what separates the AVX2 and the
 AVX512 pins (measured 2026-12-04): the selection-based phases (PIECE-F/S, GPS, SPU) flip a few gradient entries
-that round to exactly zero on one platform (``updated_fraction_per_step`` up to 8e-4 apart, relative), and two
-epochs carry that into near-zero-mean bias sums (up to 1.9e-3 of the norm, GPS's ``qkv.bias``) while every norm
-stays within 7e-5.
+that round to exactly zero on one platform (``updated_fraction_per_step`` up to 8e-4 apart, relative) while every
+norm stays within 7e-5. The sum of an attention ``qkv.bias`` is not compared (its norm is): its key third has an
+exactly zero gradient (a bias on every key adds the same q.b to all of a query's logits, which the softmax
+ignores), so what reaches it is rounding noise whose sign differs by platform, and Adam (GPS, PIECE) turns each
+such entry's noise into a step of about the learning rate. Measured with ``ATEN_CPU_CAPABILITY=default`` against
+the AVX2 pins (2026-12-07): GPS's ``qkv.bias`` sum 5.3e-3 of its norm apart (its norm 9e-6), every other sum within
+4e-6 of its tensor's norm.
 
 ``python tests/test_presets_unchanged.py --write`` pins the cases missing from the file (all platforms) and
 ``--platform`` adds this platform's exact pin of every case already there.
@@ -74,6 +81,8 @@ WALL = ("wall_time_s", "seconds", "time_s")
 #: report entries added after the pins (issue 16: what was trainable); checked by their own tests, not pinned
 ADDED_AFTER_PIN = {"trainable_fraction", "moved_fraction", "relative_change"}
 PLATFORM_DEPENDENT = ("head.W_o",)  # see the module docstring
+#: tensors whose sum is not compared across platforms (their norm is): the key bias's zero gradient (module docstring)
+NOISE_DRIVEN_SUM = ("attn.qkv.bias",)
 #: tolerances on a platform without an exact pin (module docstring): reports (relative), float sums (times the
 #: tensor's norm), float norms (relative)
 REPORT_REL, SUM_OF_NORM, NORM_REL = 2e-3, 5e-3, 2e-4
@@ -176,7 +185,8 @@ def test_preset_matches_its_pinned_run(image_root, tmp_path, golden, learner, sp
         if name in PLATFORM_DEPENDENT:
             continue
         tol = SUM_OF_NORM * max(n, 1e-3)
-        assert got["sums"][name][0] == pytest.approx(s, abs=tol), name
+        if not name.endswith(NOISE_DRIVEN_SUM):
+            assert got["sums"][name][0] == pytest.approx(s, abs=tol), name
         assert got["sums"][name][1] == pytest.approx(n, rel=NORM_REL, abs=1e-7), name
 
 

@@ -14,17 +14,22 @@ losses or two scopes fails a test:
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import trainer
+
 from models.sparse import build_tuner
 from models.sparse.estimators import PassSums, scoring_pass
 from models.sparse.gps import row_top_k, signed_sum, supervised_contrastive
 from models.sparse.presets import resolve_recipe
 from models.sparse.spu import is_first_mlp
+from utils.config import load_config
 from utils.registry import ESTIMATORS, LOSSES
 
 from test_sparse_tuning import CPU, RANPAC_DEFAULTS, make_cfg, make_loader, make_task, snapshot, tiny_backbone
@@ -154,6 +159,20 @@ def test_gps_supcon_equals_the_formula_written_with_loops():
         supervised_contrastive(features[:9], labels)
 
 
+def test_gps_scoring_loss_is_supcon_at_tau_0_07_by_default(monkeypatch):
+    """The registered scoring loss (no temperature given) equals the loop formula at GPS's tau = base tau = 0.07
+    (utils/loss_utils.py), on the features the phase embeds."""
+    import models.sparse.gps as gps
+
+    gen = torch.Generator().manual_seed(2)
+    features, labels = torch.randn(8, 6, generator=gen), torch.tensor([0, 1, 0, 1])
+    monkeypatch.setattr(gps, "two_view_embeddings", lambda tuner, batch, embed: (features, labels))
+    tuner = tuner_for("spr=gps")
+    got = float(LOSSES.get("supcon")(tuner, None, None)(None))
+    assert got == pytest.approx(supcon_by_loops(features, labels, 0.07), rel=1e-5)
+    assert abs(got - supcon_by_loops(features, labels, 0.1)) > 1e-2
+
+
 def test_gps_score_is_the_absolute_signed_sum_not_the_sum_of_absolute_values():
     firsts = {"w": torch.tensor([3.0, -3.0, 0.5])}  # e.g. batches (+2, +1), (-1, -2), (+1, -0.5)
     squares = {"w": torch.tensor([5.0, 5.0, 1.25])}
@@ -236,12 +255,60 @@ def test_acl_moves_every_backbone_tensor_and_only_the_backbone():
     assert report["moved_fraction"] > 0.9 and report["relative_change"] > 0
 
 
-def test_acl_weight_decay_is_the_hosts():
-    from models.sparse.acl import acl_weight_decay
+def test_acl_learning_rate_and_weight_decay_are_the_hosts():
+    from models.sparse.acl import host_values
 
-    assert acl_weight_decay(make_cfg("spr=acl", "model_name=simplecil")) == 5e-4
-    assert acl_weight_decay(make_cfg("spr=acl", "model_name=ranpac")) == 5e-3
-    assert acl_weight_decay(make_cfg("spr=acl", "warm_weight_decay=0.01")) == 0.01
+    for name in ("simplecil", "simplecil_mist"):
+        assert host_values(make_cfg("spr=acl", f"model_name={name}")) == (1e-4, 5e-4)
+    for name in ("ranpac", "ranpac_mist"):  # an alias is the same learner (issue 24: ranpac_mist got 5e-4)
+        assert host_values(make_cfg("spr=acl", f"model_name={name}")) == (1e-4, 5e-3)
+    assert host_values(make_cfg("spr=acl", "model_name=l2p_mist")) == (1e-6, 0.0)
+    assert host_values(make_cfg("spr=acl", "warm_weight_decay=0.01"))[1] == 0.01
+
+
+def test_acl_two_steps_are_sgd_with_momentum_0_9_and_the_hosts_weight_decay_by_hand():
+    """Two SGD steps written out (PyTorch's SGD with dampening 0: v_1 = g_1 + wd w_0, v_2 = 0.9 v_1 + g_2 + wd w_1,
+    w_i = w_(i-1) - lr v_i) on CE over cosine(feature, class mean) / 0.1, every gradient by plain autograd."""
+    lr, decay, momentum, tau = 0.05, 5e-3, 0.9, 0.1  # RanPAC's weight decay in ACL's configs
+    loader = make_loader(n=8, batch=4)
+    task = make_task(0, loader)
+    tuner = tuner_for("spr=acl", f"warm_lr={lr}")
+    convnet = copy.deepcopy(tuner.network.convnet)
+    with torch.no_grad():
+        xs, ys = zip(*[(x, y) for _, x, y in loader])
+        feats, labels = convnet(torch.cat(xs)), torch.cat(ys)
+        means = torch.stack([feats[labels == c].mean(0) for c in range(task.known, task.seen)])
+
+    def grads(x, y):
+        convnet.zero_grad(set_to_none=True)
+        logits = F.normalize(convnet(x), dim=1) @ F.normalize(means, dim=1).T / tau
+        F.cross_entropy(logits, y - task.known).backward()
+        return {n: p.grad.detach().clone() for n, p in convnet.named_parameters()}
+
+    def by_hand(m: float) -> dict[str, torch.Tensor]:
+        net = copy.deepcopy(convnet)
+        params = dict(net.named_parameters())
+        velocity: dict[str, torch.Tensor] = {}
+        for x, y in zip(xs, ys):
+            convnet.load_state_dict(net.state_dict())
+            g = grads(x, y)
+            with torch.no_grad():
+                for n, p in params.items():
+                    step = g[n] + decay * p
+                    velocity[n] = step if n not in velocity else m * velocity[n] + step
+                    p -= lr * velocity[n]
+        return {f"convnet.{n}": p.detach().clone() for n, p in params.items()}
+
+    start = copy.deepcopy(convnet.state_dict())
+    want = by_hand(momentum)
+    convnet.load_state_dict(start)
+    other = by_hand(0.5)
+    report = tuner.tune(loader, task)
+    assert report["steps"] == 2
+    got = snapshot(tuner)
+    worst = max(float((got[n] - w).abs().max()) for n, w in want.items())
+    apart = max(float((other[n] - w).abs().max()) for n, w in want.items())
+    assert worst < 1e-6 < apart / 10, (worst, apart)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,33 +353,76 @@ def test_spg_importance_of_the_first_task_is_the_normalised_signed_sum_of_its_ce
     assert float(gamma.max()) > 0.5
 
 
-def test_spg_soft_mask_scales_each_gradient_entry_and_only_grows_across_tasks():
-    tuner = tuner_for("spr=spg", "mi_epochs=1", "spg_lr=0.1")
+def z_tanh(h: torch.Tensor) -> torch.Tensor:
+    """|tanh((h - mean) / std)| of one tensor, the unbiased std; 0 for a constant tensor (SPG's spg.py)."""
+    h = h.double()
+    return torch.zeros_like(h) if float(h.std()) == 0 else torch.tanh((h - h.mean()) / h.std()).abs()
+
+
+def summed_gradients(network, loader, loss) -> dict[str, torch.Tensor]:
+    """Signed sums over ``loader``'s batches of the backbone gradients of ``loss(features, labels)``, plain autograd."""
+    sums: dict[str, torch.Tensor] = {}
+    for _, x, y in loader:
+        network.zero_grad(set_to_none=True)
+        loss(network.convnet(x), y).backward()
+        for n, p in network.named_parameters():
+            if n.startswith("convnet.") and p.grad is not None:
+                sums[n] = sums.get(n, 0) + p.grad.detach().double()
+    network.zero_grad(set_to_none=True)
+    return sums
+
+
+def test_spg_second_task_by_hand_soft_mask_head_scale_and_max_of_maxes(monkeypatch):
+    """Task 1 of SPG written out: one SGD step moves each backbone entry by -lr (1 - a) g and the new linear head by
+    -lr (1 - mean a) g_head; afterwards a <- max(a, gamma) with gamma the entrywise max of the recent term (CE of the
+    trained head) and the old task's term (sum of its stored head's logits), each |tanh(z-score)| of the signed
+    gradient sum of its tensor."""
+    lr = 0.1
+    tuner = tuner_for("spr=spg", "mi_epochs=1", f"spg_lr={lr}")
     first = make_loader(n=8, batch=8)
     tuner.tune(first, make_task(0, first))
     a0 = tuner.phase_state["spg_a"].clone()
     assert 0 <= float(a0.min()) and 0.5 < float(a0.max()) <= 1  # float32 tanh saturates at 1, as the original
-    second = make_loader(n=8, batch=8, seed=1, first=4)  # one step: the update is -lr (1 - a) g
+    second = make_loader(n=8, batch=8, seed=1, first=4)  # one batch: one step
     task = make_task(1, second)
-    head = tuner.prototype_head(second, task)
-    tuner.network.train()
-    tuner.network.zero_grad(set_to_none=True)
-    _, x, y = next(iter(second))
-    F.cross_entropy(head(tuner.network.convnet(x)), y - task.known).backward()
-    grads = {n: tuner.network.get_parameter(n).grad.detach().clone() for n in tuner.backbone_names}
-    tuner.network.zero_grad(set_to_none=True)
+    made, real = [], tuner.task_head
+    monkeypatch.setattr(tuner, "task_head", lambda loader, t: made.append(real(loader, t)) or
+                        made.append(copy.deepcopy(made[-1])) or made[-2])
+    start = copy.deepcopy(tuner.network)
     before = snapshot(tuner)
     tuner.tune(second, task)
-    after = snapshot(tuner)
-    offset = 0
+    head, head0 = made
+    assert isinstance(head0, torch.nn.Linear)  # the authors' per-task linear heads
+    # the step
+    start.zero_grad(set_to_none=True)
+    head0.zero_grad(set_to_none=True)
+    _, x, y = next(iter(second))
+    F.cross_entropy(head0(start.convnet(x)), y - task.known).backward()
+    after, offset = snapshot(tuner), 0
     for n in tuner.backbone_names:
-        size = grads[n].numel()
-        keep = (1 - a0[offset: offset + size]).view_as(grads[n])
-        torch.testing.assert_close(after[n] - before[n], -0.1 * keep * grads[n], rtol=1e-3, atol=1e-7)
-        offset += size
-    a1 = tuner.phase_state["spg_a"]
-    assert bool((a1 >= a0).all()) and bool((a1 > a0).any())
-    assert tuner.phase_state["spg_sizes"].tolist() == [4, 4] and tuner.phase_state["spg_heads"].shape[0] == 8
+        g = start.get_parameter(n).grad
+        keep = (1 - a0[offset: offset + g.numel()]).view_as(g)
+        torch.testing.assert_close(after[n] - before[n], -lr * keep * g, rtol=1e-3, atol=1e-7)
+        offset += g.numel()
+    scale = 1 - float(a0.double().mean())
+    assert 0.05 < 1 - scale < 0.95  # the head's scale is far from 1
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(getattr(head, name).detach() - getattr(head0, name).detach(),
+                                   -lr * scale * getattr(head0, name).grad, rtol=1e-4, atol=1e-8)
+    # the importance after the task, at the trained weights
+    state = tuner.phase_state
+    assert state["spg_sizes"].tolist() == [4, 4] and state["spg_heads"].shape == (8, 32)
+    old_w, old_b = state["spg_heads"][:4], state["spg_bias"][:4]
+    torch.testing.assert_close(state["spg_heads"][4:], head.weight.detach())
+    recent = summed_gradients(tuner.network, second, lambda f, y: F.cross_entropy(head(f), y - task.known))
+    other = summed_gradients(tuner.network, second, lambda f, y: F.linear(f, old_w, old_b).sum())
+    r = torch.cat([z_tanh(recent[n]).reshape(-1) for n in tuner.backbone_names])
+    o = torch.cat([z_tanh(other[n]).reshape(-1) for n in tuner.backbone_names])
+    gamma = torch.maximum(r, o)
+    assert float((o - r).clamp(min=0).max()) > 0.1  # the old task's term decides some entries
+    want = torch.maximum(a0.double(), gamma)
+    torch.testing.assert_close(state["spg_a"].double(), want, rtol=0, atol=2e-4)
+    assert float((want - a0.double()).max()) > 0.1  # the running max grew
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,3 +468,108 @@ def test_sparcl_trains_only_its_mask_inside_weight_matrices():
     assert report["trainable_fraction_per_update"] == [report["selected_fraction"]]
     assert report["moved_fraction"] == total / tuner.backbone_numel
     assert "sparcl_generator" in tuner.phase_state
+
+
+def test_sparcl_reselection_at_epoch_5_ranks_by_weight_plus_half_the_last_masked_gradient(monkeypatch):
+    """At phase epoch 5 (p = q = 0.95: no regrowth) each tensor keeps exactly the top 5% of |w| + 0.5 |g| with g the
+    gradient of the step before, masked by the mask of epochs 0-4; g is recomputed here by autograd from the weights
+    that step saw (one batch, so every step sees the same images) and the phase's fixed head."""
+    import models.sparse.sparcl as sparcl
+
+    calls, weights_seen, heads, real_prune, real_head = [], [], [], sparcl.prune_and_regrow, None
+
+    def prune(weight, grad, p, q, generator):
+        mask = real_prune(weight, grad, p, q, generator)
+        calls.append((weight.detach().clone(), None if grad is None else grad.detach().clone(), p, q, mask))
+        return mask
+
+    monkeypatch.setattr(sparcl, "prune_and_regrow", prune)
+    loader = make_loader(n=8, batch=8)
+    task = make_task(0, loader)
+    tuner = tuner_for("spr=sparcl", "mi_epochs=6", "sparcl_lr=1e-3")
+    real_head = tuner.task_head
+    monkeypatch.setattr(tuner, "task_head", lambda ld, t: heads.append(real_head(ld, t)) or heads[-1])
+    tuner.network.convnet.register_forward_pre_hook(
+        lambda module, args: weights_seen.append(copy.deepcopy(module.state_dict())) if module.training else None)
+    tuner.tune(loader, task)
+    per_update = len(calls) // 2
+    assert len(calls) == 2 * per_update and per_update > 4 and len(weights_seen) == 6  # updates at e = 0 and 5
+    assert all(c[1] is None for c in calls[:per_update]) and all(c[1] is not None for c in calls[per_update:])
+    (head,), (_, x, y) = heads, next(iter(loader))
+    net = copy.deepcopy(tuner.network.convnet)
+    net.load_state_dict(weights_seen[4])  # the weights of the step before the update at epoch 5
+    F.cross_entropy(head(net(x)), y - task.known).backward()
+    in_scope = [n for n, p in tuner.network.convnet.named_parameters() if sparcl.in_scope(f"convnet.{n}", p)]
+    assert len(in_scope) == per_update
+    for name, first, second in zip(in_scope, calls[:per_update], calls[per_update:]):
+        w, g, p, q, mask = second
+        assert (p, q) == (0.95, 0.95) and first[2:4] == (0.96, 0.95)
+        want_g = net.get_parameter(name).grad * first[4]  # masked by the mask of epochs 0-4
+        torch.testing.assert_close(g, want_g, rtol=1e-4, atol=1e-9)
+        k = int(0.05 * w.numel())
+        top = (w.abs() + 0.5 * want_g.abs()).reshape(-1).topk(k).indices
+        assert int(mask.sum()) == k and bool(mask.reshape(-1)[top].all()), name
+
+
+# ---------------------------------------------------------------------------------------------
+# the head each rival trains on (issue 24, item 3) and the tuning phase's batch (item 4)
+# ---------------------------------------------------------------------------------------------
+def untouched_cosines(tuner, loader, task) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos(f, class mean) (B, C), targets) of the only batch of ``loader`` at the untouched network, by hand."""
+    with torch.no_grad():
+        _, x, y = next(iter(loader))
+        f = tuner.network.convnet(x)
+        means = torch.stack([f[y == c].mean(0) for c in range(task.known, task.seen)])
+    return F.normalize(f, dim=1) @ F.normalize(means, dim=1).T, y - task.known
+
+
+@pytest.mark.parametrize("spr", ["spu", "sparcl"])
+def test_spu_and_sparcl_logits_are_the_prototype_cosines_at_clips_logit_scale_100(spr):
+    loader = make_loader(n=8, batch=8)  # one batch: each epoch's loss is taken before its step
+    task = make_task(0, loader)
+    tuner = tuner_for(f"spr={spr}", "mi_epochs=2")
+    cos, targets = untouched_cosines(tuner, loader, task)
+    report = tuner.tune(loader, task)
+    if spr == "spu":  # the scoring pass: mean_i ||z_i||^2 with z = 100 cos
+        want = float((100 * cos).pow(2).sum(1).mean())
+    else:  # SparCL's first training epoch: CE of 100 cos
+        want = float(F.cross_entropy(100 * cos, targets))
+    assert report["epoch_losses"][0] == pytest.approx(want, rel=1e-4)
+    assert abs(want - float(F.cross_entropy(cos, targets))) > 0.1  # not the plain cosine logits
+
+
+@pytest.mark.parametrize("spr,init", [("gps", "timm"), ("spg", "torch")])
+def test_gps_and_spg_train_a_new_linear_head(spr, init, monkeypatch):
+    """GPS: a new linear head as timm's ViT head (trunc-normal 0.02, zero bias), trained by the phase's Adam; SPG: the
+    authors' per-task nn.Linear heads (torch's default init, |w|, |b| <= 1/sqrt(D)), trained by its SGD."""
+    loader = make_loader(n=8, batch=4)
+    task = make_task(0, loader)
+    tuner = tuner_for(f"spr={spr}", "mi_epochs=2", f"{spr}_lr=1e-2")
+    made, real = [], tuner.task_head
+    monkeypatch.setattr(tuner, "task_head", lambda ld, t: made.append(real(ld, t)) or
+                        made.append(copy.deepcopy(made[-1])) or made[-2])
+    tuner.tune(loader, task)
+    head, start = made
+    start.requires_grad_(False)
+    assert type(start) is torch.nn.Linear and start.weight.shape == (task.seen - task.known, 32)
+    bound = 1 / math.sqrt(32)
+    if init == "timm":
+        assert float(start.weight.abs().max()) < 0.1 and not bool(start.bias.any())  # cut at +-2: no effect at 0.02
+        assert 0.01 < float(start.weight.std()) < 0.03
+    else:
+        assert float(start.weight.abs().max()) <= bound and float(start.bias.abs().max()) <= bound
+        assert float(start.weight.std()) > 0.1  # U(-1/sqrt(32), 1/sqrt(32)): std 0.10
+    assert not torch.equal(head.weight, start.weight) and not torch.equal(head.bias, start.bias)
+
+
+def test_tuning_batch_size_sets_the_tuning_phases_batch_only(tmp_path):
+    from tests.test_sparse_tuning import tiny_overrides, write_image_folder
+
+    images = write_image_folder(tmp_path / "images")  # 4 training images per class, 3 classes per task
+    steps = {}
+    for size in (None, 2):
+        extra = dict(spr="spu", mi_epochs=2) | ({} if size is None else dict(tuning_batch_size=size))
+        (path,) = trainer.run(load_config(None, tiny_overrides(images, "ranpac", **extra)), tmp_path / str(size))
+        results = json.loads(path.read_text())
+        steps[size] = [t["tuning"]["steps"] for t in results["tasks"]]
+    assert steps == {None: [3, 3], 2: [6, 6]}  # 12 images per task: batch 4 (the learner's) or 2, one epoch

@@ -135,6 +135,10 @@ class ExperimentConfig:
         20, "Epochs of the CE tuning phases rand/l2/grad/run/cerun/ce_finetune (official module constant 20).", min=1
     )
     ablation_random_init_rows: bool = _f(False, "Ablations: random instead of zero new cosine rows (SPEC 9.24 fix).")
+    tuning_batch_size: Optional[int] = _f(
+        None, "Batch size of the tuning phase's loader, any preset (e.g. a rival's official batch: SPU 128, SPG 64, "
+        "SparCL 32, GPS 32, ACL 128; docs/deviations.md section 6); null = the learner's batch size.", min=1
+    )
     # ---- extras: the tuning phase as a composition (issue 6; models/sparse/presets.py) ----
     # null = the value of the spr preset; the keys apply to the presets with a scoring pass and a task mask
     importance: Optional[str] = _f(

@@ -97,8 +97,16 @@ class Registry(Generic[T]):
         return self._entries.get(self.canonical(name))
 
     def canonical(self, name: str) -> str:
-        """``name`` with its alias resolved (an unknown name is returned as it is)."""
+        """``name`` with its alias resolved (an unknown name is returned as it is), among the entries registered so
+        far (no import: see :meth:`resolve`)."""
         return self._aliases.get(name, name)
+
+    def resolve(self, name: str) -> str:
+        """The registered name that ``name`` (a name or an alias) stands for, the components imported first: the one
+        way to ask which family a config value belongs to (``ranpac_mist`` -> ``ranpac``); an unknown name is returned
+        as it is."""
+        load_components()
+        return self.canonical(name)
 
     def __contains__(self, name: object) -> bool:
         load_components()

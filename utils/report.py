@@ -207,7 +207,7 @@ def learner_of(model_name: str) -> str:
     """``ranpac_mist`` -> ``ranpac``: the registered learner of a ``model_name`` (aliases resolved; an unknown name
     with its ``_mist`` suffix dropped)."""
     if model_name in LEARNERS:
-        return LEARNERS.canonical(model_name)
+        return LEARNERS.resolve(model_name)
     return model_name[: -len("_mist")] if model_name.endswith("_mist") else model_name
 
 

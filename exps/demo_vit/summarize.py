@@ -36,7 +36,7 @@ def collect(root: Path) -> dict[tuple[str, str], dict[int, dict]]:
             rec = load_run(path)
         except InvalidResults:
             continue
-        host = rec.model_name.removesuffix("_mist")
+        host = rec.learner  # the registered learner (aliases such as ranpac_mist resolved)
         if rec.status != "complete" or host not in HOSTS:
             continue
         key, newest = (host, rec.method), runs.setdefault((host, rec.method), {}).get(rec.seed)

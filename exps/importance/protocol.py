@@ -46,7 +46,7 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 from utils.contrasts import Contrast, detectable_effect, holm, paired  # noqa: E402
 from utils.report import RESULTS_NAME, InvalidResults, RunRecord, load_run  # noqa: E402
-from utils.registry import PRESETS  # noqa: E402
+from utils.registry import LEARNERS, PRESETS  # noqa: E402
 import models  # noqa: E402,F401  (registers the learners and presets)
 
 #: the demo's size: Fashion-MNIST at 32 px, 60 training and 50 test images per class, batch 32
@@ -145,7 +145,9 @@ def untuned_lambdas(results: dict[int, dict]) -> dict[str, list[float]]:
 
 
 def learner_name(base: dict) -> str:
-    return str(base["model_name"]).lower()
+    """The registered learner of a base config's ``model_name`` (``ranpac_mist`` -> ``ranpac``), so that RanPAC's
+    fixed-lambda stage applies to the paper configs too."""
+    return LEARNERS.resolve(str(base["model_name"]))
 
 
 def plan_config(base: dict, size: dict, method: str, seeds, epochs: int, lr: Optional[float],

@@ -6,8 +6,9 @@ start of every task, before the host's own fitting:
 1. **prototypes**: with the network in eval mode and no gradients, one pass over the task's training loader (its
    augmented views, as the official code) gives p_c, the mean raw backbone feature of each current class; they are
    fixed for the phase;
-2. **adapt**: ``warm_epochs`` epochs (1) of SGD (momentum 0.9, lr ``warm_lr`` 1e-4, weight decay the host's:
-   SimpleCIL 5e-4, RanPAC 5e-3) over **every** backbone parameter, on
+2. **adapt**: ``warm_epochs`` epochs (1) of SGD (momentum 0.9; learning rate and weight decay the host's in ACL's
+   configs: SimpleCIL 1e-4 / 5e-4, RanPAC 1e-4 / 5e-3, L2P and DualPrompt 1e-6 / 0) over **every** backbone
+   parameter, on
 
        L = CE(l, y - known),  l_c = <normalise(f(x)), normalise(p_c)> / tau,  tau = ``warm_temp`` 0.1
 
@@ -26,37 +27,48 @@ import torch
 from models.loop import FlatGradients
 from models.sparse.presets import register_preset
 from utils.config import config_keys, key
-from utils.registry import LOSSES, OPTIMIZERS, PHASES
+from utils.registry import LEARNERS, LOSSES, OPTIMIZERS, PHASES
 
 logger = logging.getLogger(__name__)
 
-#: the host's ``weight_decay`` in ACL's configs (exps/simplecil_inr.json, exps/ranpac_inr.json), SPEC 19.1
-HOST_WEIGHT_DECAY = {"simplecil": 5e-4, "ranpac": 5e-3}
+MOMENTUM = 0.9  # models/simplecil.py, models/ranpac.py: optim.SGD(momentum=0.9), SPEC 19.1
+
+#: registered learner -> (``warm_lr``, the host's ``weight_decay``) in ACL's configs (github byyx666/ACL_code
+#: exps/simplecil_inr.json, ranpac_inr.json, l2p_inr.json, dualprompt_inr.json; SPEC 19.1)
+HOST_VALUES = {"simplecil": (1e-4, 5e-4), "ranpac": (1e-4, 5e-3), "l2p": (1e-6, 0.0), "dualprompt": (1e-6, 0.0)}
+#: (``warm_lr``, weight decay) for a learner ACL has no config for: SimpleCIL's
+OTHER_HOST = HOST_VALUES["simplecil"]
 
 
 @config_keys("ACL preset (models/sparse/acl.py)")
 class AclKeys:
     warm_epochs: int = key(1, "acl: adaptation epochs per task (official 1, SPEC 19.1).", min=1)
-    warm_lr: float = key(1e-4, "acl: SGD learning rate of the backbone (official 1e-4).", gt=0)
+    warm_lr: Optional[float] = key(None, "acl: SGD learning rate of the backbone; null: the host's value in ACL's "
+                                         "configs (SimpleCIL and RanPAC 1e-4, L2P and DualPrompt 1e-6; 1e-4 for other "
+                                         "learners).", gt=0)
     warm_temp: float = key(0.1, "acl: temperature tau of the prototype-cosine logits (official 0.1).", gt=0)
     warm_weight_decay: Optional[float] = key(
-        None, "acl: SGD weight decay; null: the host's value in ACL's configs (SimpleCIL 5e-4, RanPAC 5e-3; 5e-4 for "
-              "other learners).", ge=0)
+        None, "acl: SGD weight decay; null: the host's value in ACL's configs (SimpleCIL 5e-4, RanPAC 5e-3, L2P and "
+              "DualPrompt 0; 5e-4 for other learners).", ge=0)
 
 
-def acl_weight_decay(cfg) -> float:
-    """``warm_weight_decay``, or the host's value in ACL's configs (:data:`HOST_WEIGHT_DECAY`, default 5e-4)."""
-    if cfg.warm_weight_decay is not None:
-        return float(cfg.warm_weight_decay)
-    return HOST_WEIGHT_DECAY.get(cfg.model_name, 5e-4)
+def host_values(cfg) -> tuple[float, float]:
+    """(learning rate, weight decay) of ACL's SGD: ``warm_lr`` and ``warm_weight_decay``, each null replaced by the
+    host's value in ACL's configs (:data:`HOST_VALUES`; :data:`OTHER_HOST` for a learner without one). The host is the
+    registered learner of ``model_name`` (aliases resolved: ``ranpac_mist`` is RanPAC)."""
+    lr, decay = HOST_VALUES.get(LEARNERS.resolve(cfg.model_name), OTHER_HOST)
+    return (lr if cfg.warm_lr is None else float(cfg.warm_lr),
+            decay if cfg.warm_weight_decay is None else float(cfg.warm_weight_decay))
+
 
 
 @OPTIMIZERS.register("acl_sgd")
 def acl_sgd(tuner, head=None):
-    """ACL: SGD (momentum 0.9, ``warm_lr``, :func:`acl_weight_decay`) over every backbone parameter, constant lr."""
-    cfg = tuner.cfg
+    """ACL: SGD (momentum 0.9, learning rate and weight decay :func:`host_values`) over every backbone parameter,
+    constant learning rate."""
+    lr, decay = host_values(tuner.cfg)
     params = [p for p in tuner.network.convnet.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.warm_lr, momentum=0.9, weight_decay=acl_weight_decay(cfg))
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=MOMENTUM, weight_decay=decay)
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, [], gamma=1.0)
 
 

@@ -11,8 +11,8 @@ per task, SPEC 19.5 "Port"):
    ``gamma`` and head trains fully; every other weight keeps, in each output row, the K entries of largest s
    (``gps_k``; a conv weight is reshaped to (out_channels, -1));
 3. **train** the remaining epochs with the gradient masked every step, Adam without weight decay (masked entries
-   stay exactly fixed), cosine learning rate, cross-entropy on the task's prototype cosine head (the hosts have no
-   linear head: docs/deviations.md section 6).
+   stay exactly fixed), cosine learning rate, cross-entropy on a new linear head over the task's classes (timm's ViT
+   head init, as the official ``vit_base_patch16_224_in21k`` gets a fresh head), trained with the same Adam.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ COSINE_MIN_LR = 1e-8  # GPS: cosine schedule's floor
 class GpsKeys:
     gps_k: int = key(1, "gps: input connections kept per output row of every weight matrix (official K: 1 on most "
                         "VTAB tasks, 2 on CUB, 15 on Cars; SPEC 19.5).", min=1)
-    gps_lr: float = key(0.01, "gps: Adam learning rate of the selected entries and the CE head (official CIFAR-100 "
-                              "0.01, CUB 0.003; SPEC 19.5).", gt=0)
+    gps_lr: float = key(0.01, "gps: Adam learning rate of the selected entries and the CE head (official scripts "
+                              "train_scripts/vit/**/train_gps.sh: CIFAR-100 0.01, CUB 0.003, Stanford Cars 5e-4; SPEC "
+                              "19.5).", gt=0)
 
 
 def supervised_contrastive(features: torch.Tensor, labels: torch.Tensor, temperature: float = SUPCON_TEMPERATURE
@@ -157,7 +158,7 @@ def gps_adam(tuner, head: Optional[nn.Module] = None):
 
 register_preset("gps", loss="ce", score_loss="supcon", importance="signed_sum", scope="per_row", step_rule=None,
                 optimizer="gps_adam", drop=False, overlap=False, freeze=False, exclude_embeddings=False,
-                strict_mask=True, gate=False, head="prototypes", budget_key="gps_k", epochs_key="mi_epochs",
+                strict_mask=True, gate=False, head="timm_linear", budget_key="gps_k", epochs_key="mi_epochs",
                 label="GPS", order=95, keys=("gps_k", "gps_lr"), compare=True,
                 source="GPS (github FightingFighting/GPS: train_gps.py, utils/pruning.py), SPEC 19.5",
                 lr_key="gps_lr")

@@ -60,8 +60,11 @@ class Recipe:
         exclude_embeddings: patch/position embeddings, class token (and a CNN's stem) are never selected.
         strict_mask: False reproduces PIECE's "a tensor with no selected entry is fully trainable".
         gate: update-magnitude control picks the budget per task.
-        head: the CE head's rows at the task's start: ``"official"`` (random on task 0, zero later, SPEC 9.24) or
-            ``"prototypes"`` (the task's class means; ours, for the ported methods).
+        head: the CE head at the task's start (:meth:`~models.sparse.tuner.SparseTuner.task_head`): ``"official"``
+            (the CE ablations' cosine head, random on task 0, zero later, SPEC 9.24), ``"prototypes"`` (a cosine
+            head whose rows are the task's class means, scale ``head_scale``), ``"timm_linear"`` (a new linear
+            classifier as timm's ViT head: trunc-normal 0.02, zero bias) or ``"linear"`` (a new ``nn.Linear`` with
+            torch's default init).
         epochs: epochs of the phase, the scoring pass included for task-level presets.
         score_loss: the loss of the scoring pass when it is not ``loss`` (GPS scores with a contrastive loss and
             trains with CE); None: ``loss``.
@@ -69,6 +72,8 @@ class Recipe:
             per-step phase (ACL's dense adaptation); None: by ``importance``.
         piece_port: PIECE's official scoring data (``piece_scoring_batch_size``, the task's un-augmented images in
             order) and gradient clipping (``piece_clip_norm``); False: score on the training loader, no clipping.
+        head_scale: the ``"prototypes"`` head's logit scale sigma at the task's start (None: 1, plain cosine
+            logits); e.g. 100, CLIP's logit scale, for SPU and SparCL.
     """
 
     preset: str
@@ -89,6 +94,7 @@ class Recipe:
     score_loss: Optional[str] = None
     phase: Optional[str] = None
     piece_port: bool = False
+    head_scale: Optional[float] = None
 
     @property
     def selective(self) -> bool:

@@ -67,7 +67,7 @@ class SelectivePhase:
         """Score, select and train ``task`` (SPEC 4, 13, 14); returns its accounting for results.json."""
         tuner, r, t = self.tuner, self.tuner.recipe, task.task_id
         epochs = r.epochs if tuner.cfg.tuning_steps is None else 2  # the scoring pass, then tuning_steps steps
-        head = tuner.prototype_head(loader, task) if r.loss == "ce" else None
+        head = tuner.task_head(loader, task) if r.loss == "ce" else None
         forward = LOSSES.get(r.loss)(tuner, head, task)
         optimizer, scheduler = tuner.make_optimizer(head)
         estimator = ESTIMATORS.get(r.importance)

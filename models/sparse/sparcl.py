@@ -13,8 +13,9 @@ its port for pre-trained transformers in github wx-zhang/spu (``trainer/sparsecl
   the pre-trained port: e < 5 gives (p, q) = (0.96, 0.95), i.e. 4% by importance and 1% at random; from e = 5 on
   (0.95, 0.95), no regrowth);
 - **training**: the gradient masked every step, AdamW (lr 5e-6, weight decay 0.2, betas 0.9/0.999), weight decay kept
-  off the masked entries (they stay bit-identical), CE on the task's fixed prototype cosine head. Weights are never
-  zeroed (the pre-trained port's gradient masks).
+  off the masked entries (they stay bit-identical), CE on the task's fixed prototype cosine head at CLIP's logit
+  scale 100 (the pre-trained port trains CLIP's contrastive loss at that scale). Weights are never zeroed (the
+  pre-trained port's gradient masks).
 
 The regrowth draws from the run's ``sparcl`` random stream (saved in checkpoints). Differences from both official
 codes are in docs/deviations.md section 6.
@@ -32,6 +33,7 @@ from models.loop import FlatGradients
 from models.sparse.optim import MaskedStep
 from models.sparse.presets import register_preset
 from models.sparse.scopes import is_embedding
+from models.sparse.spu import CLIP_LOGIT_SCALE
 from utils.config import config_keys, key
 from utils.registry import LOSSES, OPTIMIZERS, PHASES
 from utils.runtime import make_generator
@@ -123,7 +125,7 @@ class DynamicSparsePhase:
     def run(self, loader, task) -> dict[str, Any]:
         tuner, t = self.tuner, task.task_id
         epochs = tuner.recipe.epochs
-        head = tuner.prototype_head(loader, task)
+        head = tuner.task_head(loader, task)
         head.requires_grad_(False)
         forward = LOSSES.get("ce")(tuner, head, task)
         backbone = {n: p for n, p in tuner.network.named_parameters() if n.startswith("convnet.")}
@@ -177,7 +179,8 @@ def sparcl_adamw(tuner, head: Optional[nn.Module] = None):
 PHASES.register("sparcl", DynamicSparsePhase)
 register_preset("sparcl", phase="sparcl", loss="ce", importance=None, scope=None, step_rule=None,
                 optimizer="sparcl_adamw", drop=False, overlap=False, freeze=False, exclude_embeddings=True,
-                strict_mask=True, gate=False, head="prototypes", budget_key=None, epochs_key="mi_epochs",
+                strict_mask=True, gate=False, head="prototypes", head_scale=CLIP_LOGIT_SCALE, budget_key=None,
+                epochs_key="mi_epochs",
                 label="SparCL", order=97, keys=("sparcl_lr", "sparcl_weight_decay"), compare=True,
                 source="SparCL (github neu-spiral/SparCL; port wx-zhang/spu trainer/sparsecl.py), SPEC 19.4",
                 lr_key="sparcl_lr")

@@ -3,9 +3,10 @@
 Authors' code: github UIC-Liu-Lab/spg (``approaches/spg/spg.py``, ``appr_spg.py``, ``other_tasks_loss.py``); a port
 for pre-trained models in github wx-zhang/spu (``trainer/spg.py``). SPEC 19.3's recommended port to our hosts:
 
-1. **train** the task: ``mi_epochs`` epochs of cross-entropy on the task's prototype cosine head, plain SGD
-   (``spg_lr``; no momentum or weight decay, as the original), every backbone gradient multiplied by (1 - a), the soft
-   mask of the earlier tasks (none at task 0), and the head's gradient by the scalar 1 - mean(a);
+1. **train** the task: ``mi_epochs`` epochs of cross-entropy on a new linear head over the task's classes (the
+   authors' per-task ``nn.Linear`` heads, torch's default init), plain SGD (``spg_lr``; no momentum or weight decay,
+   as the original) over the backbone and that head, every backbone gradient multiplied by (1 - a), the soft mask of
+   the earlier tasks (none at task 0), and the head's gradient by the scalar 1 - mean(a);
 2. **importance**, after the task on its training data (the original timing): for the "recent" term the CE of this
    task's head, for each earlier task t an "other" term, the sum of the logits of t's stored head (labels unused);
    each term's gradients summed over every batch (signed), h; per tensor s = |tanh((h - mean h) / std h)| (unbiased
@@ -53,12 +54,11 @@ def standardised_importance(h: torch.Tensor) -> torch.Tensor:
     return torch.tanh((h - h.mean()) / std).abs()
 
 
-def logit_sum(tuner, rows: torch.Tensor) -> Callable[[Batch], torch.Tensor]:
-    """The "other tasks" loss of SPG (``other_tasks_loss.py``): the sum over the batch and the classes of the cosine
-    logits against an earlier task's head rows (C, D); labels unused. Under torchrun each process sums its rows (the
-    summed gradients are the whole batch's)."""
-    unit = F.normalize(rows, dim=1)
-    return lambda batch: head_logits(tuner, lambda f: F.normalize(f, dim=1) @ unit.T, batch).sum()
+def logit_sum(tuner, weight: torch.Tensor, bias: torch.Tensor) -> Callable[[Batch], torch.Tensor]:
+    """The "other tasks" loss of SPG (``other_tasks_loss.py``): the sum over the batch and the classes of an earlier
+    task's linear head's logits, f W^T + b, with W (C, D) and b (C,) float32 fixed; labels unused. Under torchrun each
+    process sums its rows (the summed gradients are the whole batch's)."""
+    return lambda batch: head_logits(tuner, lambda f: F.linear(f, weight, bias), batch).sum()
 
 
 class SoftMaskRule:
@@ -81,8 +81,8 @@ class SoftMaskRule:
 
 class SoftMaskPhase:
     """One task of SPG (see the module docstring). ``tuner.phase_state``: ``spg_a`` (flat float32 soft mask over the
-    backbone, parameter order), ``spg_heads`` (every earlier task's head rows, (C_total, D)) and ``spg_sizes``
-    (classes per earlier task)."""
+    backbone, parameter order), ``spg_heads`` (every earlier task's head weights, (C_total, D) float32),
+    ``spg_bias`` (their biases, (C_total,)) and ``spg_sizes`` (classes per earlier task, int64)."""
 
     def __init__(self, tuner) -> None:
         self.tuner = tuner
@@ -92,7 +92,7 @@ class SoftMaskPhase:
         epochs = tuner.recipe.epochs
         state = tuner.phase_state
         a = state.get("spg_a")
-        head = tuner.prototype_head(loader, task)
+        head = tuner.task_head(loader, task)
         forward = LOSSES.get("ce")(tuner, head, task)
         backbone = {n: p for n, p in tuner.network.named_parameters() if n.startswith("convnet.")}
         optimizer, _ = tuner.make_optimizer(head)
@@ -109,10 +109,10 @@ class SoftMaskPhase:
         head.requires_grad_(False)
         gamma = self.importance(loader, task, head)
         state["spg_a"] = gamma if a is None else torch.maximum(a.to(gamma.device), gamma)
-        rows = head.weight.detach().clone()
-        sizes = torch.tensor([rows.shape[0]], dtype=torch.int64)
-        state["spg_heads"] = rows if "spg_heads" not in state else torch.cat([state["spg_heads"], rows])
-        state["spg_sizes"] = sizes if "spg_sizes" not in state else torch.cat([state["spg_sizes"], sizes])
+        new = {"spg_heads": head.weight.detach().clone(), "spg_bias": head.bias.detach().clone(),
+               "spg_sizes": torch.tensor([head.weight.shape[0]], dtype=torch.int64)}
+        for name, value in new.items():
+            state[name] = value if name not in state else torch.cat([state[name], value.to(state[name].device)])
         tuner.network.eval()
         soft = state["spg_a"]
         return {"method": tuner.policy, "steps": steps, "epoch_losses": losses,
@@ -127,8 +127,10 @@ class SoftMaskPhase:
         terms = [LOSSES.get("ce")(tuner, head, task)]
         state = tuner.phase_state
         if "spg_heads" in state:
-            for rows in torch.split(state["spg_heads"].to(tuner.device), state["spg_sizes"].tolist()):
-                terms.append(logit_sum(tuner, rows))
+            sizes = state["spg_sizes"].tolist()
+            for weight, bias in zip(torch.split(state["spg_heads"].to(tuner.device), sizes),
+                                    torch.split(state["spg_bias"].to(tuner.device), sizes)):
+                terms.append(logit_sum(tuner, weight, bias))
         gamma = None
         for i, forward in enumerate(terms):
             sums = scoring_pass(tuner.loop, tuner.network, loader, forward, tuner.state, moments=True,
@@ -149,7 +151,7 @@ def spg_sgd(tuner, head: Optional[nn.Module] = None):
 PHASES.register("spg", SoftMaskPhase)
 register_preset("spg", phase="spg", loss="ce", importance=None, scope=None, step_rule=None, optimizer="spg_sgd",
                 drop=False, overlap=False, freeze=False, exclude_embeddings=False, strict_mask=False, gate=False,
-                head="prototypes", budget_key=None, epochs_key="mi_epochs", label="SPG", order=96,
+                head="linear", budget_key=None, epochs_key="mi_epochs", label="SPG", order=96,
                 keys=("spg_lr",), compare=True,
                 source="SPG (github UIC-Liu-Lab/spg approaches/spg; port wx-zhang/spu trainer/spg.py), SPEC 19.3",
                 lr_key="spg_lr")

@@ -4,13 +4,13 @@ Official code: github wx-zhang/spu (``trainer/spu.py``, ``trainer/finetune.py``,
 CLIP. Per task:
 
 1. **score** (label-free): on the task's training batches, gradients of L_b = mean_i ||z_i||^2 with z_i the logits
-   of image i (:func:`logit_norm`; ours: the cosine logits against the task's class prototypes, the host having no
-   text tower), summed with their sign, s = |sum_b g_b|. The pass ends after 0-based batch k as soon as
+   of image i (:func:`logit_norm`; ours: 100 x the cosines against the task's class prototypes, CLIP's logit scale
+   times cosines against class text embeddings there, the host having no text tower), summed with their sign, s = |sum_b g_b|. The pass ends after 0-based batch k as soon as
    k > 0.25 N (``score_batch_percentage``) and no scored entry has |sum| < 1e-12 (:func:`spu_stop`);
 2. **select** (:func:`first_mlp`): only each block's first MLP layer trains: per weight tensor the top
    ``int(spu_rate * numel)`` scores (``torch.topk``), its bias fully; everything else is frozen;
 3. **train** the remaining epochs, the gradient masked every step, AdamW (lr 7.5e-6, weight decay 0.2, betas
-   0.9/0.999), on cross-entropy over the task's prototype cosine head (fixed).
+   0.9/0.999), on cross-entropy over the same head (fixed, scale 100 as CLIP's contrastive logits).
 
 Port choices (SPEC 19.2 marks them F; each in docs/deviations.md section 6): gradients summed per batch (the shipped
 code never zeroes them, weighting early batches); weight decay only where the mask may move (the shipped AdamW also
@@ -35,6 +35,10 @@ from utils.registry import ESTIMATORS, LOSSES, OPTIMIZERS, SCOPES
 from utils.runtime import Batch
 
 SCORE_BATCH_PERCENTAGE = 0.25  # config/baseline/spu.yaml
+#: the scale of SPU's logits: OpenAI CLIP ViT-B/16's learned logit scale, exp(4.6052) = 100 (CLIP caps it there), which
+#: multiplies the image-text cosines SPU scores and trains on (clip/model.py ``logit_scale.exp()``); the prototype
+#: cosine head here gets it as sigma, fixed (SPU's scope never trains ``logit_scale``)
+CLIP_LOGIT_SCALE = 100.0
 ZERO_SCORE = 1e-12  # trainer/spu.py: the pass continues while an entry's |sum| is below this
 
 
@@ -122,7 +126,8 @@ def spu_adamw(tuner, head: Optional[nn.Module] = None):
 
 register_preset("spu", loss="ce", score_loss="logit_norm", importance="spu", scope="first_mlp", step_rule=None,
                 optimizer="spu_adamw", drop=False, overlap=False, freeze=False, exclude_embeddings=False,
-                strict_mask=True, gate=False, head="prototypes", budget_key="spu_rate", epochs_key="mi_epochs",
+                strict_mask=True, gate=False, head="prototypes", head_scale=CLIP_LOGIT_SCALE, budget_key="spu_rate",
+                epochs_key="mi_epochs",
                 label="SPU", order=93, keys=("spu_rate", "spu_lr", "spu_weight_decay", "spu_decay_masked_entries"),
                 compare=True, source="SPU (github wx-zhang/spu: trainer/spu.py, trainer/finetune.py), SPEC 19.2",
                 lr_key="spu_lr")

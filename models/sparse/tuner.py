@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from models.heads import CosineLinear
+from models.heads import CosineLinear, timm_linear_head
 from models.loop import TuningLoop, cross_entropy
 from models.sparse.gate import MagnitudeGate
 from models.sparse.losses import SecondViewAugment, contrastive_loss, head_logits
@@ -180,8 +180,28 @@ class SparseTuner:
         return cross_entropy(head_logits(self, head, batch), y.to(self.device) - known, batch)
 
     def prototype_head(self, loader, task) -> CosineLinear:
-        """The ported methods' CE head: the task's class means (``network.prototype_head``)."""
+        """A cosine head over the task's classes whose rows are their class means (``network.prototype_head``)."""
         return prototype_head(self.network, loader, task, self.device, self.cfg.precision)
+
+    def task_head(self, loader, task) -> nn.Module:
+        """The CE head a ported method trains on for ``task``, as the recipe's ``head`` says: ``"prototypes"``, the
+        class means of ``loader`` (:meth:`prototype_head`) with sigma = ``head_scale`` (1 when None); ``"timm_linear"``
+        (:func:`models.heads.timm_linear_head`) or ``"linear"`` (``nn.Linear``'s own init), a new linear classifier
+        over the task's classes drawn from the global torch generator on the CPU, as the official heads are built.
+
+        Returns:
+            a module mapping features (B, D) float32 to logits (B, seen - known).
+        """
+        kind, n_new, dim = self.recipe.head, task.seen - task.known, int(self.network.convnet.out_dim)
+        if kind == "timm_linear":
+            return timm_linear_head(dim, n_new, self.device)
+        if kind == "linear":
+            return nn.Linear(dim, n_new).to(self.device)
+        head = self.prototype_head(loader, task)
+        if self.recipe.head_scale is not None:
+            with torch.no_grad():
+                head.sigma.fill_(self.recipe.head_scale)
+        return head
 
     def scoring_loader(self, task):
         """PIECE's scoring data (SPEC 13.5): the task's un-augmented training images (``task.train_eval``) in order, in
