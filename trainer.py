@@ -388,9 +388,18 @@ def _run_task(learner, data: DataManager, t: int, ranges: list, results: dict) -
                     train=data.get_dataset(range(known, seen), "train", "train"),
                     train_eval=data.get_dataset(range(known, seen), "train", "test"),
                     test=data.get_dataset(range(0, seen), "test", "test"))
+    if learner.drift is not None:
+        learner.drift.start()
     report = learner.learn_task(task)
     y_topk, y_true = learner.predict(task.test)
     seconds = time.perf_counter() - start
+    if learner.drift is not None:  # after the task's seconds: a measurement, not part of the method's cost
+        drift = report["drift"] = learner.drift.finish(task)
+        embeddings = drift["groups"].get("embeddings", {}).get("share")
+        logger.info("Drift of task %d: relative change %.3g%s; old-class feature drift %s", t, drift["relative_change"],
+                    "" if embeddings is None else f", embeddings' share of the squared change {embeddings:.3f}",
+                    "-" if drift["old_class_feature_drift_mean"] is None
+                    else f"{drift['old_class_feature_drift_mean']:.4g} (cosine distance of test-set class means)")
     _record_task(results, t, (known, seen), y_topk, y_true, ranges[: t + 1], report, seconds)
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from models.drift import DriftMeter
 from models.loop import TuningLoop
 from models.sparse import build_tuner
 from utils import distributed
@@ -83,6 +84,8 @@ class Learner(abc.ABC):
         if cfg.tuning is not None:
             # None when the learner's official code does not dispatch cfg.spr (SPEC 5; warned there)
             self.tuner = build_tuner(cfg, self.tuned_module(), device, seed, self.DEFAULTS, learner=type(self))
+        #: per-task drift measurements (``models/drift.py``; None with ``measure_drift: false``)
+        self.drift = DriftMeter(self) if cfg.measure_drift else None
 
     @classmethod
     def build_backbone(cls, cfg: ExperimentConfig) -> nn.Module:
@@ -119,17 +122,19 @@ class Learner(abc.ABC):
         """
         return self.cfg.eval_batch_size or self.batch_size
 
-    def loader(self, dataset: Dataset, shuffle: bool, batch_size: Optional[int] = None, train: bool = False):
+    def loader(self, dataset: Dataset, shuffle: bool, batch_size: Optional[int] = None, train: bool = False,
+               generator: Optional[torch.Generator] = None):
         """A seeded DataLoader over ``dataset``; ``batch_size`` defaults to the learner's (training) batch size.
 
         Every loader draws from the run's one ``loader_generator`` (see ``make_loader`` for what each epoch
-        draws), so the shuffles of a run depend on how many epochs all loaders ran before, not on batch sizes.
+        draws), so the shuffles of a run depend on how many epochs all loaders ran before, not on batch sizes;
+        ``generator`` replaces it for a pass that must leave the run's streams alone (a measurement).
         ``train``: a tuning loader, whose random transforms are seeded per sample (run seed, epoch, image) and
         which gives each torchrun rank its share of every global batch; other loaders give rank r the batches i
         with i mod W = r (gathered back in order by :meth:`extract_features` and :meth:`predict`).
         """
         return make_loader(dataset, batch_size or self.batch_size, shuffle, self.cfg.num_workers,
-                           self.loader_generator, pin_memory=self.device.type == "cuda",
+                           generator or self.loader_generator, pin_memory=self.device.type == "cuda",
                            run_seed=self.seed if train else None, shard="batch" if train else "order")
 
     # ---- protocol ----------------------------------------------------------------------------
@@ -182,8 +187,9 @@ class Learner(abc.ABC):
 
     # ---- shared helpers ----------------------------------------------------------------------
     @torch.inference_mode()
-    def extract_features(self, dataset: Dataset, shuffle: bool = False,
-                         desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+    def extract_features(self, dataset: Dataset, shuffle: bool = False, desc: str = "features",
+                         module: Optional[nn.Module] = None,
+                         stream: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Backbone features of a dataset, in loader order, batches of ``eval_batch_size``.
 
         Runs under ``torch.inference_mode``: the outputs are inference tensors (no autograd history;
@@ -195,18 +201,24 @@ class Learner(abc.ABC):
             dataset: items ``(index, image (3,H,W) float32, label int64)``.
             shuffle: shuffled loader order (draws from ``loader_generator``), as the official head updates.
             desc: progress-bar label.
+            module: the network to run (default: the backbone); ``module(x)`` -> (B, D') with ``out_dim`` D'.
+            stream: draw the loader's seeds from this named stream of the run seed instead of ``loader_generator``
+                (a measurement that must not shift the run's shuffles).
 
         Returns:
             (features (N, D) float32 on ``device``, labels (N,) int64 on ``device``).
         """
-        self.backbone.eval()
+        module = self.backbone if module is None else module
+        module.eval()
         feats, labels = [], []
-        loader = self.loader(dataset, shuffle, self.eval_batch_size)
+        generator = make_generator(self.seed, stream=stream) if stream is not None else None
+        loader = self.loader(dataset, shuffle, self.eval_batch_size, generator=generator)
         for _, x, y in tqdm(loader, desc=desc, leave=False, disable=not self.cfg.progress):
             with autocast(self.device, self.cfg.precision):
-                feats.append(self.backbone(x.to(self.device, non_blocking=True)).float())
+                feats.append(module(x.to(self.device, non_blocking=True)).float())
             labels.append(y)
-        features = torch.cat(feats) if feats else torch.zeros(0, self.feature_dim, device=self.device)
+        width = int(getattr(module, "out_dim", self.feature_dim))
+        features = torch.cat(feats) if feats else torch.zeros(0, width, device=self.device)
         label_rows = (torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)).long().to(self.device)
         n, size = len(dataset), self.eval_batch_size  # torchrun: every rank extracted batches i = rank mod W
         return distributed.gather_batches(features, n, size), distributed.gather_batches(label_rows, n, size)
@@ -247,7 +259,7 @@ class Learner(abc.ABC):
         random stream) adds entries.
         """
         return {"backbone": self.backbone, "loader_generator": GeneratorState(self.loader_generator),
-                "tuner": self.tuner, "head": Stateful(self.head_state, self.load_head_state)}
+                "tuner": self.tuner, "head": Stateful(self.head_state, self.load_head_state), "drift": self.drift}
 
     def state_dict(self) -> dict[str, Any]:
         """:meth:`stateful`'s states by key (tensors, lists and numbers only; None for an absent part)."""

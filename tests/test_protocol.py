@@ -36,7 +36,10 @@ def test_paired_contrast_by_hand():
 
 
 def test_paired_contrast_edge_cases():
-    assert paired("x", [1.0, 2.0], [1.0, 2.0]).p == 1.0  # every difference 0
+    assert paired("x", [1.0, 2.0], [1.0, 2.0]).p is None  # every difference 0: no test
+    same = paired("x", [3.0, 4.0, 5.0], [2.0, 3.0, 4.0])  # every difference 1: no test either (not p = 0)
+    assert same.p is None and same.mean == 1.0 and (same.low, same.high) == (1.0, 1.0)
+    assert holm([same])[0].holm is None
     one = paired("x", [3.0], [1.0])
     assert one.p is None and one.low is None and one.mean == 2.0
     with pytest.raises(ValueError, match="equal"):
@@ -99,20 +102,83 @@ def test_plan_config_fixes_lambda_epochs_and_rate():
                                     ) == {"7": [1e6, 10.0]}
 
 
-def test_table_marks_a_benchmark_where_dense_tuning_does_not_move_as_not_informative():
-    def run(a_bar, a_last, change):  # what utils.report.load_run gives the protocol
-        return SimpleNamespace(values={"average_accuracy": a_bar, "last_accuracy": a_last, "moved_fraction": 0.5,
-                                       "relative_change": change, "wall_seconds": 1.0})
+def fake_run(a_bar=80.0, a_last=70.0, old=60.0, drift=0.0, change=0.0, a_tt=90.0, forgetting=5.0):
+    """What utils.report.load_run gives the protocol, for a constructed table."""
+    return SimpleNamespace(values={"average_accuracy": a_bar, "last_accuracy": a_last, "old_class_accuracy": old,
+                                   "feature_drift": drift, "a_tt": a_tt, "forgetting": forgetting,
+                                   "embedding_share": 0.5, "moved_fraction": 0.5, "relative_change": change,
+                                   "wall_seconds": 1.0})
 
+
+def test_informative_only_when_dense_tuning_changes_what_the_host_sees():
+    """Issue 25: not the weight change but dense CE's paired change of the old-class accuracy (a 95% interval off 0
+    and at least 1 point) or its old-class feature drift (at least 1e-3) decides."""
     seeds = [1, 2, 3]
-    rows = {"none": {s: run(80 + s, 70 + s, 0.0) for s in seeds},
-            "ce_finetune": {s: run(79 + s, 69 + s, 1e-5) for s in seeds}}
-    lines, summary = protocol.table(rows, ["ce_finetune"], seeds, {"ce_finetune": 1e-3}, 1e-3, "t")
-    assert not summary["informative"] and "NOT informative" in "\n".join(lines)
-    assert summary["contrasts"]["a_last"][0]["mean"] == pytest.approx(-1.0)
-    rows["ce_finetune"] = {s: run(79 + s, 69 + s, 2e-3) for s in seeds}
-    _, summary = protocol.table(rows, ["ce_finetune"], seeds, {"ce_finetune": 1e-3}, 1e-3, "t")
-    assert summary["informative"]
+    rows = {"none": {s: fake_run(old=60 + s) for s in seeds},
+            "ce_finetune": {s: fake_run(old=60 + s + 0.1 * (s - 2), drift=2e-4, change=0.5) for s in seeds}}
+    lines, summary = protocol.table(rows, ["ce_finetune"], seeds, {"ce_finetune": 1e-3}, {}, "t")
+    assert summary["informative"] is False and "NOT informative" in "\n".join(lines)  # a large weight change alone
+    rows["ce_finetune"] = {s: fake_run(old=55 + s + 0.1 * s, drift=2e-4) for s in seeds}  # -5 points, tight
+    assert protocol.table(rows, ["ce_finetune"], seeds, {}, {}, "t")[1]["informative"] is True
+    rows["ce_finetune"] = {s: fake_run(old=60 + s + 3 * (-1) ** s, drift=2e-4) for s in seeds}  # interval spans 0
+    assert protocol.table(rows, ["ce_finetune"], seeds, {}, {}, "t")[1]["informative"] is False
+    rows["ce_finetune"] = {s: fake_run(old=60 + s, drift=5e-3) for s in seeds}  # the features moved
+    lines, summary = protocol.table(rows, ["ce_finetune"], seeds, {}, {}, "t")
+    assert summary["informative"] is True and "5.00e-03" in "\n".join(lines)
+    assert protocol.table({"none": rows["none"]}, [], seeds, {}, {}, "t")[1]["informative"] is None
+
+
+def test_table_contrasts_cover_the_verdicts():
+    seeds = [1, 2, 3, 4]
+    rows = {a: {s: fake_run(a_last=70 + s + bump, old=60 + s + bump) for s in seeds}
+            for a, bump in (("none", 0), ("ce_finetune", -2), ("mist", 1), ("mist_random", 0.5),
+                            ("mist_noembed", 2))}
+    rows["mist"] = {s: fake_run(a_last=71 + s + 0.1 * s, old=61 + s) for s in seeds}
+    _, summary = protocol.table(rows, ["ce_finetune", "mist_random", "mist_noembed", "mist"], seeds, {}, {}, "t")
+    names = {c["name"] for c in summary["contrasts"]["a_last"]}
+    assert names == {"ce_finetune - none", "mist_random - none", "mist_noembed - none", "mist - none",
+                     "mist - mist_random", "mist_noembed - mist", "mist - ce_finetune"}
+    old = {c["name"]: c for c in summary["contrasts"]["old"]}
+    assert old["mist - ce_finetune"]["mean"] == pytest.approx(3.0)
+    assert old["mist - none"]["p"] is None  # every difference is 1: no test, not p = 0
+    assert summary["detectable_a_last"]["family_size"] == sum(c["p"] is not None for c in summary["contrasts"]["a_last"])
+
+
+def test_calibration_grows_the_grid_until_the_best_rate_is_interior(monkeypatch, tmp_path):
+    """Stage 2 on fake runs whose A-bar peaks at 1e-6: the Adam grid 1e-5..1e-3 grows downwards to 1e-6 and 1e-7 and
+    stops there (1e-6 interior); the SGD grid peaking inside stays as it is; an arm at MIST's rate is not run."""
+    import jobs
+
+    ran = []
+    peak = {"piece_f": 1e-6, "mist": 1e-3}
+
+    def results(job):
+        arm = job.cfg["spr"]
+        lr = job.cfg[protocol.PRESETS.get(arm).lr_key]
+        score = 90 - abs(math.log10(lr) - math.log10(peak[arm]))
+        return {s: fake_run(a_bar=score) for s in job.cfg["seed"]}
+
+    monkeypatch.setattr(jobs.Job, "results", results)
+    monkeypatch.setattr(protocol, "run_all", lambda js, *a, **k: ran.extend(j.name for j in js) or [])
+    args = protocol.parse_args(["--methods", "piece_f", "mist", "mist_random", "--out", str(tmp_path)])
+    arms = [protocol.arm_of(m) for m in args.methods]
+    base = json.loads((ROOT / "exps/importance/fmnist_ranpac_none.json").read_text())
+    cal, failed = protocol.calibrate(tmp_path, {"ranpac": base}, arms, args, {}, {}, {"ranpac": None}, 1, print)
+    assert failed == [] and not any("mist_random" in name for name in ran)
+    assert sorted(cal.scores[("ranpac", "piece_f")]) == [1e-7, 1e-6, 1e-5, 1e-4, 1e-3]
+    assert cal.chosen(("ranpac", "piece_f")) == 1e-6 and cal.interior(("ranpac", "piece_f"))
+    assert sorted(cal.scores[("ranpac", "mist")]) == [1e-4, 1e-3, 1e-2] and cal.interior(("ranpac", "mist"))
+    peak["piece_f"] = 1e-12  # beyond max_extend (3 per side): reported as not bracketed
+    cal, _ = protocol.calibrate(tmp_path, {"ranpac": base}, arms, args, {}, {}, {"ranpac": None}, 1, print)
+    assert min(cal.scores[("ranpac", "piece_f")]) == pytest.approx(1e-8) and not cal.interior(("ranpac", "piece_f"))
+
+
+def test_variant_arms_take_mists_rate_and_their_overrides():
+    base = json.loads((ROOT / "exps/importance/fmnist_ranpac_none.json").read_text())
+    cfg = protocol.plan_config(base, {}, protocol.arm_of("mist_noembed"), [1], 2, 1e-3, {}, None)
+    assert cfg["spr"] == "mist" and cfg["exclude_embeddings"] is True and cfg["mist_lr"] == 1e-3
+    assert protocol.arm_of("mist_random").rate_of == protocol.arm_of("mist_noembed").rate_of == "mist"
+    assert protocol.arm_of("spu").rate_of is None
 
 
 # ---- the PIECE port's keys and the fixed lambda per seed ----------------------------------------------------
@@ -187,15 +253,16 @@ def test_protocol_end_to_end_on_a_tiny_vit(tmp_path):
     rc = protocol.main(["--out", str(out), "--base", *map(str, bases), "--methods", "piece_s", "ce_finetune",
                         "--seeds", "11", "12", "--calibration-seeds", "10", "--grid-sgd", "1e-4", "1e-3",
                         "--grid-adam", "1e-5", "--epochs", "1", "--size", "none", "--workers", "1",
-                        "--calibrate-on", "ranpac"])
+                        "--calibrate-on", "ranpac", "--max-extend", "0"])
     assert rc == 0
     report = json.loads((out / "protocol.json").read_text())
     assert set(report["chosen_lr"]["simplecil"]) == {"piece_s", "ce_finetune"}
     assert report["chosen_lr"]["simplecil"] == report["chosen_lr"]["ranpac"]
     assert report["chosen_lr"]["ranpac"]["piece_s"] == 1e-5
-    scores = report["calibration"]["ranpac"]["ce_finetune"]
+    scores = report["calibration"]["ranpac/ce_finetune"]["scores"]
     best = max(scores, key=lambda lr: (scores[lr], -float(lr)))
     assert report["chosen_lr"]["ranpac"]["ce_finetune"] == float(best)
+    assert report["calibration"]["ranpac/ce_finetune"]["grid"] == [1e-4, 1e-3]
     assert set(report["tables"]) == {"ranpac/fixed", "ranpac/free", "simplecil/free"}
     fixed = report["tables"]["ranpac/fixed"]
     assert fixed["seeds"] == [11, 12] and {c["name"] for c in fixed["contrasts"]["a_last"]} == {
@@ -214,5 +281,5 @@ def test_protocol_end_to_end_on_a_tiny_vit(tmp_path):
     assert protocol.main(["--out", str(out), "--base", *map(str, bases), "--methods", "piece_s", "ce_finetune",
                           "--seeds", "11", "12", "--calibration-seeds", "10", "--grid-sgd", "1e-4", "1e-3",
                           "--grid-adam", "1e-5", "--epochs", "1", "--size", "none", "--workers", "1",
-                          "--calibrate-on", "ranpac"]) == 0
+                          "--calibrate-on", "ranpac", "--max-extend", "0"]) == 0
     assert (out / "protocol.log").read_text().count(": exit ") == runs_before

@@ -185,6 +185,11 @@ class ExperimentConfig:
         "bit for bit on the same GPU model and software, at a speed cost (see README).",
     )
     verify_images: bool = _f(False, "Open every image file once before training, naming any unreadable one.")
+    measure_drift: bool = _f(
+        True, "After every task, measure where the backbone's change landed (per parameter group) and how far the "
+        "old classes' test-set mean features moved (results.json tasks[i].drift; models/drift.py): one extra pass "
+        "over the seen classes' test images per task; false switches it off."
+    )
     stop_after_task: Optional[int] = _f(
         None, "Stop after this task (0-based) as if interrupted, leaving a resumable run (testing resume).", min=0
     )

@@ -25,7 +25,8 @@ class Contrast:
         mean: mean paired difference (points).
         sd: sample standard deviation of the paired differences (ddof 1; None with n < 2).
         low, high: two-sided 95% t interval of the mean difference (None with n < 2).
-        p: two-sided p-value of the paired t test (1.0 when every difference is exactly 0; None with n < 2).
+        p: two-sided p-value of the paired t test (None with n < 2, or when every paired difference is the same: no
+            t statistic exists, so no test is made and Holm does not count the contrast).
         holm: Holm-adjusted p-value within its family (set by :func:`holm`).
         positive: seeds on which ``a > b``.
     """
@@ -58,8 +59,8 @@ def paired(name: str, a: Sequence[float], b: Sequence[float], level: float = 0.9
     if n < 2:
         return Contrast(name, n, mean, None, None, None, None, positive)
     sd = float(d.std(ddof=1))
-    if sd == 0.0:
-        return Contrast(name, n, mean, 0.0, mean, mean, 1.0 if mean == 0.0 else 0.0, positive)
+    if sd == 0.0:  # every difference equal: no t statistic, so no test (not p = 0 or 1)
+        return Contrast(name, n, mean, 0.0, mean, mean, None, positive)
     half = float(stats.t.ppf((1 + level) / 2, n - 1)) * sd / math.sqrt(n)
     p = float(2 * stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
     return Contrast(name, n, mean, sd, mean - half, mean + half, p, positive)

@@ -111,6 +111,9 @@ METRICS = (
     Metric("selected_fraction", "Backbone selected (%)", "fraction", 100.0, 3),
     Metric("moved_fraction", "Backbone entries moved per task (%)", "fraction", 100.0, 3),
     Metric("relative_change", "Relative weight change per task (x 1e-6)", "ratio", 1e6, 2),
+    Metric("old_class_accuracy", "Old-class accuracy after the last task (%)", "%", 1.0, 2),
+    Metric("feature_drift", "Old-class feature drift after the last task (cosine distance x 1e-3)", "ratio", 1e3, 3),
+    Metric("embedding_share", "Embeddings' share of the squared backbone change (%)", "fraction", 100.0, 1),
     Metric("wall_seconds", "Wall time (s)", "s", 1.0, 1),
 )
 
@@ -120,9 +123,13 @@ class RunRecord:
     """What the report needs from one results.json.
 
     ``values`` (complete runs only; None where not applicable) holds average_accuracy, last_accuracy,
-    forgetting, updated_fraction_per_step, selected_fraction and moved_fraction (means over the tasks that ran a
+    forgetting, a_tt (mean over tasks of the accuracy on the task just learned), updated_fraction_per_step,
+    selected_fraction and moved_fraction (means over the tasks that ran a
     tuning phase, as fractions of the backbone), relative_change (mean ||theta - theta_0|| / ||theta_0|| per tuned
-    task), and wall_seconds (sum of the tasks' ``seconds``).
+    task), old_class_accuracy (accuracy on the classes of the earlier tasks after the last task), feature_drift
+    (the last task's mean old-class feature drift, ``tasks[-1].drift``), embedding_share (mean over the tasks that
+    moved the backbone of the embeddings' share of the squared change) and wall_seconds (sum of the tasks'
+    ``seconds``). ``groups`` holds each parameter group's share of the squared change, averaged over those tasks.
     """
 
     path: Path
@@ -139,6 +146,7 @@ class RunRecord:
     values: dict[str, Optional[float]] = field(default_factory=dict)
     top1_curve: list[float] = field(default_factory=list)
     accuracy_matrix: list[list[Optional[float]]] = field(default_factory=list)
+    groups: dict[str, float] = field(default_factory=dict)
     newest_key: tuple = ()
 
     @property
@@ -284,6 +292,34 @@ def _mean_over_tuned(tasks: list, key: str) -> Optional[float]:
     return float(np.mean(vals)) if vals else None
 
 
+def _drift_values(tasks: list) -> tuple[dict[str, Optional[float]], dict[str, float]]:
+    """(old_class_accuracy, feature_drift, embedding_share) and the mean share of each parameter group, from the
+    tasks' ``old`` and ``drift`` entries (None / empty when the run measured no drift)."""
+    last = tasks[-1] if tasks else {}
+    old = _number(last.get("old"), f"tasks[{len(tasks) - 1}].old", allow_none=True, bounds=PERCENT) \
+        if len(tasks) > 1 else None
+    values: dict[str, Optional[float]] = {"old_class_accuracy": old, "feature_drift": None, "embedding_share": None}
+    drifts = [(i, t["drift"]) for i, t in enumerate(tasks) if isinstance(t.get("drift"), dict)]
+    if not drifts:
+        return values, {}
+    i, final = drifts[-1]
+    if i == len(tasks) - 1:
+        values["feature_drift"] = _number(final.get("old_class_feature_drift_mean"),
+                                          f"tasks[{i}].drift.old_class_feature_drift_mean", allow_none=True)
+    shares: dict[str, list[float]] = {}
+    for i, d in drifts:
+        groups = d.get("groups")
+        if not isinstance(groups, dict) or not _number(d.get("relative_change"), f"tasks[{i}].drift.relative_change"):
+            continue
+        for name, g in groups.items():
+            share = g.get("share") if isinstance(g, dict) else None
+            shares.setdefault(str(name), []).append(_number(share, f"tasks[{i}].drift.groups.{name}.share"))
+    means = {name: float(np.mean(v)) for name, v in shares.items()}
+    if means:
+        values["embedding_share"] = means.get("embeddings", 0.0)
+    return values, means
+
+
 def load_run(path: Path) -> RunRecord:
     """Read one results.json (format of trainer.run_seed) into a :class:`RunRecord`.
 
@@ -360,12 +396,15 @@ def load_run(path: Path) -> RunRecord:
         "average_accuracy": _number(data.get("average_accuracy"), "average_accuracy", bounds=PERCENT),
         "last_accuracy": _number(data.get("last_accuracy"), "last_accuracy", bounds=PERCENT),
         "forgetting": _number(data.get("forgetting"), "forgetting", allow_none=True, bounds=SIGNED_PERCENT),
+        "a_tt": _number(data.get("a_tt"), "a_tt", allow_none=True, bounds=PERCENT),
         "updated_fraction_per_step": _mean_over_tuned(tasks, "updated_fraction_per_step"),
         "selected_fraction": _mean_over_tuned(tasks, "selected_fraction"),
         "moved_fraction": _mean_over_tuned(tasks, "moved_fraction"),
         "relative_change": _mean_over_tuned(tasks, "relative_change"),
         "wall_seconds": float(sum(s for s in seconds if s is not None)) if tasks and None not in seconds else None,
     }
+    drift, run.groups = _drift_values(tasks)
+    run.values.update(drift)
     return run
 
 
@@ -554,6 +593,27 @@ def paired_table(col: Collection) -> list[str]:
     return lines if rows else []
 
 
+def group_table(col: Collection, top: int = 4) -> list[str]:
+    """Markdown lines: per learner, method and data set, the ``top`` parameter groups with the largest mean share of
+    the squared backbone change (``tasks[i].drift.groups``, averaged over the tasks that moved the backbone, then
+    over the seeds). Empty when no run measured drift."""
+    lines = ["| Learner / method | Dataset | n | largest shares of the squared change (mean over tasks and seeds) |",
+             "|---|---|---:|---|"]
+    for learner in col.learners:
+        for method in col.methods(learner):
+            for dataset in col.datasets:
+                cell = col.cells.get((learner, method, dataset))
+                runs = [r for r in (cell.runs if cell else []) if r.groups]
+                if not runs:
+                    continue
+                names = sorted({g for r in runs for g in r.groups})
+                mean = {g: float(np.mean([r.groups.get(g, 0.0) for r in runs])) for g in names}
+                best = sorted(mean, key=lambda g: -mean[g])[:top]
+                lines.append(f"| {_md(learner_title(learner))} / {_md(method)} | {_md(dataset)} | {len(runs)} | "
+                             + ", ".join(f"{_md(g)} {100 * mean[g]:.1f}%" for g in best) + " |")
+    return lines if len(lines) > 2 else []
+
+
 def markdown(col: Collection, plots: Sequence[Path], command: str = "") -> str:
     """The whole table.md: metric tables with footnotes, then incomplete, duplicate, skipped and used runs, plots."""
     n_used = sum(len(c.runs) for c in col.cells.values())
@@ -569,6 +629,9 @@ def markdown(col: Collection, plots: Sequence[Path], command: str = "") -> str:
                 "[Skipped files](#skipped-files).", ""]
     for metric in METRICS:
         out += [f"## {metric.title}", ""] + metric_table(col, metric) + [""]
+    groups = group_table(col)
+    if groups:
+        out += ["## Where the backbone's change lands", ""] + groups + [""]
     paired = paired_table(col)
     if paired:
         out += ["## Paired differences from no tuning phase (same seed = same class order)", ""] + paired + [""]
@@ -587,6 +650,12 @@ def markdown(col: Collection, plots: Sequence[Path], command: str = "") -> str:
             "- Backbone entries moved / relative weight change: mean over the tuned tasks of `moved_fraction` (share of "
             "entries whose value the tuning phase changed; weight decay moves unselected entries too) and of "
             "`relative_change` (||theta - theta_0|| / ||theta_0|| over the task's phase).",
+            "- Old-class accuracy: top-1 accuracy on the test images of the classes of every task before the last, after "
+            "the last task. Old-class feature drift: mean over those classes of 1 - cos between their test-set mean "
+            "feature (the module the tuning phase tunes) after the last task and after the task that introduced them "
+            "(`tasks[i].drift`, evaluation data only; `-`: not measured). Embeddings' share: mean over the tasks that "
+            "moved the backbone of ||d theta_embeddings||^2 / ||d theta||^2 over the whole task (tuning phase and the "
+            "learner's own training).",
             "- Wall time: sum over tasks of each task's `seconds` (learning and evaluation).",
             "- Paired differences: for each seed where both ran, the method's value minus the same learner's `none` "
             "run (same class order); mean ± sample std over those seeds, and how many differences are > 0. A "

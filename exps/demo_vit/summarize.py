@@ -85,7 +85,7 @@ def report(runs: dict) -> str:
     def cell(c) -> tuple[str, str]:
         if c.low is None:
             return f"{c.mean:+.2f}", "-"
-        return f"{c.mean:+.2f} [{c.low:+.2f}, {c.high:+.2f}]", f"{c.holm:.3f}"
+        return f"{c.mean:+.2f} [{c.low:+.2f}, {c.high:+.2f}]", "-" if c.holm is None else f"{c.holm:.3f}"
 
     for host in HOSTS:
         if host not in families["last_accuracy"]:

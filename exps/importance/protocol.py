@@ -1,26 +1,30 @@
-"""The comparison protocol (issue 15): calibrated learning rates, equal training, fixed ridge lambda, 10 paired seeds,
-planned contrasts with Holm-corrected p-values.
+"""The comparison protocol (issues 15 and 25): calibrated learning rates whose optimum is bracketed, equal training,
+fixed ridge lambda, paired seeds, planned contrasts with Holm-corrected p-values, drift measurements and an
+informativeness rule based on what the host sees.
 
 Stages (each run is one ``main.py`` process over a config written to ``OUT/configs``; finished runs are skipped, so
 an interrupted protocol resumes by running the same command again):
 
 1. **untuned**: every learner with ``spr`` none on the calibration and reported seeds (RanPAC's ridge lambda is
    the official free search; each seed's per-task choice is read from results.json);
-2. **calibration**: every method at every learning rate of its grid (``--grid-sgd`` for an SGD optimizer,
-   ``--grid-adam`` otherwise; the preset's ``lr_key``) on the calibration seeds only, which are never reported;
-   the rate with the highest mean A-bar is kept (ties: the smaller rate), per learner;
-3. **main**: every method at its calibrated rate on the reported seeds; RanPAC with each seed's lambdas fixed to
-   its untuned run's choice (``ridge_lambdas_by_seed``) and, beside it, with the official free choice.
+2. **calibration**, on the calibration seeds only (never reported): every arm that has a rate of its own at every
+   learning rate of its grid (``--grid-sgd`` for an SGD optimizer, ``--grid-adam`` otherwise; the preset's
+   ``lr_key``); while the best rate (highest mean A-bar; ties: the smaller rate) is the grid's smallest or largest,
+   the grid grows by one rate a factor ``--grid-step`` beyond it (at most ``--max-extend`` times per side), so the
+   chosen rate is interior, or the report says it is not. Arms that take another arm's rate (MIST with random scores
+   and MIST without its embeddings take MIST's, so that the contrasts isolate the scores and the exclusion) are not
+   calibrated;
+3. **main**: every arm at its rate on the reported seeds; RanPAC with each seed's lambdas fixed to its untuned run's
+   choice (``ridge_lambdas_by_seed``) and, unless ``--no-free-lambda``, with the official free choice.
 
-Every method trains ``--epochs`` epochs per task (a scoring pass comes on top for the task-level presets). The
-report (``OUT/protocol.md``, ``OUT/protocol.json``) has, per table: A-bar and A_B (mean ± sample std), the share of
-backbone entries moved and the relative weight change per task, wall time per run, the planned contrasts (each
-method vs none, MIST vs MIST with random scores, PIECE-F vs PIECE-S) as paired differences with 95% t intervals and
-Holm-corrected p-values, and the smallest detectable effect. A table is marked **not informative** when dense CE
-fine-tuning moved the backbone by less than a relative ``--min-change`` (1e-3) per task.
+Every arm trains ``--epochs`` epochs per task (a scoring pass comes on top for the task-level presets); every run
+uses the same thread count (``OMP_NUM_THREADS``: the cores over ``--workers``). The report (``OUT/protocol.md``,
+``OUT/protocol.json``, ``OUT/calibration.png``) has the calibration curves and, per table, the accuracies, the drift
+measurements, the planned contrasts and the informativeness verdict (``protocol_tables.py``).
 
-    python exps/importance/protocol.py --out runs/protocol          # the demo protocol, about 2 hours on 2 cores
-    python exps/importance/protocol.py --out runs/protocol_quick --quick   # a few minutes, CI-sized
+    python exps/importance/protocol.py --out runs/protocol                 # EfficientNet-Lite0 demo (issue 15)
+    python exps/importance/protocol.py --suite dinov2 --out runs/benchmark  # DINOv2 benchmark (issue 25)
+    python exps/importance/protocol.py --out runs/protocol_quick --quick    # a few minutes, CI-sized
 
 On a paper data set (GPU): ``--base exps/ranpac/cub.json exps/simplecil/cub.json --size none``.
 Exit status: 0 done, 1 a run failed (the report covers what finished), 2 bad arguments.
@@ -32,10 +36,9 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -44,8 +47,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
-from utils.contrasts import Contrast, detectable_effect, holm, paired  # noqa: E402
-from utils.report import RESULTS_NAME, InvalidResults, RunRecord, load_run  # noqa: E402
+sys.path.insert(0, str(HERE))
+from jobs import Job, lr_tag, run_all  # noqa: E402
+from protocol_tables import metrics, table  # noqa: E402
 from utils.registry import LEARNERS, PRESETS  # noqa: E402
 import models  # noqa: E402,F401  (registers the learners and presets)
 
@@ -61,12 +65,43 @@ DEFAULT_METHODS = ("ce_finetune", "mist_random", "piece_f", "piece_s", "magnitud
 GRID_SGD, GRID_ADAM = (1e-4, 1e-3, 1e-2), (1e-5, 1e-4, 1e-3)
 REPORTED_SEEDS = tuple(range(2001, 2011))
 CALIBRATION_SEEDS = (1990, 1991)
-CONTRASTS_EXTRA = (("mist", "mist_random"), ("piece_f", "piece_s"))
+#: named argument sets (``--suite``); the command line's own values win where given
+SUITES: dict[str, dict[str, Any]] = {
+    "dinov2": dict(base=[HERE / "dinov2_ranpac_none.json", HERE / "dinov2_simplecil_none.json"],
+                   methods=["ce_finetune", "mist_random", "mist_noembed", "spu", "gps", "mist"], size="none",
+                   epochs=3, calibrate_on="ranpac", no_free_lambda=True),
+}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One compared method: a preset with config overrides; ``rate_of``: take that arm's calibrated rate."""
+
+    name: str
+    preset: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+    rate_of: Optional[str] = None
+
+
+#: arms that are not a preset as it is; their rates follow MIST's (issue 25: same-rate contrasts)
+VARIANTS = {"mist_noembed": Arm("mist_noembed", "mist", {"exclude_embeddings": True},
+                                "MIST, embeddings excluded (deviation)", rate_of="mist"),
+            "mist_random": Arm("mist_random", "mist_random", {}, "MIST, random scores (MIST's rate)", rate_of="mist")}
+
+
+def arm_of(name: str) -> Arm:
+    """The arm ``name``: a variant of :data:`VARIANTS`, or a registered preset with its own rate.
+
+    Raises:
+        ConfigError: neither.
+    """
+    return VARIANTS.get(name) or Arm(name, name, {}, PRESETS.get(name, "--methods").label)
 
 
 def epoch_keys(method: str, epochs: int) -> dict[str, int]:
-    """The config keys that give ``method`` ``epochs`` training epochs per task: a task-level preset's epochs key
-    counts its scoring pass too (``mi_epochs`` = epochs + 1); phases (ACL, SPG, SparCL) and the per-step presets
+    """The config keys that give preset ``method`` ``epochs`` training epochs per task: a task-level preset's epochs
+    key counts its scoring pass too (``mi_epochs`` = epochs + 1); phases (ACL, SPG, SparCL) and the per-step presets
     train every epoch of theirs."""
     p = PRESETS.get(method)
     scoring = p.parts["importance"] is not None and p.parts.get("phase") is None
@@ -74,69 +109,8 @@ def epoch_keys(method: str, epochs: int) -> dict[str, int]:
 
 
 def grid(method: str, sgd: tuple[float, ...], adam: tuple[float, ...]) -> tuple[float, ...]:
-    """The learning-rate grid of ``method``: ``sgd`` when its optimizer is an SGD, ``adam`` otherwise."""
+    """The learning-rate grid of preset ``method``: ``sgd`` when its optimizer is an SGD, ``adam`` otherwise."""
     return sgd if "sgd" in PRESETS.get(method).parts["optimizer"] else adam
-
-
-class Job:
-    """One ``main.py`` run: a config written to ``configs/<name>.json``, output in ``<stage>/<name>``."""
-
-    def __init__(self, out: Path, stage: str, name: str, cfg: dict[str, Any]) -> None:
-        self.stage, self.name, self.cfg = stage, name, cfg
-        self.config_path = out / "configs" / f"{name}.json"
-        self.run_dir = out / stage / name
-
-    def results(self) -> dict[int, RunRecord]:
-        """seed -> the newest complete run of this job's folder (read by the report tool, ``utils.report``)."""
-        found: dict[int, RunRecord] = {}
-        for path in self.run_dir.glob(f"**/{RESULTS_NAME}"):
-            try:
-                run = load_run(path)
-            except InvalidResults:
-                continue
-            if run.complete and (run.seed not in found or run.newest_key > found[run.seed].newest_key):
-                found[run.seed] = run
-        return found
-
-    def done(self) -> bool:
-        return set(self.cfg["seed"]) <= set(self.results())
-
-    def run(self, log) -> bool:
-        if self.done():
-            log(f"{self.stage}/{self.name}: done before, skipped")
-            return True
-        self.config_path.parent.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(json.dumps(self.cfg, indent=1) + "\n")
-        cmd = [sys.executable, str(REPO / "main.py"), "--config", str(self.config_path), "--output-dir",
-               str(self.run_dir)]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        tail = proc.stderr.strip().splitlines()[-1] if proc.returncode and proc.stderr.strip() else ""
-        log(f"{self.stage}/{self.name}: exit {proc.returncode} in {time.perf_counter() - t0:.0f} s "
-            f"({shlex.join(cmd)}) {tail}")
-        return proc.returncode == 0
-
-
-def run_all(jobs: list[Job], workers: int, log, report_only: bool = False) -> list[str]:
-    """Run ``jobs`` on ``workers`` processes at a time; returns the names of the failed ones (with
-    ``report_only``, runs nothing and returns the unfinished ones)."""
-    if report_only:
-        return [j.name for j in jobs if not j.done()]
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        ok = list(pool.map(lambda j: j.run(log), jobs))
-    return [j.name for j, good in zip(jobs, ok) if not good]
-
-
-def lr_tag(lr: float) -> str:
-    return f"{lr:.0e}".replace("e-0", "e-")
-
-
-def metrics(run: RunRecord) -> dict[str, float]:
-    """A run's A-bar, A_B, mean moved fraction and relative change per tuned task (0 without tuning), and wall time
-    (s), from the report tool's reading of its results.json."""
-    v = run.values
-    return {"a_bar": v["average_accuracy"], "a_last": v["last_accuracy"], "moved": v["moved_fraction"] or 0.0,
-            "change": v["relative_change"] or 0.0, "wall": v["wall_seconds"] or 0.0}
 
 
 def untuned_lambdas(results: dict[int, dict]) -> dict[str, list[float]]:
@@ -150,113 +124,124 @@ def learner_name(base: dict) -> str:
     return LEARNERS.resolve(str(base["model_name"]))
 
 
-def plan_config(base: dict, size: dict, method: str, seeds, epochs: int, lr: Optional[float],
+def plan_config(base: dict, size: dict, method: "str | Arm", seeds, epochs: int, lr: Optional[float],
                 overrides: dict, lambdas: Optional[dict]) -> dict:
-    cfg = {**base, **size, "spr": method, "seed": list(seeds), "progress": False, **overrides}
+    """The config of one job: ``base`` with ``size``, the arm's preset and overrides, its epochs and rate, the seeds,
+    the command line's overrides and RanPAC's fixed lambdas."""
+    arm = method if isinstance(method, Arm) else arm_of(method) if method != "none" else None
+    cfg = {**base, **size, "spr": arm.preset if arm else "none", "seed": list(seeds), "progress": False, **overrides}
     cfg["prefix"] = "protocol"
-    if method != "none":
-        cfg.update(epoch_keys(method, epochs))
+    if arm is not None:
+        cfg.update(arm.overrides)
+        cfg.update(epoch_keys(arm.preset, epochs))
         if lr is not None:
-            cfg[PRESETS.get(method).lr_key] = lr
+            cfg[PRESETS.get(arm.preset).lr_key] = lr
     if lambdas is not None:
         cfg["ridge_lambdas_by_seed"] = lambdas
     return cfg
 
 
-def table(rows: dict[str, dict[int, RunRecord]], methods: list[str], seeds: list[int], lrs: dict[str, float],
-          min_change: float, title: str) -> tuple[list[str], dict]:
-    """Markdown lines and the JSON summary of one table (one learner, one lambda mode)."""
-    lines = [f"### {title}", ""]
-    summary: dict[str, Any] = {"methods": {}, "contrasts": {}}
-    # each method on the reported seeds it finished; a contrast on the seeds both of its methods finished
-    done = {m: [s for s in seeds if s in rows.get(m, {})] for m in ["none", *methods]}
-    common = [s for s in seeds if all(s in done[m] for m in done)]
-    dense = done.get("ce_finetune", [])
-    dense_change = float(np.mean([metrics(rows["ce_finetune"][s])["change"] for s in dense])) if dense else None
-    informative = dense_change is not None and dense_change >= min_change
-    moved = "not run" if dense_change is None else f"{dense_change:.2e}"
-    lines.append(f"Seeds with every method: {len(common)} of {len(seeds)}. Dense CE fine-tuning moved the backbone by a "
-                 f"relative {moved} per task: " + ("informative (>= %g)." % min_change if informative else
-                                                   f"**NOT informative** (< {min_change:g}: the backbone barely moves, "
-                                                   "so the methods cannot differ)."))
-    lines += ["", "| method | lr | n | A-bar | A_B | moved % per task | rel. change per task | wall s | "
-              "Δ A_B [95% CI] | p | Holm p | Δ A-bar [95% CI] | Holm p |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    family = [(m, "none") for m in methods] + [(a, b) for a, b in CONTRASTS_EXTRA if a in methods and b in methods]
-    family = [(a, b) for a, b in family if any(s in done[b] for s in done[a])]
-    found: dict[str, list[Contrast]] = {}
-    for metric in ("a_last", "a_bar"):
-        cs = []
-        for a, b in family:
-            both = [s for s in done[a] if s in done[b]]
-            cs.append(paired(f"{a} - {b}", [metrics(rows[a][s])[metric] for s in both],
-                             [metrics(rows[b][s])[metric] for s in both]))
-        found[metric] = holm(cs)
-    by_name = {metric: {c.name: c for c in cs} for metric, cs in found.items()}
+@dataclass
+class Calibration:
+    """Per (learner, arm): the rates tried, their mean A-bar on the calibration seeds, the chosen rate and whether it
+    is interior (a tried rate on each side)."""
 
-    def ci(c: Optional[Contrast]) -> str:
-        if c is None:
-            return ""
-        if c.low is None:
-            return f"{c.mean:+.2f}"
-        return f"{c.mean:+.2f} [{c.low:+.2f}, {c.high:+.2f}]"
+    grids: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    scores: dict[tuple[str, str], dict[float, float]] = field(default_factory=dict)
 
-    def pv(p: Optional[float]) -> str:
-        return "" if p is None else ("< 0.001" if p < 0.001 else f"{p:.3f}")
+    def chosen(self, key: tuple[str, str]) -> Optional[float]:
+        sc = self.scores.get(key, {})
+        return max(sorted(sc), key=lambda lr: (sc[lr], -lr)) if sc else None
 
-    for m in ["none", *methods]:
-        vals = [metrics(rows[m][s]) for s in done[m]]
-        if not vals:
-            continue
-        col = {k: np.array([v[k] for v in vals]) for k in vals[0]}
-        sd = lambda a: float(a.std(ddof=1)) if len(a) > 1 else 0.0  # noqa: E731
-        c_last, c_bar = by_name["a_last"].get(f"{m} - none"), by_name["a_bar"].get(f"{m} - none")
-        lines.append(f"| {PRESETS.get(m).label if m != 'none' else 'none'} | "
-                     f"{'' if lrs.get(m) is None else f'{lrs[m]:g}'} | {len(vals)} | {col['a_bar'].mean():.2f} ± {sd(col['a_bar']):.2f} | "
-                     f"{col['a_last'].mean():.2f} ± {sd(col['a_last']):.2f} | {100 * col['moved'].mean():.2f} | "
-                     f"{col['change'].mean():.1e} | {col['wall'].mean():.0f} | {ci(c_last)} | "
-                     f"{pv(c_last.p if c_last else None)} | {pv(c_last.holm if c_last else None)} | {ci(c_bar)} | "
-                     f"{pv(c_bar.holm if c_bar else None)} |")
-        summary["methods"][m] = {"lr": lrs.get(m), **{k: float(v.mean()) for k, v in col.items()},
-                                 "a_bar_sd": sd(col["a_bar"]), "a_last_sd": sd(col["a_last"])}
-    for metric, cs in found.items():
-        summary["contrasts"][metric] = [c.__dict__ for c in cs]
-    lines.append("")
-    for a, b in CONTRASTS_EXTRA:
-        c = by_name["a_last"].get(f"{a} - {b}")
-        if c is not None:
-            lines.append(f"- {PRESETS.get(a).label} − {PRESETS.get(b).label}: Δ A_B {ci(c)}, p {pv(c.p)}, Holm "
-                         f"{pv(c.holm)}; Δ A-bar {ci(by_name['a_bar'][c.name])}, Holm {pv(by_name['a_bar'][c.name].holm)}.")
-    m_family = max(len(family), 1)
-    for metric, label in (("a_last", "A_B"), ("a_bar", "A-bar")):
-        sds = [c.sd for c in found[metric] if c.sd is not None]
-        if sds:
-            med = float(np.median(sds))
-            n = max((c.n for c in found[metric]), default=0)
-            mde = detectable_effect(med, n, alpha=0.05 / m_family)
-            mde1 = detectable_effect(med, n)
-            lines.append(f"- Smallest detectable effect on {label} (80% power, paired t, n = {n}, median sd "
-                         f"of the paired differences {med:.2f}): {mde:.2f} points at Holm's first step (α = 0.05/"
-                         f"{m_family}), {mde1:.2f} at α = 0.05 uncorrected.")
-            summary[f"detectable_{metric}"] = {"median_sd": med, "holm_first_step": mde, "uncorrected": mde1}
-    summary.update({"seeds": common, "dense_relative_change": dense_change, "informative": informative})
-    return lines + [""], summary
+    def interior(self, key: tuple[str, str]) -> bool:
+        best, tried = self.chosen(key), sorted(self.scores.get(key, {}))
+        return best is not None and tried[0] < best < tried[-1]
+
+
+def calibrate(out: Path, bases: dict, arms: list[Arm], args, size: dict, overrides: dict, fixed: dict, threads: int,
+              log) -> tuple[Calibration, list[str]]:
+    """Stage 2 (module docstring): run the grids, extending each towards a better edge, on the calibration seeds."""
+    own = [a for a in arms if a.rate_of is None or a.rate_of not in {b.name for b in arms}]
+    cal = Calibration({(ln, a.name): list(grid(a.preset, tuple(args.grid_sgd), tuple(args.grid_adam)))
+                       for ln in bases if args.calibrate_on in (None, ln) for a in own})
+    by_name, jobs, failed = {a.name: a for a in arms}, {}, []
+    extended = {k: [0, 0] for k in cal.grids}
+    while True:
+        new = {}
+        for (ln, name), rates in cal.grids.items():
+            for lr in rates:
+                if (ln, name, lr) not in jobs:
+                    new[(ln, name, lr)] = Job(out, "calibration", f"{ln}_{name}_lr{lr_tag(lr)}", plan_config(
+                        bases[ln], size, by_name[name], args.calibration_seeds, args.epochs, lr, overrides, fixed[ln]))
+        jobs.update(new)
+        failed += run_all(list(new.values()), args.workers, threads, log, args.report_only)
+        for (ln, name, lr), job in jobs.items():
+            res = job.results()
+            if set(args.calibration_seeds) <= set(res):
+                score = float(np.mean([metrics(res[s])["a_bar"] for s in args.calibration_seeds]))
+                cal.scores.setdefault((ln, name), {})[lr] = score
+        grown = False
+        for key, rates in cal.grids.items():
+            if len(cal.scores.get(key, {})) < len(rates):
+                continue  # a rate did not finish: no decision
+            best = cal.chosen(key)
+            if best == min(rates) and extended[key][0] < args.max_extend:
+                rates.insert(0, float(f"{min(rates) / args.grid_step:.6g}"))  # 1e-07, not 1.0000000000000002e-07
+                extended[key][0] += 1
+                grown = True
+            elif best == max(rates) and extended[key][1] < args.max_extend:
+                rates.append(float(f"{max(rates) * args.grid_step:.6g}"))
+                extended[key][1] += 1
+                grown = True
+        if not grown:
+            return cal, failed
+
+
+def plot_calibration(cal: Calibration, labels: dict[str, str], path: Path) -> None:
+    """A-bar against the learning rate (log scale), one line per (learner, arm), the chosen rate marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (ln, name), sc in sorted(cal.scores.items()):
+        rates = sorted(sc)
+        line = ax.plot(rates, [sc[r] for r in rates], marker="o", label=f"{ln}: {labels.get(name, name)}")[0]
+        best = cal.chosen((ln, name))
+        ax.plot([best], [sc[best]], marker="*", markersize=14, color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("mean A-bar on the calibration seeds (%)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "protocol")
-    ap.add_argument("--base", type=Path, nargs="+", default=DEFAULT_BASE, help="one base config per learner")
-    ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    ap.add_argument("--suite", choices=sorted(SUITES), default=None,
+                    help="a named set of base configs, arms and sizes (dinov2: the issue-25 benchmark)")
+    ap.add_argument("--base", type=Path, nargs="+", default=None, help="one base config per learner")
+    ap.add_argument("--methods", nargs="+", default=None,
+                    help=f"arms: registered presets or {', '.join(VARIANTS)}")
     ap.add_argument("--seeds", type=int, nargs="+", default=list(REPORTED_SEEDS))
     ap.add_argument("--calibration-seeds", type=int, nargs="+", default=list(CALIBRATION_SEEDS))
     ap.add_argument("--grid-sgd", type=float, nargs="+", default=list(GRID_SGD))
     ap.add_argument("--grid-adam", type=float, nargs="+", default=list(GRID_ADAM))
-    ap.add_argument("--epochs", type=int, default=2, help="training epochs per task of every method")
-    ap.add_argument("--size", choices=sorted(SIZES), default="demo")
-    ap.add_argument("--min-change", type=float, default=1e-3)
+    ap.add_argument("--grid-step", type=float, default=10.0, help="factor between a grid's edge and its extension")
+    ap.add_argument("--max-extend", type=int, default=3, help="extensions of a grid per side at most")
+    ap.add_argument("--epochs", type=int, default=None, help="training epochs per task of every arm (default 2)")
+    ap.add_argument("--size", choices=sorted(SIZES), default=None)
+    ap.add_argument("--min-old-accuracy", type=float, default=1.0,
+                    help="informative: dense fine-tuning changes the old-class accuracy by at least this (points)")
+    ap.add_argument("--min-drift", type=float, default=1e-3,
+                    help="informative: or drifts the old classes' features by at least this cosine distance")
     ap.add_argument("--workers", type=int, default=2, help="main.py processes at a time")
-    ap.add_argument("--no-free-lambda", action="store_true", help="skip RanPAC's free-lambda table")
+    ap.add_argument("--no-free-lambda", action="store_true", default=None, help="skip RanPAC's free-lambda table")
     ap.add_argument("--calibrate-on", default=None, metavar="LEARNER",
                     help="calibrate on this learner only and use its rates for every learner (the tuning phase does "
                          "not depend on the learner); default: each learner on its own runs")
@@ -266,6 +251,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true",
                     help="CI-sized: --size quick, 3 seeds, 1 calibration seed, 2 rates per grid, 1 epoch")
     args = ap.parse_args(argv)
+    suite = SUITES.get(args.suite, {})
+    defaults = dict(base=DEFAULT_BASE, methods=list(DEFAULT_METHODS), size="demo", epochs=2, calibrate_on=None,
+                    no_free_lambda=False)
+    for key, value in {**defaults, **suite}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.quick:
         args.size, args.seeds, args.calibration_seeds, args.epochs = "quick", args.seeds[:3], args.calibration_seeds[:1], 1
         args.grid_sgd, args.grid_adam = args.grid_sgd[1:], args.grid_adam[1:]
@@ -274,7 +265,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    unknown = [m for m in args.methods if m not in PRESETS.names()]
+    unknown = [m for m in args.methods if m not in VARIANTS and m not in PRESETS.names()]
     missing = [str(p) for p in args.base if not p.is_file()]
     bad_learner = args.calibrate_on is not None and args.calibrate_on not in {
         learner_name(json.loads(p.read_text())) for p in args.base if p.is_file()}
@@ -292,8 +283,7 @@ def main(argv=None) -> int:
             overrides[k] = json.loads(v)
         except json.JSONDecodeError:
             overrides[k] = v
-    if args.workers > 1 and "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.workers))
+    threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // max(args.workers, 1)))
     out, size = args.out, SIZES[args.size]
     out.mkdir(parents=True, exist_ok=True)
     logf = (out / "protocol.log").open("a")
@@ -305,33 +295,28 @@ def main(argv=None) -> int:
         logf.flush()
 
     start, failed = time.perf_counter(), []
+    arms = [arm_of(m) for m in args.methods]
+    labels = {"none": "none", **{a.name: a.label for a in arms}}
     bases = {learner_name(b): b for b in (json.loads(p.read_text()) for p in args.base)}
     seeds_all = [*args.calibration_seeds, *args.seeds]
     # 1. untuned
     untuned = {ln: Job(out, "untuned", f"{ln}_none", plan_config(b, size, "none", seeds_all, args.epochs, None,
                                                                      overrides, None)) for ln, b in bases.items()}
-    failed += run_all(list(untuned.values()), args.workers, log, args.report_only)
+    failed += run_all(list(untuned.values()), args.workers, threads, log, args.report_only)
     fixed = {ln: (untuned_lambdas({s: json.loads(r.path.read_text()) for s, r in j.results().items()})
                   if ln == "ranpac" and bases[ln].get("use_RP") else None) for ln, j in untuned.items()}
     # 2. calibration
-    calib = {(ln, m, lr): Job(out, "calibration", f"{ln}_{m}_lr{lr_tag(lr)}",
-                              plan_config(b, size, m, args.calibration_seeds, args.epochs, lr, overrides, fixed[ln]))
-             for ln, b in bases.items() if args.calibrate_on in (None, ln)
-             for m in args.methods for lr in grid(m, tuple(args.grid_sgd),
-                                                                            tuple(args.grid_adam))}
-    failed += run_all(list(calib.values()), args.workers, log, args.report_only)
+    cal, calibration_failed = calibrate(out, bases, arms, args, size, overrides, fixed, threads, log)
+    failed += calibration_failed
     chosen: dict[str, dict[str, float]] = {ln: {} for ln in bases}
-    calibration_table = {}
-    for (ln, m, lr), job in calib.items():
-        res = job.results()
-        if set(args.calibration_seeds) <= set(res):
-            score = float(np.mean([metrics(res[s])["a_bar"] for s in args.calibration_seeds]))
-            calibration_table.setdefault(ln, {}).setdefault(m, {})[lr] = score
-    for ln, by_method in calibration_table.items():
-        for m, scores in by_method.items():
-            chosen[ln][m] = max(sorted(scores), key=lambda lr: (scores[lr], -lr))
+    for (ln, name) in cal.scores:
+        chosen[ln][name] = cal.chosen((ln, name))
     if args.calibrate_on is not None:
         chosen = {ln: dict(chosen.get(args.calibrate_on, {})) for ln in bases}
+    for ln in bases:
+        for a in arms:
+            if a.rate_of is not None and a.rate_of in chosen[ln]:
+                chosen[ln][a.name] = chosen[ln][a.rate_of]
     # 3. main
     main_jobs: dict[tuple[str, str, str], Job] = {}
     for ln, b in bases.items():
@@ -341,33 +326,46 @@ def main(argv=None) -> int:
         for mode, lambdas in modes:
             main_jobs[(ln, "none", mode)] = Job(out, "main", f"{ln}_none_{mode}", plan_config(
                 b, size, "none", args.seeds, args.epochs, None, overrides, lambdas))
-            for m in args.methods:
-                if m in chosen[ln]:
-                    main_jobs[(ln, m, mode)] = Job(out, "main", f"{ln}_{m}_{mode}", plan_config(
-                        b, size, m, args.seeds, args.epochs, chosen[ln][m], overrides, lambdas))
-    failed += run_all(list(main_jobs.values()), args.workers, log, args.report_only)
+            for a in arms:
+                if a.name in chosen[ln]:
+                    main_jobs[(ln, a.name, mode)] = Job(out, "main", f"{ln}_{a.name}_{mode}", plan_config(
+                        b, size, a, args.seeds, args.epochs, chosen[ln][a.name], overrides, lambdas))
+    failed += run_all(list(main_jobs.values()), args.workers, threads, log, args.report_only)
     # 4. report
-    lines = ["# Comparison protocol (issue 15)", "",
+    lines = ["# Comparison protocol (issues 15, 25)", "",
              f"Command: `python exps/importance/protocol.py {shlex.join(argv if argv is not None else sys.argv[1:])}`",
-             f"Size {args.size} {size}; {args.epochs} training epoch(s) per task for every method; reported seeds "
-             f"{args.seeds}; calibration seeds {args.calibration_seeds} (never reported); grids SGD {args.grid_sgd}, "
-             f"Adam/AdamW {args.grid_adam}."
+             f"Size {args.size} {size}; {args.epochs} training epoch(s) per task for every arm; reported seeds "
+             f"{args.seeds}; calibration seeds {args.calibration_seeds} (never reported); starting grids SGD "
+             f"{args.grid_sgd}, Adam/AdamW {args.grid_adam}, extended by x{args.grid_step:g} up to {args.max_extend} "
+             f"times per side; every run with {threads} thread(s), {args.workers} at a time."
              + (f" Rates calibrated on {args.calibrate_on} only, used for every learner." if args.calibrate_on else ""),
              "", "## Calibration (mean A-bar over the calibration seeds)", ""]
-    for ln, by_method in calibration_table.items():
-        lines.append(f"- {ln}: " + "; ".join(
-            f"{m} " + ", ".join(f"{lr:g}: {s:.2f}" for lr, s in sorted(sc.items())) + f" -> **{chosen[ln][m]:g}**"
-            for m, sc in by_method.items()))
+    for (ln, name), sc in sorted(cal.scores.items()):
+        best = cal.chosen((ln, name))
+        lines.append(f"- {ln}, {labels[name]}: " + ", ".join(
+            (f"**{lr:g}: {s:.2f}**" if lr == best else f"{lr:g}: {s:.2f}") for lr, s in sorted(sc.items()))
+            + (" (interior)" if cal.interior((ln, name)) else " (**not bracketed**: the best rate is at the edge)"))
+    same = [a for a in arms if a.rate_of is not None and a.rate_of in {b.name for b in arms}]
+    if same:
+        lines.append("- Not calibrated, at another arm's rate: " + ", ".join(
+            f"{a.label} (at {labels[a.rate_of]}'s)" for a in same))
+    if cal.scores:
+        plot_calibration(cal, labels, out / "calibration.png")
+        lines += ["", "![calibration](calibration.png)"]
     lines += ["", "## Results (mean ± sample std over the reported seeds; Δ: paired, vs none)", ""]
-    report: dict[str, Any] = {"calibration": {ln: {m: {str(k): v for k, v in sc.items()} for m, sc in bm.items()}
-                                              for ln, bm in calibration_table.items()},
-                              "chosen_lr": chosen, "ridge_lambdas_by_seed": fixed.get("ranpac"), "tables": {}}
+    report: dict[str, Any] = {"calibration": {f"{ln}/{name}": {"grid": sorted(cal.scores.get((ln, name), {})),
+                                                                "scores": {str(k): v for k, v in sorted(sc.items())},
+                                                                "chosen": cal.chosen((ln, name)),
+                                                                "interior": cal.interior((ln, name))}
+                                              for (ln, name), sc in cal.scores.items()},
+                              "chosen_lr": chosen, "ridge_lambdas_by_seed": fixed.get("ranpac"), "threads": threads,
+                              "tables": {}}
     for (ln, mode) in sorted({(k[0], k[2]) for k in main_jobs}):
-        rows = {m: main_jobs[(ln, m, mode)].results() for (l2, m, md) in main_jobs if l2 == ln and md == mode}
+        rows = {m: main_jobs[(ln, m, md)].results() for (l2, m, md) in main_jobs if l2 == ln and md == mode}
         title = f"{ln} ({'ridge lambda fixed to the untuned choice' if mode == 'fixed' else 'official free lambda'})" \
             if ln == "ranpac" else ln
-        tl, summary = table(rows, [m for m in args.methods if m in rows], args.seeds, {**chosen[ln]},
-                            args.min_change, title)
+        tl, summary = table(rows, [a.name for a in arms if a.name in rows], args.seeds, {**chosen[ln]}, labels,
+                            title, args.min_old_accuracy, args.min_drift)
         lines += tl
         report["tables"][f"{ln}/{mode}"] = summary
     wall = time.perf_counter() - start

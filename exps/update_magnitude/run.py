@@ -415,7 +415,7 @@ def contrasts_md(found: dict[str, list[dict[str, Any]]]) -> list[str]:
 
     def cell(c: dict[str, Any]) -> str:
         ci = "" if c["low"] is None else f" [{c['low']:+.2f}, {c['high']:+.2f}]"
-        p = "" if c["holm"] is None else ("< 0.001" if c["holm"] < 0.001 else f"{c['holm']:.3f}")
+        p = "-" if c["holm"] is None else ("< 0.001" if c["holm"] < 0.001 else f"{c['holm']:.3f}")
         return f"{c['mean']:+.2f}{ci} | {p}"
 
     for i, c in enumerate(found["avg_acc"]):
