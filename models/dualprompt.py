@@ -22,12 +22,30 @@ from backbones.vit_parts import PREFIX_SLOT, add_prefix_slots, attached
 from models.base import TaskData
 from models.prompt_hosts import PromptedViT, PromptHost, init_prompt
 from utils import distributed
-from utils.config import config_keys, key
+from utils.config import config_keys, for_learners, key
 from utils.errors import ConfigError
 from utils.registry import LEARNERS
 
 
-@config_keys("DualPrompt (models/dualprompt.py)")
+def check_dualprompt(cfg, origin) -> None:
+    """Refuse a DualPrompt config that could only fail mid-run: ``top_k`` other than 1 (one E-prompt per image, as
+    every official config), or no E-prompt layer left once the G-prompt layers are taken out (the port's if/elif).
+
+    Raises:
+        ConfigError: naming the keys.
+    """
+    if LEARNERS.resolve(cfg.model_name) != "dualprompt":
+        return
+    if (cfg.top_k or 1) != 1:
+        raise ConfigError(f"{origin('top_k')}: key 'top_k' is {cfg.top_k}; DualPrompt selects one E-prompt per image "
+                          "(official top_k 1).")
+    if not [layer for layer in cfg.e_prompt_layers if layer not in cfg.g_prompt_layers]:
+        raise ConfigError(f"{origin('e_prompt_layers')}: keys 'e_prompt_layers' {cfg.e_prompt_layers} and "
+                          f"'g_prompt_layers' {cfg.g_prompt_layers} leave no E-prompt layer (a layer in both takes the "
+                          "G-prompt only); DualPrompt needs at least one (official [2, 3, 4]).")
+
+
+@config_keys("DualPrompt (models/dualprompt.py)", validate=check_dualprompt, applies=for_learners("dualprompt"))
 class DualPromptKeys:
     g_prompt_layers: list[int] = key([0, 1], "DualPrompt: 0-based layers of the G-prompt prefix (official "
                                              "g_prompt_layer_idx).", min=0)
@@ -41,10 +59,20 @@ class DualPromptKeys:
 
 class DualPromptNet(PromptedViT):
     """:class:`PromptedViT` with ``g_prompt`` (n_g, 2, L_g, H, d_head) and ``e_prompt`` (n_e, 2, M, L_e, H, d_head);
-    index 1 of the second axis is K (0) or V (1)."""
+    index 1 of the second axis is K (0) or V (1).
+
+    Raises:
+        ConfigError: ``vit`` is not a timm ViT, or a prompt layer is not one of its blocks.
+    """
 
     def __init__(self, vit: nn.Module, cfg, length: int) -> None:
         super().__init__(vit, "DualPrompt", cfg.query_model == "pretrained", cfg.pool_size, cfg.prompt_init)
+        depth = len(self.vit.blocks)
+        beyond = sorted({layer for layer in [*cfg.g_prompt_layers, *cfg.e_prompt_layers] if layer >= depth})
+        if beyond:
+            raise ConfigError(f"keys 'g_prompt_layers' {cfg.g_prompt_layers} / 'e_prompt_layers' "
+                              f"{cfg.e_prompt_layers}: layer(s) {beyond} do not exist; {cfg.convnet_type} has {depth} "
+                              f"blocks (0-{depth - 1}).")
         self.g_layers = list(cfg.g_prompt_layers)
         self.e_layers = [layer for layer in cfg.e_prompt_layers if layer not in self.g_layers]  # port: if/elif
         add_prefix_slots(self.vit, self.g_layers + self.e_layers)
@@ -103,10 +131,8 @@ class DualPrompt(PromptHost):
         """The timm ViT with its weights, its query copy (before any tuning), prefix slots and the prompts.
 
         Raises:
-            ConfigError: ``top_k`` other than 1 (one E-prompt per image, as every official config).
+            ConfigError: a prompt layer the ViT does not have (the other key checks: :func:`check_dualprompt`).
         """
-        if (cfg.top_k or 1) != 1:
-            raise ConfigError(f"top_k: DualPrompt selects one E-prompt per image (official top_k 1), got {cfg.top_k}")
         return DualPromptNet(super().build_backbone(cfg), cfg, cfg.prompt_length or 5)
 
     def before_training(self, task: TaskData) -> None:

@@ -33,7 +33,7 @@ from backbones.vit_parts import ADAPTER_SLOT, KEEP_SLOT, Adapter, add_adapter_sl
 from models.base import Learner, TaskData
 from models.heads import CosineLinear
 from models.loop import FlatGradients, TrainAccuracy, TuningLoop, cross_entropy
-from utils.config import config_keys, key
+from utils.config import config_keys, for_learners, key
 from utils.registry import LEARNERS
 from utils.runtime import Batch, GeneratorState, autocast, make_generator
 
@@ -43,7 +43,7 @@ MOMENTUM = 0.9  # ease.py SGD (SPEC 18.1)
 ADAPTER_SCALE, ADAPTER_DROPOUT = 0.1, 0.1  # inc_net.py ffn_adapter_scalar, vit_ease.py dropout (SPEC 18.1)
 
 
-@config_keys("EASE (models/ease.py)")
+@config_keys("EASE (models/ease.py)", applies=for_learners("ease"))
 class EASEKeys:
     init_epochs: int = key(20, "EASE: adapter epochs of the first task, and of every task when init_cls == increment "
                                "(official key and rule).", min=1)

@@ -31,7 +31,9 @@ from models.heads import timm_linear_head
 from models.loop import FlatGradients, TrainAccuracy, TuningLoop, cross_entropy, global_mean
 from models.sparse.optim import ClippedAdam
 from utils import distributed
-from utils.config import config_keys, key
+from utils.config import config_keys, for_learners, key
+from utils.errors import ConfigError
+from utils.registry import LEARNERS
 from utils.runtime import Batch, autocast
 
 logger = logging.getLogger(__name__)
@@ -39,7 +41,24 @@ logger = logging.getLogger(__name__)
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # timm create_optimizer defaults of the ports (SPEC 18.2)
 
 
-@config_keys("L2P and DualPrompt (models/prompt_hosts.py)")
+def check_prompt_pool(cfg, origin) -> None:
+    """Refuse an L2P config whose pool is smaller than the prompts each image selects (``top_k``, null = the
+    learner's default 5), which could only fail at the first selection.
+
+    Raises:
+        ConfigError: naming ``top_k`` and ``pool_size``.
+    """
+    if LEARNERS.resolve(cfg.model_name) != "l2p":
+        return
+    top_k = cfg.top_k if cfg.top_k is not None else LEARNERS.get(cfg.model_name).PROMPT_DEFAULTS["top_k"]
+    if top_k > cfg.pool_size:
+        raise ConfigError(f"{origin('pool_size')}: key 'top_k' ({top_k}) is larger than key 'pool_size' "
+                          f"({cfg.pool_size}): each image selects top_k distinct prompts of the pool; use top_k <= "
+                          "pool_size (official 5 of 10).")
+
+
+@config_keys("L2P and DualPrompt (models/prompt_hosts.py)", validate=check_prompt_pool,
+             applies=for_learners("l2p", "dualprompt"))
 class PromptKeys:
     prompt_epochs: Optional[int] = key(None, "L2P/DualPrompt: epochs per task; null = the learner's default (L2P 5, "
                                              "DualPrompt 5).", min=1)

@@ -32,7 +32,7 @@ from torch import nn
 from models.base import Learner, TaskData
 from models.heads import timm_linear_head
 from models.loop import FlatGradients, TrainAccuracy, TuningLoop, cross_entropy
-from utils.config import config_keys, key
+from utils.config import config_keys, for_learners, key
 from utils.registry import LEARNERS
 from utils.runtime import Batch, GeneratorState, autocast, make_generator
 
@@ -45,7 +45,7 @@ SAMPLES_PER_CLASS = 256  # pseudo-features per class per alignment epoch (SPEC 1
 NORM_EPS = 1e-7  # logit-norm epsilon (SPEC 17.6)
 
 
-@config_keys("SLCA (models/slca.py)")
+@config_keys("SLCA (models/slca.py)", applies=for_learners("slca"))
 class SLCAKeys:
     epochs: int = key(20, "SLCA: slow-learner epochs per task (official key; cifar 20, others 50).", min=1)
     milestones: list[int] = key([18], "SLCA: epochs after which the slow learner's learning rates are multiplied by "
@@ -76,6 +76,10 @@ class SLCA(Learner):
 
     def __init__(self, cfg, backbone, device, seed) -> None:
         super().__init__(cfg, backbone, device, seed)
+        late = [m for m in cfg.milestones if m >= cfg.epochs]
+        if late:
+            logger.warning("SLCA: milestone(s) %s are not before the last of the %d epochs: the learning rate never "
+                           "decays there (official cifar 18 of 20, 40 of 50).", late, cfg.epochs)
         self.heads = nn.ModuleList().to(device)
         self.aligned: Optional[nn.ModuleList] = None
         self.means = torch.zeros(0, self.feature_dim, dtype=torch.float64, device=device)

@@ -8,6 +8,7 @@ prints the table (case, exit status, message) for the record.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -47,6 +48,10 @@ def _config(tmp: Path, **overrides) -> Path:
 
 def _args(tmp: Path, config: Path, *sets: str) -> list[str]:
     return ["--config", str(config), "--output-dir", str(tmp / "runs"), *[a for s in sets for a in ("--set", s)]]
+
+
+#: a logged record on stderr (``utils.runtime.LOG_FORMAT``): warnings reach stderr as well as the log
+LOGGED = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ \[")
 
 
 # each case: (name, builder(tmp) -> argv, expected exit status, fragments of the message)
@@ -162,6 +167,18 @@ def case_resume_changes_results_key(tmp):
     return ["--resume", str(run_dir), "--set", "M=128"]
 
 
+def case_l2p_top_k_above_pool(tmp):
+    return _args(tmp, _config(tmp, model_name="l2p", M=10000), "pool_size=3", "top_k=4")
+
+
+def case_dualprompt_no_e_layers(tmp):
+    return _args(tmp, _config(tmp, model_name="dualprompt", M=10000), "g_prompt_layers=[0]", "e_prompt_layers=[0]")
+
+
+def case_dualprompt_layer_beyond_the_vit(tmp):
+    return _args(tmp, _config(tmp, model_name="dualprompt", M=10000), "g_prompt_layers=[0]", "e_prompt_layers=[1, 7]")
+
+
 CASES: list[tuple[str, Callable, int, tuple[str, ...]]] = [
     ("NaN in a config file", case_nan_in_config, 2, ("select_rate", "NaN", "line")),
     ("Infinity in --set", case_infinity_in_set, 2, ("--set M=Infinity",)),
@@ -183,7 +200,31 @@ CASES: list[tuple[str, Callable, int, tuple[str, ...]]] = [
     ("--resume of a folder with no run", case_resume_nothing, 2, ("--resume", "no_run")),
     ("--resume with a foreign checkpoint", case_resume_foreign_checkpoint, 2, ("checkpoint.pt", "not a mist-cl")),
     ("--resume changing a results key", case_resume_changes_results_key, 2, ("M", "cannot change")),
+    ("L2P top_k above pool_size", case_l2p_top_k_above_pool, 2, ("'top_k' (4)", "'pool_size' (3)")),
+    ("DualPrompt without an E-prompt layer", case_dualprompt_no_e_layers, 2, ("e_prompt_layers", "no E-prompt")),
+    ("DualPrompt layer beyond the ViT", case_dualprompt_layer_beyond_the_vit, 2, ("layer(s) [7]", "2 blocks")),
 ]
+
+
+WARNINGS = [  # (overrides of the tiny config, fragment of the warning on stderr); each run completes
+    (dict(model_name="slca", epochs=2, milestones=[2], ca_epochs=0), "milestone(s) [2]"),
+    (dict(model_name="l2p", M=10000, prompt_epochs=1, epochs=3), "Config key 'epochs' = 3 has no effect: it belongs to "
+                                                                  "SLCA"),
+    (dict(model_name="ease", M=10000, init_epochs=1, pool_size=5), "Config key 'pool_size' = 5 has no effect"),
+    (dict(model_name="simplecil_mist", M=10000), "names the learner with MIST, but spr is 'none'"),
+]
+
+
+@pytest.mark.parametrize("overrides,fragment", WARNINGS, ids=[w[1][:30] for w in WARNINGS])
+def test_a_key_without_effect_is_warned_on_stderr(tmp_path, capsys, overrides, fragment):
+    """Issue 26: keys of another host, a milestone SLCA never reaches and a *_mist learner without a tuning phase run,
+    with a warning that reaches stderr (not only stdout and the log)."""
+    capsys.readouterr()
+    assert main.main(_args(tmp_path, _config(tmp_path, **overrides))) == 0
+    out, err = capsys.readouterr()
+    assert fragment in err and fragment not in out
+    (log,) = (tmp_path / "runs").glob("*/*/seed*/*.log")
+    assert fragment in log.read_text()
 
 
 @pytest.mark.parametrize("name,build,code,fragments", CASES, ids=[c[0] for c in CASES])
@@ -192,7 +233,8 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys, name, build, code, fra
     capsys.readouterr()
     assert main.main(argv) == code
     err = capsys.readouterr().err.strip()
-    lines = [ln for ln in err.splitlines() if ln.strip()]
+    # warnings logged before the error also reach stderr (issue 26), in the log format; the error is one line
+    lines = [ln for ln in err.splitlines() if ln.strip() and not LOGGED.match(ln)]
     assert len(lines) == 1 and lines[0].startswith("error:"), err
     assert "Traceback" not in err
     for fragment in fragments:

@@ -76,8 +76,8 @@ def test_against_prints_each_task_beside_the_reference(tiny_run):
     ledger = {"metrics": {}, "configs": {"exps/tiny/ranpac.json": {"reference": {
         "kind": "our_run", "source": "a test", "seeds": [1993], "backbone": "tiny", "timm": "-",
         "a_bar": sum(ref) / len(ref), "a_last": ref[-1], "curve": ref}}}}
-    lines, missing = L.against([path], ledger, root)
-    assert missing == 0 and "run of exps/tiny/ranpac.json" in lines[0]
+    lines, missing, skipped = L.against([path], ledger, root)
+    assert missing == 0 and skipped == [] and "run of exps/tiny/ranpac.json" in lines[0]
     rows = [line for line in lines if line.startswith("  | ") and line[4].isdigit()]
     assert len(rows) == len(curve)
     assert all(row.rstrip(" |").endswith("+1.00") for row in rows)  # this run minus the reference, per task
@@ -86,12 +86,12 @@ def test_against_prints_each_task_beside_the_reference(tiny_run):
 def test_against_reports_a_run_without_reference(tiny_run):
     root, path = tiny_run
     ledger = {"metrics": {}, "configs": {"exps/tiny/ranpac.json": {"reference": None, "why_none": "not measured"}}}
-    lines, missing = L.against([path], ledger, root)
+    lines, missing, _ = L.against([path], ledger, root)
     assert missing == 1 and "no reference: not measured" in lines[0]
     other = json.loads((root / "exps/tiny/ranpac.json").read_text())
     (root / "exps/tiny/ranpac.json").write_text(json.dumps({**other, "M": 7}))
     try:
-        lines, missing = L.against([path], ledger, root)
+        lines, missing, _ = L.against([path], ledger, root)
         assert missing == 1 and "matches no shipped config" in lines[0]
     finally:
         (root / "exps/tiny/ranpac.json").write_text(json.dumps(other))
@@ -104,3 +104,26 @@ def test_report_cli_against_ledger_exit_status(tiny_run, capsys):
     assert "matches no shipped config" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         report.main([str(path.parent)])  # neither --out nor --against-ledger
+
+
+@pytest.mark.parametrize("damage", ["truncated", "wrong types", "not an object"])
+def test_against_ledger_skips_a_damaged_results_json_with_one_warning_and_compares_the_rest(tiny_run, tmp_path,
+                                                                                           capsys, damage):
+    """Issue 26: a truncated results.json or valid JSON of the wrong types is one ``warning: skipped FILE: why`` line
+    on stderr, never a traceback; the other runs are still compared; exit 2."""
+    _, path = tiny_run
+    good = tmp_path / "good" / "results.json"
+    good.parent.mkdir()
+    good.write_text(path.read_text())
+    bad = tmp_path / "bad" / "results.json"
+    bad.parent.mkdir()
+    text = path.read_text()
+    data = json.loads(text)
+    bad.write_text({"truncated": text[: len(text) // 2],
+                    "wrong types": json.dumps({**data, "top1_curve": "high", "seed": [1, 2]}),
+                    "not an object": "[1, 2, 3]"}[damage])
+    assert report.main([str(tmp_path), "--against-ledger"]) == 2
+    out, err = capsys.readouterr()
+    warnings = [line for line in err.splitlines() if line.startswith("warning: skipped")]
+    assert len(warnings) == 1 and str(bad) in warnings[0] and "Traceback" not in err
+    assert str(good) in out  # the good run is still compared

@@ -283,3 +283,22 @@ def test_protocol_end_to_end_on_a_tiny_vit(tmp_path):
                           "--grid-adam", "1e-5", "--epochs", "1", "--size", "none", "--workers", "1",
                           "--calibrate-on", "ranpac", "--max-extend", "0"]) == 0
     assert (out / "protocol.log").read_text().count(": exit ") == runs_before
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--epochs", "0"], "--epochs is 0"), (["--epochs", "-2"], "--epochs is -2"),
+    (["--workers", "0"], "--workers is 0"), (["--grid-sgd", "-1"], "--grid-sgd is [-1.0]"),
+    (["--grid-adam", "1e-4", "1e-4"], "distinct"), (["--min-drift", "nan"], "--min-drift is nan"),
+    (["--min-old-accuracy", "-1"], "--min-old-accuracy"), (["--seeds", "1", "1"], "--seeds is [1, 1]"),
+    (["--seeds", "1990"], "both calibration and reported"), (["--grid-step", "1"], "--grid-step"),
+    (["--set", "selct_rate=0.2"], "selct_rate"), (["--set", "seed=[1]"], "--set seed"),
+    (["--set", "mist_lr=0.1"], "--set mist_lr"), (["--set", "select_rate=2"], "select_rate"),
+    (["--methods", "mist", "nonsense"], "unknown arm"), (["--calibrate-on", "slca"], "--calibrate-on slca"),
+])
+def test_bad_protocol_arguments_are_refused_before_any_run(tmp_path, capsys, extra, message):
+    """Issue 26: every argument is checked up front (exit 2, one line naming it); nothing runs."""
+    out = tmp_path / "out"
+    assert protocol.main(["--out", str(out), "--methods", "mist", "ce_finetune", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not out.exists()

@@ -252,22 +252,27 @@ _EXTENSION_HINTS: dict[str, Any] = {}
 @dataclasses.dataclass(frozen=True)
 class KeyGroup:
     """The keys one component declares: README's table title, the key names, an optional whole-config check
-    ``validate(cfg, origin)`` (``origin(key)`` names where a key's value came from; raises ConfigError)."""
+    ``validate(cfg, origin)`` (``origin(key)`` names where a key's value came from; raises ConfigError) and an
+    optional ``applies(cfg)``: False when the run does not use the component (its keys then have no effect:
+    :func:`inactive_keys`)."""
 
     title: str
     names: tuple[str, ...]
     validate: Optional[Callable[[Any, Callable[[str], str]], None]] = None
+    applies: Optional[Callable[[Any], bool]] = None
 
 
 KEY_GROUPS: list[KeyGroup] = []
 
 
-def config_keys(title: str, validate: Optional[Callable[[Any, Callable[[str], str]], None]] = None):
+def config_keys(title: str, validate: Optional[Callable[[Any, Callable[[str], str]], None]] = None,
+                applies: Optional[Callable[[Any], bool]] = None):
     """Class decorator: the annotated fields of the class (``name: type = key(default, help, **bounds)``) become
     config keys, validated and documented like the core ones and read as ``cfg.<name>``.
 
     A learner or tuning preset declares its keys in its own file this way, so adding one touches no list
-    elsewhere. ``title`` heads the keys' table in README.md (``python -m utils.config --markdown``).
+    elsewhere. ``title`` heads the keys' table in README.md (``python -m utils.config --markdown``); ``validate`` and
+    ``applies``: see :class:`KeyGroup` (e.g. ``applies=for_learners("slca")``).
 
     Raises:
         ValueError: a key name is taken.
@@ -282,10 +287,24 @@ def config_keys(title: str, validate: Optional[Callable[[Any, Callable[[str], st
             EXTENSION_FIELDS[f.name] = f
             _EXTENSION_HINTS[f.name] = hints[f.name]
             names.append(f.name)
-        KEY_GROUPS.append(KeyGroup(title, tuple(names), validate))
+        KEY_GROUPS.append(KeyGroup(title, tuple(names), validate, applies))
         return dc
 
     return wrap
+
+
+def for_learners(*names: str) -> Callable[[Any], bool]:
+    """An ``applies`` rule for :func:`config_keys`: the run's ``model_name`` is one of the registered learners
+    ``names`` (aliases resolved)."""
+    return lambda cfg: LEARNERS.resolve(cfg.model_name) in names
+
+
+def inactive_keys(cfg: "ExperimentConfig") -> list[tuple[str, str]]:
+    """(key, its component's title) for every component key set to a non-default value whose component the run does
+    not use (:class:`KeyGroup` ``applies``): the key has no effect (warned at the run's start)."""
+    load_components()
+    return [(name, group.title) for group in KEY_GROUPS if group.applies is not None and not group.applies(cfg)
+            for name in group.names if getattr(cfg, name) != _default(EXTENSION_FIELDS[name])]
 
 
 def _default(field: dataclasses.Field) -> Any:

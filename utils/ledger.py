@@ -80,17 +80,26 @@ def _fmt(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
-def against(results: Sequence[Path], ledger: Optional[dict] = None, root: Path = REPO) -> tuple[list[str], int]:
-    """Lines comparing each complete results.json with its shipped config's reference, per task; and how many runs
-    had no reference (no matching config, or a config whose reference is None)."""
+def against(results: Sequence[Path], ledger: Optional[dict] = None, root: Path = REPO
+            ) -> tuple[list[str], int, list[tuple[Path, str]]]:
+    """Lines comparing each complete results.json with its shipped config's reference, per task; how many runs had no
+    reference (no matching config, or a config whose reference is None); and the files that could not be read, with
+    why (each read by the report tool's ``utils.report.load_run``, which checks every value it uses: a truncated file
+    or a value of the wrong type is skipped, the other runs are still compared)."""
+    from utils.report import InvalidResults, load_run
+
     ledger = ledger or load()
-    lines, missing = [], 0
+    lines, missing, skipped = [], 0, []
     for path in results:
-        data = json.loads(path.read_text())
-        if data.get("status") != "complete":
-            lines.append(f"{path}: not complete (status {data.get('status')!r}); skipped")
+        try:
+            run = load_run(path)
+        except InvalidResults as exc:
+            skipped.append((path, str(exc)))
             continue
-        config = match(data["config"], ledger, root)
+        if not run.complete:
+            lines.append(f"{path}: not complete (status {run.status!r}); skipped")
+            continue
+        config = match(run.config, ledger, root)
         if config is None:
             missing += 1
             lines.append(f"{path}: its config matches no shipped config (exps/*/*.json); no reference")
@@ -101,23 +110,23 @@ def against(results: Sequence[Path], ledger: Optional[dict] = None, root: Path =
             missing += 1
             lines.append(f"{path}: run of {config}; no reference: {entry['why_none']}")
             continue
-        lines.append(f"{path}: run of {config} (seed {data['seed']}) against {ref['kind']}: {ref['source']}")
+        lines.append(f"{path}: run of {config} (seed {run.seed}) against {ref['kind']}: {ref['source']}")
         if ref.get("seeds") and len(ref["seeds"]) > 1:
             lines.append(f"  note: the reference is the mean over seeds {ref['seeds']}; compare the mean of your runs "
                          "of those seeds (python -m utils.report)")
-        if ref.get("seeds") and data["seed"] not in ref["seeds"]:
-            lines.append(f"  note: the reference is for seed(s) {ref['seeds']}; seed {data['seed']} has another "
+        if ref.get("seeds") and run.seed not in ref["seeds"]:
+            lines.append(f"  note: the reference is for seed(s) {ref['seeds']}; seed {run.seed} has another "
                          "class order")
-        curve, want = data["top1_curve"], ref.get("curve") or []
+        want = ref.get("curve") or []
         lines.append("  | task | this run | reference | difference |")
         lines.append("  |---|---|---|---|")
-        for t, got in enumerate(curve):
+        for t, got in enumerate(run.top1_curve):
             r = want[t] if t < len(want) else None
             lines.append(f"  | {t} | {got:.2f} | {_fmt(r)} | {'-' if r is None else f'{got - r:+.2f}'} |")
-        for label, got, r in (("A-bar", data["average_accuracy"], ref.get("a_bar")),
-                              ("A_last", data["last_accuracy"], ref.get("a_last"))):
+        for label, got, r in (("A-bar", run.values["average_accuracy"], ref.get("a_bar")),
+                              ("A_last", run.values["last_accuracy"], ref.get("a_last"))):
             lines.append(f"  | {label} | {got:.2f} | {_fmt(r)} | {'-' if r is None else f'{got - r:+.2f}'} |")
-    return lines, missing
+    return lines, missing, skipped
 
 
 def markdown(ledger: dict[str, Any]) -> str:

@@ -911,7 +911,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def against_ledger(dirs: Sequence[Path]) -> int:
-    """``--against-ledger``: 0 when every complete run has a reference, 2 when one has none or nothing was found."""
+    """``--against-ledger``: 0 when every complete run has a reference; 2 when one has none, a results.json cannot be
+    used (one ``warning: skipped FILE: why`` line each on stderr; the other runs are still compared) or nothing was
+    found."""
     from utils.ledger import LedgerError, against
 
     found = find_results(dirs)
@@ -919,12 +921,14 @@ def against_ledger(dirs: Sequence[Path]) -> int:
         print(f"error: no results.json under {', '.join(map(str, dirs))}", file=sys.stderr)
         return 2
     try:
-        lines, missing = against(found)
+        lines, missing, skipped = against(found)
     except LedgerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for path, why in skipped:
+        print(f"warning: skipped {path}: {why}", file=sys.stderr)
     print("\n".join(lines))
-    return 2 if missing else 0
+    return 2 if missing or skipped else 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

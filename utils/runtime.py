@@ -444,7 +444,8 @@ def batches(loader: Iterable) -> Iterator[Batch]:
 
 
 def setup_logging(log_file: Optional[Path], level: int = logging.INFO) -> None:
-    """Send INFO records to stdout and (if given) to ``log_file``, in the official format.
+    """Send INFO records to stdout, WARNING and above to stderr (so a script that reads stderr sees every warning),
+    and everything to ``log_file`` if given, in the official format.
 
     Replaces the handlers installed by an earlier call, so each seed gets its own file (the
     original's ``basicConfig`` inside the seed loop wrote every seed into the first file, SPEC 9.21).
@@ -456,7 +457,10 @@ def setup_logging(log_file: Optional[Path], level: int = logging.INFO) -> None:
             handler.close()
     root.setLevel(level)
     fmt = logging.Formatter(LOG_FORMAT)
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    out, err = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
+    out.addFilter(lambda record: record.levelno < logging.WARNING)
+    err.setLevel(logging.WARNING)
+    handlers: list[logging.Handler] = [out, err]
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file, mode="a", encoding="utf-8"))

@@ -48,8 +48,11 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
+from arms import VARIANTS, Arm, arm_of, epoch_keys, grid, owned_keys, plan_config  # noqa: E402,F401
 from jobs import Job, lr_tag, run_all  # noqa: E402
 from protocol_tables import metrics, table  # noqa: E402
+from utils.config import load_config  # noqa: E402
+from utils.errors import ConfigError  # noqa: E402
 from utils.registry import LEARNERS, PRESETS  # noqa: E402
 import models  # noqa: E402,F401  (registers the learners and presets)
 
@@ -73,46 +76,6 @@ SUITES: dict[str, dict[str, Any]] = {
 }
 
 
-@dataclass(frozen=True)
-class Arm:
-    """One compared method: a preset with config overrides; ``rate_of``: take that arm's calibrated rate."""
-
-    name: str
-    preset: str
-    overrides: dict[str, Any] = field(default_factory=dict)
-    label: str = ""
-    rate_of: Optional[str] = None
-
-
-#: arms that are not a preset as it is; their rates follow MIST's (issue 25: same-rate contrasts)
-VARIANTS = {"mist_noembed": Arm("mist_noembed", "mist", {"exclude_embeddings": True},
-                                "MIST, embeddings excluded (deviation)", rate_of="mist"),
-            "mist_random": Arm("mist_random", "mist_random", {}, "MIST, random scores (MIST's rate)", rate_of="mist")}
-
-
-def arm_of(name: str) -> Arm:
-    """The arm ``name``: a variant of :data:`VARIANTS`, or a registered preset with its own rate.
-
-    Raises:
-        ConfigError: neither.
-    """
-    return VARIANTS.get(name) or Arm(name, name, {}, PRESETS.get(name, "--methods").label)
-
-
-def epoch_keys(method: str, epochs: int) -> dict[str, int]:
-    """The config keys that give preset ``method`` ``epochs`` training epochs per task: a task-level preset's epochs
-    key counts its scoring pass too (``mi_epochs`` = epochs + 1); phases (ACL, SPG, SparCL) and the per-step presets
-    train every epoch of theirs."""
-    p = PRESETS.get(method)
-    scoring = p.parts["importance"] is not None and p.parts.get("phase") is None
-    return {p.epochs_key: epochs + (1 if scoring else 0)}
-
-
-def grid(method: str, sgd: tuple[float, ...], adam: tuple[float, ...]) -> tuple[float, ...]:
-    """The learning-rate grid of preset ``method``: ``sgd`` when its optimizer is an SGD, ``adam`` otherwise."""
-    return sgd if "sgd" in PRESETS.get(method).parts["optimizer"] else adam
-
-
 def untuned_lambdas(results: dict[int, dict]) -> dict[str, list[float]]:
     """seed -> the ridge lambda RanPAC chose at every task of its untuned run (results.json tasks[i].head)."""
     return {str(seed): [float(t["head"]["ridge_lambda"]) for t in data["tasks"]] for seed, data in results.items()}
@@ -122,23 +85,6 @@ def learner_name(base: dict) -> str:
     """The registered learner of a base config's ``model_name`` (``ranpac_mist`` -> ``ranpac``), so that RanPAC's
     fixed-lambda stage applies to the paper configs too."""
     return LEARNERS.resolve(str(base["model_name"]))
-
-
-def plan_config(base: dict, size: dict, method: "str | Arm", seeds, epochs: int, lr: Optional[float],
-                overrides: dict, lambdas: Optional[dict]) -> dict:
-    """The config of one job: ``base`` with ``size``, the arm's preset and overrides, its epochs and rate, the seeds,
-    the command line's overrides and RanPAC's fixed lambdas."""
-    arm = method if isinstance(method, Arm) else arm_of(method) if method != "none" else None
-    cfg = {**base, **size, "spr": arm.preset if arm else "none", "seed": list(seeds), "progress": False, **overrides}
-    cfg["prefix"] = "protocol"
-    if arm is not None:
-        cfg.update(arm.overrides)
-        cfg.update(epoch_keys(arm.preset, epochs))
-        if lr is not None:
-            cfg[PRESETS.get(arm.preset).lr_key] = lr
-    if lambdas is not None:
-        cfg["ridge_lambdas_by_seed"] = lambdas
-    return cfg
 
 
 @dataclass
@@ -263,18 +209,54 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def check_args(args) -> Optional[str]:
+    """The first thing wrong with the command line, as one sentence, or None. Checked before any run: numbers in range,
+    seeds distinct and never both calibration and reported, arms and base configs that exist, ``--set`` keys that the
+    protocol does not own and values that the project's config validation accepts for every base config."""
+    finite = lambda x: x == x and abs(x) != float("inf")  # noqa: E731
+    numbers = [("--epochs", args.epochs, 1), ("--workers", args.workers, 1), ("--max-extend", args.max_extend, 0)]
+    for flag, value, low in numbers:
+        if value < low:
+            return f"{flag} is {value}; expected an integer >= {low}"
+    for flag, values in (("--grid-sgd", args.grid_sgd), ("--grid-adam", args.grid_adam)):
+        if not values or any(not finite(v) or v <= 0 for v in values) or len(set(values)) != len(values):
+            return f"{flag} is {values}; expected distinct finite learning rates > 0"
+    if not finite(args.grid_step) or args.grid_step <= 1:
+        return f"--grid-step is {args.grid_step}; expected a finite factor > 1"
+    for flag, value in (("--min-old-accuracy", args.min_old_accuracy), ("--min-drift", args.min_drift)):
+        if not finite(value) or value < 0:
+            return f"{flag} is {value}; expected a finite number >= 0"
+    for flag, seeds in (("--seeds", args.seeds), ("--calibration-seeds", args.calibration_seeds)):
+        if not seeds or len(set(seeds)) != len(seeds):
+            return f"{flag} is {seeds}; expected distinct seeds"
+    if set(args.seeds) & set(args.calibration_seeds):
+        return f"seeds {sorted(set(args.seeds) & set(args.calibration_seeds))} are both calibration and reported seeds"
+    unknown = [m for m in args.methods if m not in VARIANTS and m not in PRESETS.names()]
+    if unknown:
+        return f"--methods: unknown arm(s) {unknown}; expected registered presets or {', '.join(VARIANTS)}"
+    missing = [str(p) for p in args.base if not p.is_file()]
+    if missing:
+        return f"--base: no such config file(s) {missing}"
+    owned = sorted({item.partition("=")[0] for item in args.overrides} & owned_keys([arm_of(m) for m in args.methods]))
+    if owned:
+        return f"--set {', '.join(owned)}: the protocol sets these keys itself (seeds, presets, rates, epochs, lambdas)"
+    learners = set()
+    for path in args.base:
+        try:
+            cfg = load_config(path, args.overrides)
+        except ConfigError as exc:
+            return str(exc)
+        learners.add(LEARNERS.resolve(cfg.model_name))
+    if args.calibrate_on is not None and args.calibrate_on not in learners:
+        return f"--calibrate-on {args.calibrate_on}: no base config of that learner ({', '.join(sorted(learners))})"
+    return None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    unknown = [m for m in args.methods if m not in VARIANTS and m not in PRESETS.names()]
-    missing = [str(p) for p in args.base if not p.is_file()]
-    bad_learner = args.calibrate_on is not None and args.calibrate_on not in {
-        learner_name(json.loads(p.read_text())) for p in args.base if p.is_file()}
-    if bad_learner:
-        print(f"error: --calibrate-on {args.calibrate_on}: no base config of that learner", file=sys.stderr)
-        return 2
-    if unknown or missing or set(args.seeds) & set(args.calibration_seeds):
-        print(f"error: unknown methods {unknown}, missing base configs {missing}, or a calibration seed is also "
-              f"reported ({sorted(set(args.seeds) & set(args.calibration_seeds))})", file=sys.stderr)
+    problem = check_args(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     overrides = {}
     for item in args.overrides:
