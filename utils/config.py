@@ -830,7 +830,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="rewrite the generated region of README.md (default path: the repository's)")
     args = parser.parse_args(argv)
     if args.write_readme is not None:
-        print("updated" if _write_readme(args.write_readme) else "unchanged", args.write_readme)
+        try:
+            changed = _write_readme(args.write_readme)
+        except (OSError, ValueError) as exc:
+            print(f"error: --write-readme {args.write_readme}: {getattr(exc, 'strerror', None) or exc}",
+                  file=sys.stderr)
+            return 2
+        print("updated" if changed else "unchanged", args.write_readme)
     else:
         sys.stdout.write(markdown_tables())
     return 0

@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from utils.cli import ToolError, run_tool, write_output  # noqa: E402
 from utils.contrasts import detectable_effect, holm, paired  # noqa: E402
 from utils.report import InvalidResults, load_run  # noqa: E402
 
@@ -102,12 +103,17 @@ def main(argv=None) -> int:
     parser.add_argument("runs", nargs="?", type=Path, default=Path("runs/demo_vit"))
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    text = report(collect(args.runs))
+    if not args.runs.is_dir():
+        raise ToolError(f"runs folder {args.runs} does not exist; pass the folder of bash exps/demo_vit/run.sh")
+    runs = collect(args.runs)
+    if not runs:
+        raise ToolError(f"no complete run of the demo's hosts under {args.runs}")
+    text = report(runs)
     if args.out:
-        args.out.write_text(text)
+        write_output(args.out, text)
     print(text, end="")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -33,6 +33,7 @@ from models import build_learner  # noqa: E402
 from models.base import TaskData  # noqa: E402
 from models.prompt_hosts import batch_vote  # noqa: E402
 from trainer import _data_manager  # noqa: E402
+from utils.cli import run_tool  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.runtime import OFFICIAL_TORCH_SEED, resolve_device, seed_torch  # noqa: E402
 
@@ -99,4 +100,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

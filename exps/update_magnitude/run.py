@@ -61,6 +61,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 from timm.models.resnet import BasicBlock, ResNet  # noqa: E402
 
 from models.sparse.gate import FROZEN, INITIALIZED, MagnitudeGate  # noqa: E402
+from utils.cli import ToolError, run_tool, write_output  # noqa: E402
 from utils.contrasts import holm, paired  # noqa: E402
 from utils.datasets import Split, load_fmnist  # noqa: E402
 
@@ -426,15 +427,18 @@ def contrasts_md(found: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 def write_outputs(out: Path, cfg: Config, tau: float, calibration: dict[str, list[float]],
                   runs: Sequence[RunResult], wall_s: float) -> dict[str, Any]:
-    """Write ``results.json`` and ``results.md`` into ``out``; returns the JSON object."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write ``results.json`` and ``results.md`` into ``out``; returns the JSON object.
+
+    Raises:
+        ToolError: ``out`` or a file in it cannot be written.
+    """
     summary = summarise(runs)
     payload = {"config": {**asdict(cfg), "seeds": list(cfg.seeds)},
                "reconstruction": "see exps/update_magnitude/README.md",
                "calibration": {"seed": cfg.calibration_seed, "similarities": calibration, "tau": tau},
                "runs": [asdict(r) for r in runs], "summary": summary, "contrasts": contrasts(runs),
                "paper_table_i": PAPER_TABLE_I, "wall_time_s": wall_s}
-    (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    write_output(out / "results.json", json.dumps(payload, indent=2) + "\n")
     md = ["# Update magnitude on Split Fashion-MNIST (reconstruction of arXiv 2602.20796, SPEC 14)", "",
           f"train/class {cfg.train_per_class}, test/class {cfg.test_per_class or 'all'}, epochs {cfg.epochs}, "
           f"SGD lr {cfg.lr} momentum {cfg.momentum}, batch {cfg.batch_size}; wall time {wall_s:.0f} s.", "",
@@ -450,7 +454,7 @@ def write_outputs(out: Path, cfg: Config, tau: float, calibration: dict[str, lis
     md += ["", "## Accuracy matrices (%, row i = after task i)", ""]
     for r in runs:
         md += [f"### {r.regime}, seed {r.seed}", "", _matrix_md(r)]
-    (out / "results.md").write_text("\n".join(md), encoding="utf-8")
+    write_output(out / "results.md", "\n".join(md))
     return payload
 
 
@@ -468,7 +472,30 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny CI run: 20 train / 20 test per class, 1 epoch, seed 0")
     p.add_argument("--rewrite", action="store_true",
                    help="run nothing: rewrite results.json / results.md in --out from its results.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    problem = check_args(args)
+    if problem:
+        raise ToolError(problem)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> Optional[str]:
+    """The first thing wrong with the command line, as one sentence, or None (checked before anything runs)."""
+    seeds = [*args.seeds, args.calibration_seed]
+    if any(not 0 <= s < 2 ** 32 for s in seeds):
+        return f"--seeds {args.seeds} / --calibration-seed {args.calibration_seed}: seeds are integers in [0, 2^32)"
+    if len(set(args.seeds)) != len(args.seeds) or args.calibration_seed in args.seeds:
+        return (f"--seeds {args.seeds}: expected distinct seeds, none equal to --calibration-seed "
+                f"{args.calibration_seed} (it is never reported)")
+    for flag, value, low in (("--epochs", args.epochs, 1), ("--train-per-class", args.train_per_class, 0),
+                             ("--test-per-class", args.test_per_class, 0)):
+        if value < low:
+            return f"{flag} is {value}; expected an integer >= {low}"
+    if args.threshold is not None and not -1.0 <= args.threshold <= 1.0:
+        return f"--threshold is {args.threshold}; expected a cosine similarity in [-1, 1]"
+    if args.rewrite and not (args.out / "results.json").is_file():
+        return f"--rewrite: {args.out / 'results.json'} does not exist; run the experiment first"
+    return None
 
 
 def rewrite(out: Path) -> dict[str, Any]:
@@ -510,4 +537,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))
