@@ -29,13 +29,14 @@ from backbones import backbone_mean_std
 from models import build_learner
 from models.base import TaskData
 from utils import distributed
-from utils.config import ExperimentConfig, config_from_dict, load_config, parse_override
+from utils.config import ExperimentConfig, config_from_dict, inactive_keys, load_config, parse_override
 from utils.data_manager import DataManager
 from utils.datasets import default_norm, load_source
 from utils.metrics import grouped_accuracy, summarize, task_accuracies, topk_accuracy
 from utils.errors import CheckpointError, ConfigError, RunStopped, UserError  # noqa: F401 (RunStopped re-exported)
 from utils.run_folder import (OutputError, RunLock, check_checkpoint_meta, config_fingerprint, move_aside,
                               remove_stale_temporaries)
+from utils.registry import LEARNERS
 from utils.runtime import (OFFICIAL_TORCH_SEED, log_traceback, resolve_device, rng_state, runtime_info, seed_torch,
                            set_rng_state, setup_logging)
 
@@ -248,11 +249,23 @@ def _data_manager(cfg: ExperimentConfig, seed: int) -> DataManager:
     return DataManager(source, cfg.shuffle, seed, cfg.init_cls, cfg.increment)
 
 
+def warn_config(cfg: ExperimentConfig) -> None:
+    """Warn, at the start of a run (its log and stderr), about keys that have no effect: a key of a learner the run
+    does not use (``utils.config.inactive_keys``) and a ``*_mist`` learner name with ``spr`` none."""
+    for key, owner in inactive_keys(cfg):
+        logger.warning("Config key '%s' = %r has no effect: it belongs to %s, and this run's learner is %s.", key,
+                       getattr(cfg, key), owner, cfg.model_name)
+    if cfg.model_name.endswith("_mist") and cfg.spr == "none":
+        logger.warning("model_name '%s' names the learner with MIST, but spr is 'none': no tuning phase runs (set spr, "
+                       "e.g. 'mist', or use '%s').", cfg.model_name, LEARNERS.resolve(cfg.model_name))
+
+
 def run_seed(cfg: ExperimentConfig, seed: int, out: Path, resume: bool = False) -> Path:
     """One full class-incremental run for ``seed``; results.json and a checkpoint are rewritten after every task.
 
     results.json carries ``status``: ``running`` while the run goes, then ``complete``, ``failed`` (with
-    ``error``; the traceback is in the log) or ``interrupted`` (Ctrl-C, SIGTERM, ``stop_after_task``).
+    ``error``; the traceback is in the log) or ``interrupted`` (Ctrl-C, SIGTERM, ``stop_after_task``). A resume refused
+    before its checkpoint is accepted (a foreign or altered checkpoint, missing data) leaves results.json as it was.
 
     Args:
         resume: continue after the last task saved in ``out/checkpoint.pt`` (a fresh start if there is none).
@@ -275,6 +288,7 @@ def run_seed(cfg: ExperimentConfig, seed: int, out: Path, resume: bool = False) 
     resolved = {**cfg.to_dict(), "seed": seed}
     for key, value in resolved.items():
         logger.info("%s: %s", key, value)
+    warn_config(cfg)
     fresh: dict[str, Any] = {"config": resolved, "seed": seed, "status": "running", "complete": False,
                              "fingerprint": fingerprint(cfg), "tasks": [], "top1_curve": [], "top5_curve": [],
                              "att_curve": [], "accuracy_matrix": []}
@@ -293,17 +307,24 @@ def run_seed(cfg: ExperimentConfig, seed: int, out: Path, resume: bool = False) 
             if not (resume and (out / "config.json").is_file()):
                 write(out / "config.json", {"config": resolved, "seeds": cfg.seed, "environment": environment_info(),
                                             "runtime": runtime_info(device, cfg)})
-            write(out / "results.json", results)
+            if not resume:  # a resumed seed's results.json stays as it was until its checkpoint is accepted
+                write(out / "results.json", results)
         except OSError as exc:
             raise OutputError(f"cannot write {exc.filename or out} ({exc.strerror or exc}); the run did not start.") \
                 from None
-        written = True
+        written = not resume
         data = _data_manager(cfg, seed)
         seed_torch(seed if cfg.seed_torch_with_seed else OFFICIAL_TORCH_SEED, cfg.allow_tf32, cfg.deterministic)
         learner = build_learner(cfg, device, seed)
         first = 0
         if resume:
             results, first = _restore(checkpoint, learner, out, fresh, results, seed, data)
+            try:
+                write(out / "results.json", results)
+            except OSError as exc:
+                raise OutputError(f"cannot write {exc.filename or out} ({exc.strerror or exc}); the run did not "
+                                  "resume.") from None
+            written = True
         results.update({"class_order": data.class_order, "task_sizes": data.increments, "device": str(device)})
         ranges = [data.task_classes(t) for t in range(data.nb_tasks)]
         for t in range(first, data.nb_tasks):
@@ -326,7 +347,8 @@ def run_seed(cfg: ExperimentConfig, seed: int, out: Path, resume: bool = False) 
         raise
     except BaseException as exc:
         results["status"], results["error"] = "failed", f"{type(exc).__name__}: {exc}"
-        _record_end(write, out, results, written)
+        # until a resumed seed's checkpoint is accepted, a refusal (UserError) leaves results.json as it was
+        _record_end(write, out, results, written or (resume and not isinstance(exc, UserError)))
         if not isinstance(exc, UserError):
             log_traceback(exc)
         raise

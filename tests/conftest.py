@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +20,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `pytest tests` without `python -m` does not put the repo on sys.path
     sys.path.insert(0, str(REPO))
+
+#: a logged record on stderr (``utils.runtime.LOG_FORMAT``): warnings reach stderr as well as the log (issue 26)
+LOGGED = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ \[")
+
+
+def terminal_lines(err: str) -> list[str]:
+    """The non-empty lines of a command's stderr that are not logged records: the error or status lines it prints
+    itself (warnings logged before them reach stderr too, in the log format)."""
+    return [line for line in err.splitlines() if line.strip() and not LOGGED.match(line)]
+
 
 TINY_VIT_NAME = "vit_base_patch16_224.augreg_in21k"
 TINY_VIT_KWARGS = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)

@@ -8,7 +8,6 @@ prints the table (case, exit status, message) for the record.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -22,7 +21,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO / "tests"))
 
 import main  # noqa: E402
-from conftest import TINY_VIT_KWARGS, TINY_VIT_NAME, tiny_run_dict  # noqa: E402
+from conftest import TINY_VIT_KWARGS, TINY_VIT_NAME, terminal_lines, tiny_run_dict  # noqa: E402
 
 
 def _images(root: Path, n_classes: int = 4, per_class: int = 2) -> Path:
@@ -48,10 +47,6 @@ def _config(tmp: Path, **overrides) -> Path:
 
 def _args(tmp: Path, config: Path, *sets: str) -> list[str]:
     return ["--config", str(config), "--output-dir", str(tmp / "runs"), *[a for s in sets for a in ("--set", s)]]
-
-
-#: a logged record on stderr (``utils.runtime.LOG_FORMAT``): warnings reach stderr as well as the log
-LOGGED = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ \[")
 
 
 # each case: (name, builder(tmp) -> argv, expected exit status, fragments of the message)
@@ -234,7 +229,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys, name, build, code, fra
     assert main.main(argv) == code
     err = capsys.readouterr().err.strip()
     # warnings logged before the error also reach stderr (issue 26), in the log format; the error is one line
-    lines = [ln for ln in err.splitlines() if ln.strip() and not LOGGED.match(ln)]
+    lines = terminal_lines(err)
     assert len(lines) == 1 and lines[0].startswith("error:"), err
     assert "Traceback" not in err
     for fragment in fragments:

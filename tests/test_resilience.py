@@ -14,6 +14,7 @@ import torch
 
 import main
 import trainer
+from tests.conftest import terminal_lines
 from tests.test_sparse_tuning import tiny_overrides
 from utils.config import load_config
 from utils.errors import CheckpointError, NonFiniteError
@@ -83,10 +84,12 @@ def test_a_foreign_checkpoint_is_refused(images, tmp_path):
     (seed_dir,) = (tmp_path / "runs").glob("*/*/seed1993")
     ckpt = seed_dir / "checkpoint.pt"
     torch.save({"something": torch.zeros(2)}, ckpt)
+    before = (seed_dir / "results.json").read_bytes()
     with pytest.raises(CheckpointError, match="not a mist-cl checkpoint"):
         trainer.resume(seed_dir.parent)
-    after = json.loads((seed_dir / "results.json").read_text())
-    assert after["status"] == "failed" and len(after["tasks"]) == 1  # the finished task is kept
+    # a refused resume leaves results.json as it was (issue 26): status "interrupted", the finished task kept
+    assert (seed_dir / "results.json").read_bytes() == before
+    assert json.loads(before)["status"] == "interrupted" and len(json.loads(before)["tasks"]) == 1
     # through the command line: one line, exit 2, the file named
     code = main.main(["--resume", str(seed_dir.parent)])
     assert code == 2
@@ -110,7 +113,7 @@ def test_nan_loss_stops_the_run_with_task_epoch_and_step(images, tmp_path, monke
     for item in overrides(images, "ranpac", "mi_epochs=3"):
         args += ["--set", item]
     assert main.main(args) == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    err = terminal_lines(capsys.readouterr().err)
     assert len(err) == 1 and "NonFiniteError" in err[0] and "task 0, epoch 2/3, step 0" in err[0]
     (results_path,) = (tmp_path / "runs").glob("*/*/seed1993/results.json")
     results = json.loads(results_path.read_text())
@@ -139,7 +142,7 @@ def test_missing_data_fails_cleanly_with_status(tmp_path, capsys):
         args += ["--set", item]
     assert main.main(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: dataset 'cub'") and "Traceback" not in err
+    assert terminal_lines(err)[0].startswith("error: dataset 'cub'") and "Traceback" not in err
     (results_path,) = (tmp_path / "runs").glob("*/*/seed1993/results.json")
     results = json.loads(results_path.read_text())
     assert results["status"] == "failed" and "cub" in results["error"]

@@ -6,6 +6,7 @@ RUN = a run folder written with ``--output-dir``, SD = RUN/seed1993; the config 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -15,7 +16,10 @@ import pytest
 import torch
 
 import main
+from tests.conftest import terminal_lines
 from test_sparse_tuning import tiny_overrides
+from utils.errors import UserError
+from utils.run_folder import OutputError, RunLock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,7 +46,7 @@ def start(images: Path, tmp_path: Path, *extra: str) -> Path:
 def resume(sd: Path, capsys, *extra: str) -> tuple[int, list[str]]:
     capsys.readouterr()
     code = main.main(["--resume", str(sd.parent), *extra])
-    return code, [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    return code, terminal_lines(capsys.readouterr().err)
 
 
 def results_of(sd: Path) -> dict:
@@ -99,11 +103,11 @@ def test_a_hand_edited_config_is_refused(images, tmp_path, capsys, key, value):
     saved = json.loads((sd / "config.json").read_text())
     saved["config"][key] = value
     (sd / "config.json").write_text(json.dumps(saved))
-    before = results_of(sd)
+    before = (sd / "results.json").read_bytes()
     code, err = resume(sd, capsys)
     assert code == 2 and len(err) == 1 and err[0].startswith("error: --resume")
     assert "config.json" in err[0] and "edited" in err[0]
-    assert results_of(sd) == before  # nothing lost, nothing relabelled
+    assert (sd / "results.json").read_bytes() == before  # nothing lost, nothing relabelled
 
 
 def test_a_seed_added_by_hand_is_refused(images, tmp_path, capsys):
@@ -119,14 +123,16 @@ def test_a_seed_added_by_hand_is_refused(images, tmp_path, capsys):
 def test_a_checkpoint_of_another_seed_or_config_is_refused(images, tmp_path, capsys):
     sd = start(images, tmp_path)
     other = start(images, tmp_path / "b", "seed=[7]")  # another seed: same config otherwise
-    own = (sd / "checkpoint.pt").read_bytes()
+    own, before = (sd / "checkpoint.pt").read_bytes(), (sd / "results.json").read_bytes()
     (sd / "checkpoint.pt").write_bytes((other / "checkpoint.pt").read_bytes())
     code, err = resume(sd, capsys)
     assert code == 2 and len(err) == 1 and "written for seed 7" in err[0] and "checkpoint.pt" in err[0]
+    assert (sd / "results.json").read_bytes() == before  # still "interrupted", not "failed"
     rate = start(images, tmp_path / "c", "select_rate=0.5")
     (sd / "checkpoint.pt").write_bytes((rate / "checkpoint.pt").read_bytes())
     code, err = resume(sd, capsys)
     assert code == 2 and len(err) == 1 and "another config" in err[0]
+    assert (sd / "results.json").read_bytes() == before
     (sd / "checkpoint.pt").write_bytes(own)
     assert resume(sd, capsys)[0] == 0  # its own checkpoint resumes
 
@@ -157,18 +163,169 @@ def test_a_hand_set_complete_status_does_not_skip_the_remaining_tasks(images, tm
     assert code == 0 and results_of(sd)["accuracy_matrix"] == uninterrupted["accuracy_matrix"]
 
 
-def test_a_second_resume_of_a_folder_in_use_is_refused_and_a_stale_lock_is_replaced(images, tmp_path, capsys):
+HOLDER = """import sys, time
+from utils.run_folder import RunLock
+with RunLock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def hold_lock(run_dir: Path) -> subprocess.Popen:
+    """Another process that holds RUN/.lock (``RunLock``) until it is killed; returns once it holds it."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_resume_of_a_folder_in_use_is_refused_and_a_killed_holder_does_not_block(images, tmp_path, capsys):
     sd = start(images, tmp_path)
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    before = (sd / "results.json").read_bytes()
+    holder = hold_lock(sd.parent)
     try:
-        (sd.parent / ".lock").write_text(str(holder.pid))
         code, err = resume(sd, capsys)
-        assert code == 2 and len(err) == 1 and f"in use by process {holder.pid}" in err[0]
+        assert code == 2 and len(err) == 1 and f"{sd.parent} is in use by process {holder.pid}" in err[0]
+        assert (sd / "results.json").read_bytes() == before  # still "interrupted", not "failed"
     finally:
-        holder.kill()
+        holder.kill()  # SIGKILL: no clean-up, its lock file stays behind
         holder.wait()
-    code, _ = resume(sd, capsys)  # that process is gone: its lock is stale
+        holder.stdout.close()
+    assert (sd.parent / ".lock").read_text() == str(holder.pid)
+    code, _ = resume(sd, capsys)
     assert code == 0 and results_of(sd)["status"] == "complete" and not (sd.parent / ".lock").exists()
+
+
+def test_a_lock_that_is_a_directory_is_one_line_and_leaves_the_folder_as_it_was(images, tmp_path, capsys):
+    sd = start(images, tmp_path)
+    before = (sd / "results.json").read_bytes()
+    (sd.parent / ".lock").mkdir()
+    code, err = resume(sd, capsys)
+    assert code == 2 and len(err) == 1 and f"the lock {sd.parent / '.lock'} is a directory" in err[0]
+    assert "rmdir" in err[0] and (sd / "results.json").read_bytes() == before and (sd.parent / ".lock").is_dir()
+
+
+def test_a_lock_that_is_not_a_regular_file_is_refused(tmp_path):
+    (tmp_path / ".lock").symlink_to(os.devnull)  # every process could "lock" /dev/null
+    with pytest.raises(OutputError, match="is not a regular file; remove it"):
+        RunLock(tmp_path).__enter__()
+
+
+@pytest.mark.parametrize("text", ["ppid", "", "not a pid"])
+def test_a_leftover_lock_file_does_not_block_whatever_it_says(tmp_path, text):
+    """The pid-file lock of earlier versions, or a lock file of a killed process: nobody holds it."""
+    (tmp_path / ".lock").write_text(str(os.getppid()) if text == "ppid" else text)  # ppid: a live process
+    with RunLock(tmp_path) as lock:
+        assert lock.held and (tmp_path / ".lock").read_text() == str(os.getpid())
+    assert not lock.held and not (tmp_path / ".lock").exists()
+
+
+def test_a_held_lock_refuses_a_second_taker_and_is_free_after_release(tmp_path):
+    with RunLock(tmp_path):
+        with pytest.raises(OutputError, match=f"{tmp_path} is in use by process {os.getpid()}"):
+            RunLock(tmp_path).__enter__()
+    with RunLock(tmp_path) as lock:
+        assert lock.held
+
+
+def test_a_disabled_lock_takes_nothing(tmp_path):
+    with RunLock(tmp_path, enabled=False) as lock:
+        assert not lock.held and not (tmp_path / ".lock").exists()
+
+
+RACES = 1000
+
+
+def racer(lock_class: type, folders: list[Path], barrier, record: Path) -> None:
+    """One racing process. At each race it starts with the others (``barrier``) and tries the lock; inside, it
+    creates ``inside`` in the folder exclusively (the file exists already if another racer is inside too) and stays
+    until every racer has tried. It records per race: "I" inside alone, "B" inside with another, "R" refused."""
+    marks = []
+    for folder in folders:
+        barrier.wait(timeout=60)
+        try:
+            with lock_class(folder):
+                try:
+                    os.close(os.open(folder / "inside", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                    marks.append("I")
+                except FileExistsError:
+                    marks.append("B")
+                barrier.wait(timeout=60)
+        except UserError:
+            marks.append("R")
+            barrier.wait(timeout=60)
+    record.write_text("".join(marks))
+
+
+def race(lock_class: type, root: Path, races: int, leftover: bool, racers: int = 2) -> dict[str, int]:
+    """Race ``racers`` processes over ``lock_class`` in ``races`` folders, each fresh or holding a leftover lock file
+    (the pid of a process that has ended); returns how many races had two racers inside, or none."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folders = [root / f"race{i}" for i in range(races)]
+    for folder in folders:
+        folder.mkdir()
+        if leftover:
+            (folder / ".lock").write_text(str(dead.pid))
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(racers)
+    records = [root / f"racer{i}.txt" for i in range(racers)]
+    procs = [ctx.Process(target=racer, args=(lock_class, folders, barrier, rec)) for rec in records]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=300)
+    assert [proc.exitcode for proc in procs] == [0] * racers
+    per_race = list(zip(*(rec.read_text() for rec in records)))
+    assert len(per_race) == races
+    inside = [sum(mark != "R" for mark in marks) for marks in per_race]
+    return {"races": races, "two inside": sum(n > 1 for n in inside), "none inside": inside.count(0),
+            "overlap seen": sum("B" in marks for marks in per_race)}
+
+
+@pytest.mark.parametrize("leftover", [False, True], ids=["fresh-folder", "leftover-lock-file"])
+def test_racing_processes_never_hold_the_lock_together(tmp_path, leftover):
+    tally = race(RunLock, tmp_path, RACES, leftover)
+    assert tally == {"races": RACES, "two inside": 0, "none inside": 0, "overlap seen": 0}
+
+
+def churner(lock_class: type, folder: Path, rounds: int, record: Path) -> None:
+    """One process taking and releasing the lock of ``folder`` ``rounds`` times as fast as it can; inside, it creates
+    ``inside`` exclusively and deletes it before leaving. Records per round "I" inside alone, "B" inside with another,
+    "R" refused."""
+    marks = []
+    for _ in range(rounds):
+        try:
+            with lock_class(folder):
+                try:
+                    os.close(os.open(folder / "inside", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                    marks.append("I")
+                    (folder / "inside").unlink()
+                except FileExistsError:
+                    marks.append("B")
+        except UserError:
+            marks.append("R")
+    record.write_text("".join(marks))
+
+
+def churn(lock_class: type, root: Path, rounds: int, racers: int = 2) -> dict[str, int]:
+    """``racers`` processes taking and releasing one folder's lock ``rounds`` times each (the lock file is deleted
+    and created again all the time); returns the rounds inside and the overlaps seen."""
+    ctx = multiprocessing.get_context("fork")
+    records = [root / f"churner{i}.txt" for i in range(racers)]
+    procs = [ctx.Process(target=churner, args=(lock_class, root, rounds, rec)) for rec in records]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=300)
+    assert [proc.exitcode for proc in procs] == [0] * racers
+    marks = "".join(rec.read_text() for rec in records)
+    return {"rounds": len(marks), "inside": len(marks) - marks.count("R"), "overlap seen": marks.count("B")}
+
+
+def test_processes_taking_and_releasing_one_lock_never_hold_it_together(tmp_path):
+    tally = churn(RunLock, tmp_path, RACES)
+    assert tally["rounds"] == 2 * RACES and tally["inside"] > 0 and tally["overlap seen"] == 0
 
 
 def test_output_dir_with_resume_is_refused(images, tmp_path, capsys):
@@ -191,7 +348,7 @@ def test_an_output_folder_that_cannot_be_written_says_only_what_is_true(images, 
     try:
         capsys.readouterr()
         code = main.main(["--output-dir", str(out), *sets(images)])
-        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        err = terminal_lines(capsys.readouterr().err)
     finally:
         if blocker != "file":
             out.chmod(0o700)
@@ -208,7 +365,7 @@ def test_a_full_disk_during_the_checkpoint_names_the_file(images, tmp_path, caps
     monkeypatch.setattr(trainer.torch, "save", full)
     capsys.readouterr()
     code = main.main(["--output-dir", str(tmp_path / "runs"), *sets(images)])
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    err = terminal_lines(capsys.readouterr().err)
     assert code == 2 and len(err) == 1 and "cannot write the checkpoint" in err[0] and "checkpoint.pt" in err[0]
     (sd,) = (tmp_path / "runs").glob("*/*/seed1993")
     assert not list(sd.glob("*.tmp")) and results_of(sd)["status"] == "failed" and len(results_of(sd)["tasks"]) == 1

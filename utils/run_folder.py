@@ -1,16 +1,20 @@
 """A run folder whose files always agree with each other (issue 16): stale temporary files, partial results moved
-aside, a fingerprint of what a checkpoint was trained with, and a lock against two processes resuming one folder.
+aside, a fingerprint of what a checkpoint was trained with, and a lock against two processes resuming one folder (an
+operating-system lock, ``fcntl.flock``, on ``RUN/.lock``; issue 26).
 
 Layout (``trainer.py``): ``RUN/seed<s>/{config.json, results.json, checkpoint.pt, <name>_seed<s>.log}`` and, while a
-process works on the folder, ``RUN/.lock`` holding its pid.
+process works on the folder, ``RUN/.lock`` (locked by that process; its pid written in it).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import stat
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -19,6 +23,7 @@ from utils.errors import CheckpointError, UserError
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
+LOCK_ATTEMPTS = 100  # a lock file deleted under us by its releasing holder is retried at most this often
 FINGERPRINT_VERSION = 1
 
 
@@ -112,57 +117,115 @@ def check_checkpoint_meta(path: Path, state: dict[str, Any], fingerprint: str, s
 
 
 class RunLock:
-    """``RUN/.lock`` (the pid of the process working on the folder), taken atomically; a lock whose process no longer
-    runs is stale and replaced. Use as a context manager; only the process that writes the folder takes it.
+    """``RUN/.lock``: an exclusive ``fcntl.flock`` on that file while one process writes the folder. Use as a context
+    manager; only the process that writes the folder takes it.
+
+    The operating system releases the lock when its process ends, however it ends, so a lock file left by a killed
+    process (or by the pid-file lock of earlier versions) never blocks. The holder's pid is written into the file for
+    people to read; the lock does not depend on it. On release the holder deletes the file before unlocking it, and a
+    process that locked a file no longer at ``RUN/.lock`` lets it go and tries again, so two processes never both hold
+    the folder.
 
     Raises:
-        OutputError: another live process holds the folder (its pid named), or the lock file cannot be written.
+        OutputError: another process holds the folder (its pid named when the file says), or ``RUN/.lock`` cannot be
+            used (a directory or another non-file in the way, a read-only folder).
     """
 
     def __init__(self, run_dir: Path, enabled: bool = True) -> None:
         self.path = Path(run_dir) / LOCK_NAME
         self.enabled = enabled
-        self.held = False
+        self._fd: Optional[int] = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock now."""
+        return self._fd is not None
 
     def __enter__(self) -> "RunLock":
-        if not self.enabled:
-            return self
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                pid = self._owner()
-                if pid is not None and pid != os.getpid() and _alive(pid):
-                    raise OutputError(f"{self.path.parent} is in use by process {pid} (lock {self.path}); wait for it "
-                                      "to end, or delete the lock if that process is not a mist-cl run.") from None
-                logger.warning("removing the stale lock %s (process %s no longer runs)", self.path, pid)
-                self.path.unlink(missing_ok=True)
-                continue
-            except OSError as exc:
-                raise OutputError(f"cannot create the lock {self.path} ({exc.strerror or exc}).") from None
-            with os.fdopen(fd, "w") as fh:
-                fh.write(str(os.getpid()))
-            self.held = True
-            return self
-        raise OutputError(f"cannot take the lock {self.path}: another process keeps creating it.")
+        if self.enabled:
+            self._fd = _take_lock(self.path)
+        return self
 
-    def __exit__(self, *exc) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
-
-    def _owner(self) -> Optional[int]:
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is None:
+            return
         try:
-            return int(self.path.read_text().strip())
-        except (OSError, ValueError):
-            return None
+            self.path.unlink(missing_ok=True)  # while still locked: see _take_lock
+        except OSError:  # a lock file left behind blocks nobody
+            pass
+        os.close(self._fd)
+        self._fd = None
 
 
-def _alive(pid: int) -> bool:
+def _take_lock(path: Path) -> int:
+    """Lock ``path`` without waiting and write this process's pid into it; returns the locked descriptor.
+
+    A file locked after its holder deleted it (the holder released it between our open and our lock) is let go and
+    the new file at ``path`` tried instead.
+
+    Raises:
+        OutputError: another process holds the lock, or the file cannot be used.
+    """
+    for _ in range(LOCK_ATTEMPTS):
+        fd = _open_lock_file(path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                raise OutputError(f"{path.parent} is in use by {_holder(path)} (lock {path}); wait for it to end. "
+                                  "The lock goes away with its process.") from None
+            raise OutputError(f"cannot lock {path} ({exc.strerror or exc}); the file system may not support "
+                              "file locks.") from None
+        if _names(path, fd):
+            _write_pid(fd)
+            return fd
+        os.close(fd)
+    raise OutputError(f"cannot take the lock {path}: other processes keep taking and releasing it.")
+
+
+def _open_lock_file(path: Path) -> int:
+    """Open (or create) the lock file without truncating it (its holder's pid stays readable).
+
+    Raises:
+        OutputError: ``path`` is a directory or another non-file, or cannot be opened or created.
+    """
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except IsADirectoryError:
+        raise OutputError(f"the lock {path} is a directory; no mist-cl run makes one. Remove it (rmdir {path}) and "
+                          "run again.") from None
+    except OSError as exc:
+        raise OutputError(f"cannot open or create the lock {path} ({exc.strerror or exc}); the folder "
+                          f"{path.parent} must be writable.") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OutputError(f"the lock {path} is not a regular file; remove it and run again.")
+    return fd
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether ``path`` is still the file open as ``fd`` (a released lock file is deleted by its holder)."""
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
         return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+    opened = os.fstat(fd)
+    return (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def _write_pid(fd: int) -> None:
+    """Replace the lock file's text with this process's pid (for people; a write error does not matter)."""
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+    except OSError:
+        pass
+
+
+def _holder(path: Path) -> str:
+    """'process <pid>' as the lock file says, or 'another process' while the holder has not written it yet."""
+    try:
+        return f"process {int(path.read_text().strip())}"
+    except (OSError, ValueError):
+        return "another process"
