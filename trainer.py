@@ -31,7 +31,8 @@ from models.base import TaskData
 from utils import distributed
 from utils.config import ExperimentConfig, config_from_dict, inactive_keys, load_config, parse_override
 from utils.data_manager import DataManager
-from utils.datasets import default_norm, load_source
+from utils.data_identity import differences, source_identity
+from utils.datasets import DataIntegrityError, default_norm, load_source
 from utils.metrics import grouped_accuracy, summarize, task_accuracies, topk_accuracy
 from utils.errors import CheckpointError, ConfigError, RunStopped, UserError  # noqa: F401 (RunStopped re-exported)
 from utils.run_folder import (OutputError, RunLock, check_checkpoint_meta, config_fingerprint, move_aside,
@@ -314,6 +315,10 @@ def run_seed(cfg: ExperimentConfig, seed: int, out: Path, resume: bool = False) 
                 from None
         written = not resume
         data = _data_manager(cfg, seed)
+        _check_data(data, results, resume, out)
+        if cfg.stop_after_task is not None and cfg.stop_after_task >= data.nb_tasks - 1:
+            logger.warning("stop_after_task = %d: the run has %d tasks (0-%d), so it does not stop early.",
+                           cfg.stop_after_task, data.nb_tasks, data.nb_tasks - 1)
         seed_torch(seed if cfg.seed_torch_with_seed else OFFICIAL_TORCH_SEED, cfg.allow_tf32, cfg.deterministic)
         learner = build_learner(cfg, device, seed)
         first = 0
@@ -352,6 +357,21 @@ def run_seed(cfg: ExperimentConfig, seed: int, out: Path, resume: bool = False) 
         if not isinstance(exc, UserError):
             log_traceback(exc)
         raise
+
+
+def _check_data(data: DataManager, results: dict, resume: bool, out: Path) -> None:
+    """Record the data's identity (``utils.data_identity``) in ``results`` on a fresh start; on a resume, refuse data
+    that differ from what the run started with (deleted, added or replaced images).
+
+    Raises:
+        DataIntegrityError: the data changed since the run started; the message says how.
+    """
+    now = source_identity(data.source)
+    then = results.get("data")
+    if resume and then is not None and then != now:
+        raise DataIntegrityError(f"--resume {out.parent}: the data changed since the run started "
+                                 f"({'; '.join(differences(then, now))}); restore them or start a new run.")
+    results["data"] = now
 
 
 def _record_end(write, out: Path, results: dict, written: bool) -> None:

@@ -274,8 +274,10 @@ def test_main_reports_missing_data_without_traceback(tmp_path):
 # Fashion-MNIST from the Debian package (when installed)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.skipif(not datasets.DEBIAN_FMNIST.is_dir(), reason="Debian dataset-fashion-mnist not installed")
-def test_fmnist_from_debian_package(tmp_path):
-    source = load_source("fmnist", tmp_path, 32, None, download=False, train_per_class=5, test_per_class=5)
+def test_fmnist_from_debian_package(tmp_path, caplog):
+    with caplog.at_level("INFO"):
+        source = load_source("fmnist", tmp_path, 32, None, download=False, train_per_class=5, test_per_class=5)
+    assert f"dataset 'fmnist' read from {datasets.DEBIAN_FMNIST}" in caplog.text  # the copy read is named
     np.testing.assert_array_equal(np.bincount(source.train.targets), [5] * 10)
     np.testing.assert_array_equal(np.bincount(source.test.targets), [5] * 10)
     assert source.train.items.shape == (50, 28, 28)

@@ -369,3 +369,40 @@ def test_a_full_disk_during_the_checkpoint_names_the_file(images, tmp_path, caps
     assert code == 2 and len(err) == 1 and "cannot write the checkpoint" in err[0] and "checkpoint.pt" in err[0]
     (sd,) = (tmp_path / "runs").glob("*/*/seed1993")
     assert not list(sd.glob("*.tmp")) and results_of(sd)["status"] == "failed" and len(results_of(sd)["tasks"]) == 1
+
+
+# ---- the data a run started with (issue 26) ----------------------------------------------------------------------
+@pytest.mark.parametrize("change", ["delete", "add", "replace"])
+def test_a_resume_refuses_changed_data_naming_the_difference(images, tmp_path, capsys, change):
+    sd = start(images, tmp_path)
+    before = (sd / "results.json").read_bytes()
+    assert json.loads(before)["data"]["train"]["per_class"] == [4] * 6
+    folder = images / "cub" / "train" / "class_03"
+    victim = sorted(folder.glob("*.png"))[0]
+    if change == "delete":
+        victim.unlink()
+    elif change == "add":
+        (folder / "extra.png").write_bytes(victim.read_bytes())
+    else:
+        victim.write_bytes(victim.read_bytes() + b"\0" * 16)  # the same name, another size
+    code, err = resume(sd, capsys)
+    assert code == 2 and len(err) == 1 and "the data changed since the run started" in err[0], err
+    if change in ("delete", "add"):
+        assert ("class 3: 4 then, 3 now" if change == "delete" else "class 3: 4 then, 5 now") in err[0]
+    else:
+        assert "other files or contents" in err[0]
+    assert (sd / "results.json").read_bytes() == before  # the refusal changes nothing
+
+
+def test_stop_after_task_beyond_the_last_task_is_warned(images, tmp_path, capsys):
+    assert main.main(["--output-dir", str(tmp_path / "runs"), *sets(images, "stop_after_task=7")]) == 0
+    assert "stop_after_task = 7: the run has 3 tasks (0-2)" in capsys.readouterr().err
+
+
+def test_a_data_root_that_is_a_file_is_refused(images, tmp_path, capsys):
+    not_a_folder = tmp_path / "data.txt"
+    not_a_folder.write_text("")
+    assert main.main(["--output-dir", str(tmp_path / "runs"), *sets(images, f"data_root={not_a_folder}")]) == 2
+    err = terminal_lines(capsys.readouterr().err)
+    assert len(err) == 1 and "'data_root'" in err[0] and "a file" in err[0]
+    assert not (tmp_path / "runs").exists()

@@ -574,6 +574,9 @@ def _validate(cfg: ExperimentConfig, origin: Callable[[str], str]) -> None:
         where = where_w if where_w == where_p else f"{where_w} and {where_p}"
         raise ConfigError(f"{where}: key 'weights_path' is set but key 'pretrained' is false; remove one of them.")
     LEARNERS.get(cfg.model_name, origin("model_name"))
+    if Path(cfg.data_root).expanduser().is_file():
+        raise ConfigError(f"{origin('data_root')}: key 'data_root' is {cfg.data_root}, a file; expected the folder that "
+                          "holds the data sets (README, Data sets).")
     for key in COMPOSITION_KEYS:
         if getattr(cfg, key) is not None and (recipe is None or not recipe.selective):
             selective = [name for name, r in PRESETS.items() if r.selective]

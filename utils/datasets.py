@@ -311,8 +311,8 @@ def _fmnist_candidates(root: Path, name: str) -> list[Path]:
     return [f / n for f in _fmnist_folders(root) for n in (name, name + ".gz") if (f / n).is_file()]
 
 
-def _read_fmnist_file(root: Path, name: str) -> np.ndarray:
-    """The first copy of ``name`` that reads whole; damaged copies are skipped with a warning.
+def _read_fmnist_file(root: Path, name: str) -> tuple[np.ndarray, Path]:
+    """The first copy of ``name`` that reads whole, and its path; damaged copies are skipped with a warning.
 
     Raises:
         DataIntegrityError: every copy is damaged (each named with its problem).
@@ -326,7 +326,7 @@ def _read_fmnist_file(root: Path, name: str) -> np.ndarray:
             continue
         if problems:
             logger.warning("Fashion-MNIST: ignored %s; read %s instead", "; ".join(problems), path)
-        return array
+        return array, path
     raise DataIntegrityError(f"dataset 'fmnist': no readable copy of {name}: {'; '.join(problems)}. Delete the "
                              "damaged file(s) and run again (reinstall dataset-fashion-mnist or let torchvision "
                              "download them).")
@@ -357,7 +357,9 @@ def load_fmnist(root: Path, download: bool) -> tuple[Split, Split]:
                 "(download: true, with internet), or set data_root."
             )
         tv_datasets.FashionMNIST(str(root), train=True, download=True)
-    arrays = {name: _read_fmnist_file(root, name) for name in FMNIST_FILES}
+    read = {name: _read_fmnist_file(root, name) for name in FMNIST_FILES}
+    arrays = {name: array for name, (array, _) in read.items()}
+    logger.info("dataset 'fmnist' read from %s", ", ".join(sorted({str(path.parent) for _, path in read.values()})))
     splits = []
     for images_name, labels_name in (FMNIST_FILES[:2], FMNIST_FILES[2:]):
         images, labels = arrays[images_name], arrays[labels_name]
