@@ -72,7 +72,7 @@ CALIBRATION_SEEDS = (1990, 1991)
 SUITES: dict[str, dict[str, Any]] = {
     "dinov2": dict(base=[HERE / "dinov2_ranpac_none.json", HERE / "dinov2_simplecil_none.json"],
                    methods=["ce_finetune", "mist_random", "mist_noembed", "spu", "gps", "mist"], size="none",
-                   epochs=3, calibrate_on="ranpac", no_free_lambda=True),
+                   epochs=2, calibrate_on="ranpac", no_free_lambda=True),
 }
 
 
