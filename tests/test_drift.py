@@ -134,7 +134,7 @@ def test_a_run_records_drift_per_task_and_measuring_it_changes_nothing_else(tmp_
         # the whole task's change equals the tuning phase's (RanPAC does not train the backbone)
         assert d["relative_change"] == pytest.approx(t["tuning"]["relative_change"], rel=1e-6)
         assert sum(g["share"] for g in d["groups"].values()) == pytest.approx(1.0)
-    from utils.report import load_run
+    from utils.results_file import load_run
 
     run = load_run(Path(tmp_path / "True").glob("*/*/seed1993/results.json").__next__())
     assert run.values["feature_drift"] == pytest.approx(second["old_class_feature_drift_mean"])

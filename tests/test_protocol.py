@@ -103,7 +103,7 @@ def test_plan_config_fixes_lambda_epochs_and_rate():
 
 
 def fake_run(a_bar=80.0, a_last=70.0, old=60.0, drift=0.0, change=0.0, a_tt=90.0, forgetting=5.0):
-    """What utils.report.load_run gives the protocol, for a constructed table."""
+    """What utils.results_file.load_run gives the protocol, for a constructed table."""
     return SimpleNamespace(values={"average_accuracy": a_bar, "last_accuracy": a_last, "old_class_accuracy": old,
                                    "feature_drift": drift, "a_tt": a_tt, "forgetting": forgetting,
                                    "embedding_share": 0.5, "moved_fraction": 0.5, "relative_change": change,

@@ -98,13 +98,14 @@ def test_readme_key_tables_are_the_generated_ones():
 
 def test_preset_metadata_feeds_the_report_and_the_runner():
     from exps.importance.run import METHODS
-    from utils.report import _method_order, _preset_keys
+    from utils.results_file import preset_keys
+    from utils.runs import method_order
 
-    assert _method_order()[0] == "none" and _method_order()[-1] == "mist"
-    assert set(_method_order()) == {"none", *PRESETS.names()}
+    assert method_order()[0] == "none" and method_order()[-1] == "mist"
+    assert set(method_order()) == {"none", *PRESETS.names()}
     assert METHODS == ("none", "ce_finetune", "acl", "mist_random", "piece_f", "piece_s", "spu", "gps", "spg", "sparcl",
                        "magnitude_gate", "mist")
-    assert _preset_keys()["top_ratio"] == ["piece_f", "piece_s"] and "magnitude_gate" in _preset_keys()["adam_lr"]
+    assert preset_keys()["top_ratio"] == ["piece_f", "piece_s"] and "magnitude_gate" in preset_keys()["adam_lr"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +198,8 @@ def test_the_extending_guide_adds_an_estimator_and_a_preset_in_one_file(tmp_path
     from test_sparse_tuning import CPU, RANPAC_DEFAULTS, make_cfg, make_loader, make_task, snapshot, tiny_backbone
     from utils import config
     from utils.registry import ESTIMATORS
-    from utils.report import _method_order, _preset_keys
+    from utils.results_file import preset_keys
+    from utils.runs import method_order
 
     guide = (REPO / "docs" / "extending.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```python\n(.*?)```", guide, flags=re.S)
@@ -206,7 +208,7 @@ def test_the_extending_guide_adds_an_estimator_and_a_preset_in_one_file(tmp_path
     try:
         exec(compile(blocks[0] + "\n" + blocks[1], "snr.py", "exec"), namespace)
         cfg = make_cfg("spr=snr", "snr_budget=0.05")
-        assert "snr" in _method_order() and _preset_keys()["snr_budget"] == ["snr"]
+        assert "snr" in method_order() and preset_keys()["snr_budget"] == ["snr"]
         assert "| `snr_budget` | `0.01` |" in markdown_tables()
         tuner = build_tuner(cfg, tiny_backbone(), CPU, 3, RANPAC_DEFAULTS)
         assert tuner.recipe.importance == "snr" and tuner.recipe.budget == 0.05 and tuner.recipe.drop

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 import trainer
-from utils import report
+from utils import report, report_tables, results_file
+from utils import runs as run_groups
 
 
 def write_run(root: Path, model_name: str, spr: str, dataset: str, seed: int, stamp: str = "20260101-120000", *,
@@ -273,7 +274,7 @@ def test_composed_and_reparametrised_presets_are_separate_methods(tmp_path):
         data = json.loads(path.read_text())
         data["config"].update(extra)
         path.write_text(json.dumps(data))
-    col = report.collect([runs])
+    col = run_groups.collect([runs])
     cells = {(l, m): c for (l, m, d), c in col.cells.items()}
     assert set(m for _, m in cells) == {"magnitude_gate", "magnitude_gate (gate_threshold=0.05)",
                                         'mist (importance="random")', "mist"}
@@ -289,13 +290,13 @@ def test_paired_differences_from_no_tuning_use_the_common_seeds(tmp_path):
         if mist is not None:
             write_run(runs, "ranpac", "mist", "fmnist", seed, avg=mist)
     write_run(runs, "ranpac", "mist", "fmnist", 4, avg=90.0)  # no baseline for seed 4: not paired
-    col = report.collect([runs])
-    seeds, diffs = report.paired_differences(col, "ranpac", "mist", "fmnist", "average_accuracy")
+    col = run_groups.collect([runs])
+    seeds, diffs = report_tables.paired_differences(col, "ranpac", "mist", "fmnist", "average_accuracy")
     assert seeds == [1, 2] and diffs == [2.0, -1.0]
-    lines = report.paired_table(col)
+    lines = report_tables.paired_table(col)
     (row,) = [ln for ln in lines if ln.startswith("| RanPAC / mist")]
     assert f"+0.50 ± {statistics.stdev([2.0, -1.0]):.2f} (n=2, 1 > 0)" in row
-    assert report.paired_differences(col, "ranpac", "none", "fmnist", "average_accuracy") == ([], [])
+    assert report_tables.paired_differences(col, "ranpac", "none", "fmnist", "average_accuracy") == ([], [])
     out = tmp_path / "report"
     assert report.main([str(runs), "--out", str(out)]) == 0
     assert "## Paired differences from no tuning phase" in (out / "table.md").read_text()
@@ -381,8 +382,8 @@ def test_a_preset_rebuilt_by_composition_keys_is_reported_under_the_preset_it_ra
     data = json.loads(composed.read_text())
     data["config"]["importance"] = "fisher"
     composed.write_text(json.dumps(data))
-    assert report.load_run(rebuilt).method == "mist"
-    assert report.load_run(composed).method == 'mist_random (importance="fisher")'
+    assert results_file.load_run(rebuilt).method == "mist"
+    assert results_file.load_run(composed).method == 'mist_random (importance="fisher")'
 
 
 def test_moved_fraction_and_relative_change_are_averaged_over_tuned_tasks(tmp_path):
@@ -393,7 +394,7 @@ def test_moved_fraction_and_relative_change_are_averaged_over_tuned_tasks(tmp_pa
         write_run(root, "ranpac", "spu", "cifar224", seed, avg=80.0, last=70.0, forgetting=1.0, seconds=(1.0, 1.0),
                   curve=(90.0, 70.0), matrix=((90.0,), (60.0, 80.0)), tuning=tuning)
     col, _ = report.build_report([root], tmp_path / "out")
-    rows = {(r["learner"], r["method"], r["dataset"], r["metric"]): r for r in report.csv_rows(col)}
+    rows = {(r["learner"], r["method"], r["dataset"], r["metric"]): r for r in report_tables.csv_rows(col)}
     r = rows[("ranpac", "spu", "cifar224", "moved_fraction")]
     assert float(r["mean"]) == pytest.approx(0.45) and float(r["std"]) == pytest.approx(statistics.stdev([0.6, 0.3]))
     r = rows[("ranpac", "spu", "cifar224", "relative_change")]

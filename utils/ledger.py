@@ -86,7 +86,7 @@ def against(results: Sequence[Path], ledger: Optional[dict] = None, root: Path =
     reference (no matching config, or a config whose reference is None); and the files that could not be read, with
     why (each read by the report tool's ``utils.report.load_run``, which checks every value it uses: a truncated file
     or a value of the wrong type is skipped, the other runs are still compared)."""
-    from utils.report import InvalidResults, load_run
+    from utils.results_file import InvalidResults, load_run
 
     ledger = ledger or load()
     lines, missing, skipped = [], 0, []

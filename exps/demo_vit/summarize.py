@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from utils.cli import ToolError, run_tool, write_output  # noqa: E402
 from utils.contrasts import detectable_effect, holm, paired  # noqa: E402
-from utils.report import InvalidResults, load_run  # noqa: E402
+from utils.results_file import InvalidResults, load_run  # noqa: E402
 
 HOSTS = ("simplecil", "ranpac", "slca", "ease", "l2p", "dualprompt")
 TITLES = {"simplecil": "SimpleCIL", "ranpac": "RanPAC", "slca": "SLCA", "ease": "EASE", "l2p": "L2P",

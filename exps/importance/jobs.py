@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from utils.report import RESULTS_NAME, InvalidResults, RunRecord, load_run
+from utils.results_file import RESULTS_NAME, InvalidResults, RunRecord, load_run
 
 REPO = Path(__file__).resolve().parents[2]
 
