@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import utils.data_readers as data_readers
 import utils.datasets as datasets
 from utils.data_manager import DataManager, class_order, task_sizes
 from utils.datasets import load_source
@@ -244,7 +245,7 @@ def test_missing_test_split_is_reported(image_folder):
 
 
 def test_missing_fmnist_names_dataset_and_path(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets, "DEBIAN_FMNIST", tmp_path / "no-such-debian-folder")
+    monkeypatch.setattr(data_readers, "DEBIAN_FMNIST", tmp_path / "no-such-debian-folder")
     empty = tmp_path / "nothing"
     empty.mkdir()
     with pytest.raises(DataNotFoundError) as info:

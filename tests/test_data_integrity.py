@@ -21,9 +21,12 @@ import numpy as np
 import pytest
 import torch
 
+import utils.data_readers as data_readers
 import utils.datasets as datasets
 from utils.data_manager import DataManager
-from utils.datasets import DataIntegrityError, ImageReadError, Split, load_source, read_idx, verify_images
+from utils.data_files import DataIntegrityError, ImageReadError, Split, verify_images
+from utils.data_readers import read_idx
+from utils.datasets import load_source
 from utils.errors import DataNotFoundError, UserError
 
 from conftest import tiny_run_dict
@@ -181,7 +184,7 @@ def _tiny_fmnist(folder: Path, gz: bool, n_train: int = 20, n_test: int = 10) ->
 
 @pytest.fixture
 def no_debian(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets, "DEBIAN_FMNIST", tmp_path / "no-such-debian-folder")
+    monkeypatch.setattr(data_readers, "DEBIAN_FMNIST", tmp_path / "no-such-debian-folder")
 
 
 def _check_fmnist(source, arrays) -> None:
@@ -306,5 +309,5 @@ def test_a_linked_image_reached_once_and_a_linked_outside_folder_still_load(imag
     moved = tmp_path / "one.png"
     (train / "class_00" / "00.png").rename(moved)
     (train / "class_00" / "00.png").symlink_to(moved)  # a file link that nothing else reaches
-    train_split, _ = datasets.load_image_folder("cub", root)
+    train_split, _ = data_readers.load_image_folder("cub", root)
     assert len(train_split.items) == 9 and sorted(set(train_split.targets.tolist())) == [0, 1, 2]
