@@ -137,6 +137,16 @@ def test_global_top_k_picks_exactly_k_entries_never_an_embedding(ratio):
     assert bool(selected["simclr.weight"].all())  # the loss head is always trainable
 
 
+def test_global_top_k_takes_at_least_one_entry_as_piece():
+    """k = max(1, floor(N x top_ratio)) (PIECE's extract_and_save_new.py): a ratio below 1 / N selects one entry."""
+    tuner = tuner_for_cfg("spr=piece_f", "top_ratio=1e-9", "strict_mask=true")
+    scores = distinct_scores(tuner)
+    selected, _ = SelectivePhase(tuner).select(scores, 1e-9)
+    assert sum(int(selected[n].sum()) for n in tuner.backbone_names) == 1
+    best = max((float(scores[n].max()), n) for n in tuner.backbone_names if not is_embedding(n))[1]
+    assert bool(selected[best].any())
+
+
 def test_select_global_ties_still_give_exactly_k():
     scores = {"a": torch.ones(10), "b": torch.ones(3, 2)}
     picked = select_global(scores, 7)

@@ -94,6 +94,21 @@ def test_spu_pass_runs_on_while_a_first_mlp_entry_has_no_score():
     assert sums.n_batches == len(loader)  # the official rule never stops: the whole epoch is scored
 
 
+def test_spu_stop_checks_every_trainable_entry_biases_included():
+    """trainer/spu.py stops only once no trainable parameter (c_fc weight or bias) has an entry with |sum| < 1e-12:
+    a first-MLP bias entry still at zero keeps the pass going; other tensors do not count."""
+    from types import SimpleNamespace
+
+    from models.sparse.spu import spu_stop
+
+    w, b = "convnet.blocks.0.mlp.fc1.weight", "convnet.blocks.0.mlp.fc1.bias"
+    scored = {w: torch.ones(4, 2), b: torch.ones(4), "convnet.blocks.0.attn.qkv.weight": torch.zeros(6, 2)}
+    assert spu_stop(3, 10, SimpleNamespace(firsts=scored))  # k = 3 > 2.5, every first-MLP entry scored
+    assert not spu_stop(2, 10, SimpleNamespace(firsts=scored))  # k = 2 is not > 2.5
+    scored[b][1] = 0.0
+    assert not spu_stop(3, 10, SimpleNamespace(firsts=scored))
+
+
 def test_spu_selects_only_first_mlp_entries_top_tenth_per_weight_and_full_bias():
     tuner = tuner_for("spr=spu")
     recipe = resolve_recipe(tuner.cfg)

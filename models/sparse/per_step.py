@@ -3,7 +3,8 @@
 ``epochs`` epochs of cross-entropy on a cosine head over the task's new classes (targets y - known; the head's rows
 start at zero from task 1 on, random on task 0; its sigma persists across tasks), each step's gradient multiplied by
 the mask of the preset's registered ``step_rule`` (none: dense fine-tuning, ``run``/``cerun``/``ce_finetune``).
-SimpleCIL dispatches only ``run``, RanPAC only ``cerun`` (see ``models.sparse.tuner_for``).
+Of the dense ablations SimpleCIL dispatches only ``run`` and RanPAC only ``cerun``; both dispatch ``rand``, ``l2`` and
+``grad`` (see ``models.sparse.tuner_for``).
 
 A step rule is a registered function ``rule(params, generator) -> name -> float32 0/1 multipliers`` over the
 parameters that have a gradient this step.

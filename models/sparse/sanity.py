@@ -103,17 +103,14 @@ def check_tuning_config(cfg, recipe, backbone_numel: int, candidate_numel: int, 
                        "on nothing the selection picks can train (see 'trainable_fraction' in results.json).",
                        freeze_quantile)
     if recipe.selective and recipe.scope == "global" and recipe.budget is not None and not recipe.gate:
-        k = int(math.floor(recipe.budget * backbone_numel))
-        if k == 0:
+        if int(math.floor(recipe.budget * backbone_numel)) == 0:  # PIECE then takes one entry (max(1, k))
             key = "budget" if getattr(cfg, "budget", None) is not None else PRESETS.get(recipe.preset).budget_key
-            if recipe.strict_mask:
-                raise ConfigError(f"key '{key}' is {recipe.budget:g}: floor({recipe.budget:g} x {backbone_numel} "
-                                  "backbone entries) selects no entry and strict_mask keeps the others frozen, so "
-                                  f"nothing would train; use at least {1 / backbone_numel:.3g}.")
-            logger.warning("Config key '%s' = %g selects no entry (floor(%g x %d) = 0): with PIECE's rule every tensor "
-                           "without a selected entry is fully trainable, so %.1f%% of the backbone trains, as with "
-                           "'%s' = 1; use at least %.3g.", key, recipe.budget, recipe.budget, backbone_numel,
-                           100.0 * candidate_numel / max(backbone_numel, 1), key, 1 / backbone_numel)
+            trains = "only that entry trains" if recipe.strict_mask else (
+                f"with PIECE's rule every other tensor is fully trainable, so {100.0 * candidate_numel / max(backbone_numel, 1):.1f}% "
+                "of the backbone trains")
+            logger.warning("Config key '%s' = %g selects one entry (max(1, floor(%g x %d)) = 1, as PIECE): %s; use "
+                           "at least %.3g for more.", key, recipe.budget, recipe.budget, backbone_numel, trains,
+                           2 / backbone_numel)
 
 
 def _users(key: str) -> str:

@@ -90,10 +90,11 @@ def per_tensor(tuner, scores: Mapping[str, torch.Tensor], budget: float) -> tupl
 
 @SCOPES.register("global")
 def global_top_k(tuner, scores: Mapping[str, torch.Tensor], budget: float) -> tuple[dict[str, torch.Tensor], int]:
-    """PIECE (SPEC 13.3): the top floor(budget * backbone entries) scores over the candidate tensors (PIECE counts
-    every entry of the model in N and zeroes the embedding scores)."""
+    """PIECE (SPEC 13.3): the top k = max(1, floor(budget * N)) scores over the candidate tensors, N the backbone's
+    entries (the official ``extract_and_save_new.py`` takes at least one entry; it counts every entry of the model in
+    N and zeroes the embedding scores)."""
     pool = {n: scores[n] for n in tuner.candidates()}
-    k = min(int(math.floor(budget * tuner.backbone_numel)), sum(v.numel() for v in pool.values()))
+    k = min(max(1, int(math.floor(budget * tuner.backbone_numel))), sum(v.numel() for v in pool.values()))
     return _complete(tuner, select_global(pool, k))
 
 

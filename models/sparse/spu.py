@@ -77,13 +77,13 @@ LOSSES.register("logit_norm", logit_norm)
 
 
 def spu_stop(k: int, n: int, rule: ScoringRule) -> bool:
-    """End the pass after 0-based batch ``k`` of ``n`` when k > 0.25 n and no first-MLP entry has |sum| < 1e-12
-    (``trainer/spu.py``: at least floor(0.25 n) + 2 batches, possibly all)."""
+    """End the pass after 0-based batch ``k`` of ``n`` when k > 0.25 n and no trainable entry (a first-MLP weight or
+    bias: SPU's scope here) has |sum| < 1e-12 (``trainer/spu.py``: the check runs over every trainable parameter; at
+    least floor(0.25 n) + 2 batches, possibly all)."""
     if not k > SCORE_BATCH_PERCENTAGE * n:
         return False
     names = set(rule.firsts)
-    return all(bool((s.abs() >= ZERO_SCORE).all()) for name, s in rule.firsts.items()
-               if is_first_mlp(name, names) and name.endswith(".weight"))
+    return all(bool((s.abs() >= ZERO_SCORE).all()) for name, s in rule.firsts.items() if is_first_mlp(name, names))
 
 
 ESTIMATORS.register("spu", Estimator("spu", signed_sum, stop=spu_stop,
