@@ -63,7 +63,7 @@ def environment_info() -> dict[str, Any]:
 
 
 def run_name(cfg: ExperimentConfig) -> str:
-    """``<model_name>_<spr>_<dataset>``, the official log-name stem (SPEC 8.5)."""
+    """``<model_name>_<spr>_<dataset>``, the official log-name stem (algorithms.md §8.5)."""
     return f"{cfg.model_name}_{cfg.spr}_{cfg.dataset}"
 
 
@@ -527,7 +527,7 @@ def load_checkpoint(path: Path, learner, state: Optional[dict] = None) -> tuple[
 
 def _record_task(results: dict, t: int, classes: tuple[int, int], y_topk: np.ndarray, y_true: np.ndarray,
                  ranges: list, report: dict, seconds: float) -> None:
-    """Compute one task's metrics, log the official lines (SPEC 8.2) and append them to ``results``."""
+    """Compute one task's metrics, log the official lines (algorithms.md §8.2) and append them to ``results``."""
     known, seen = classes
     grouped = grouped_accuracy(y_topk[:, 0], y_true, nb_old=known, increment=10)
     top1, top5 = grouped["total"], topk_accuracy(y_topk, y_true)

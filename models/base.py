@@ -49,7 +49,7 @@ class TaskData:
 class Learner(abc.ABC):
     """A class-incremental learner: a backbone, a classifier rule, and the hooks a task goes through.
 
-    Per task (:meth:`learn_task`): the tuning phase named by ``spr`` (SPEC 4-5; MIST is "applied before" its
+    Per task (:meth:`learn_task`): the tuning phase named by ``spr`` (algorithms.md §4-5; MIST is "applied before" its
     host learner), then :meth:`train_task` (the learner's own training: a slow-learning backbone, prompts,
     adapters; nothing for SimpleCIL and RanPAC), then :meth:`update_head` (features of the trained backbone ->
     classifier). A learner is one file: register it with ``@LEARNERS.register(name)`` (utils/registry.py) and
@@ -68,7 +68,7 @@ class Learner(abc.ABC):
     TITLE: ClassVar[str] = ""
     ORDER: ClassVar[int] = 100
     #: the official file the learner reproduces (named in warnings), and the ``spr`` presets it dispatches to a
-    #: tuning phase (SPEC 5); None: every preset runs. Presets marked ``official=False`` always run.
+    #: tuning phase (algorithms.md §5); None: every preset runs. Presets marked ``official=False`` always run.
     OFFICIAL_FILE: ClassVar[Optional[str]] = None
     OFFICIAL_DISPATCH: ClassVar[Optional[frozenset[str]]] = None
 
@@ -82,7 +82,7 @@ class Learner(abc.ABC):
         self.loop = TuningLoop(device, cfg.progress)
         self.tuner = None
         if cfg.tuning is not None:
-            # None when the learner's official code does not dispatch cfg.spr (SPEC 5; warned there)
+            # None when the learner's official code does not dispatch cfg.spr (algorithms.md §5; warned there)
             self.tuner = build_tuner(cfg, self.tuned_module(), device, seed, self.DEFAULTS, learner=type(self))
         #: per-task drift measurements (``models/drift.py``; None with ``measure_drift: false``)
         self.drift = DriftMeter(self) if cfg.measure_drift else None

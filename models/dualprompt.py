@@ -1,4 +1,4 @@
-"""DualPrompt (Wang et al., ECCV 2022; SPEC 18.3; github JH-LEE-KR/dualprompt-pytorch@7eb457d).
+"""DualPrompt (Wang et al., ECCV 2022; algorithms.md §18.3; github JH-LEE-KR/dualprompt-pytorch@7eb457d).
 
 Prefix tuning on a frozen ViT: a G-prompt shared by all tasks in layers ``g_prompt_layers`` (0, 1), and one E-prompt
 per task in layers ``e_prompt_layers`` (2, 3, 4), each a pair of per-head key and value prefixes. In training task t
@@ -6,7 +6,7 @@ uses E-prompt t (``use_prompt_mask``), which starts as a copy of E-prompt t - 1 
 the query (frozen pretrained ViT's [CLS]) picks the E-prompt whose key is nearest. The head reads the [CLS] token.
 Prompts, keys and the head train with CE on the task's classes minus 1.0 times cos(q, k_t) (models/prompt_hosts.py).
 
-The port's E-prefix reshape (SPEC 18.3 bug: the first half of a batch gets K = V = the K prefix, the second half
+The port's E-prefix reshape (algorithms.md §18.3 bug: the first half of a batch gets K = V = the K prefix, the second half
 the V prefix) is reproduced; ``dualprompt_prefix_fix`` gives every image its own K and V prefix.
 Differences from the official code: docs/deviations.md, section "L2P and DualPrompt".
 """
@@ -54,7 +54,7 @@ class DualPromptKeys:
                                                 "e_prompt_layer_idx); a layer also in g_prompt_layers takes only "
                                                 "the G-prompt, as the port.", min=0)
     dualprompt_prefix_fix: bool = key(False, "DualPrompt fix: permute instead of reshape the selected E-prefixes, so "
-                                             "every image gets its own K and V prefix (SPEC 18.3).")
+                                             "every image gets its own K and V prefix (algorithms.md §18.3).")
 
 
 class DualPromptNet(PromptedViT):
@@ -120,7 +120,7 @@ class DualPromptNet(PromptedViT):
 @LEARNERS.register("dualprompt", aliases=("dualprompt_mist",))
 class DualPrompt(PromptHost):
     """DualPrompt with an optional tuning phase (``spr``) before each task; the query model stays the pretrained ViT
-    unless ``query_model: tuned`` (SPEC 18.4). Training never reads the query to choose a prompt (task t uses slot t
+    unless ``query_model: tuned`` (algorithms.md §18.4). Training never reads the query to choose a prompt (task t uses slot t
     while t < ``pool_size``); only the key-matching term and test-time selection do."""
 
     TITLE, ORDER = "DualPrompt", 60

@@ -1,4 +1,4 @@
-"""EASE: Expandable Subspace Ensemble (Zhou et al., CVPR 2024; SPEC 18.1; github sun-hailong/CVPR24-Ease@6d67508).
+"""EASE: Expandable Subspace Ensemble (Zhou et al., CVPR 2024; algorithms.md §18.1; github sun-hailong/CVPR24-Ease@6d67508).
 
 Per task T (after the tuning phase ``spr``, if any, which tunes the plain ViT, adapters detached):
 
@@ -39,8 +39,8 @@ from utils.runtime import Batch, GeneratorState, autocast, make_generator
 
 logger = logging.getLogger(__name__)
 
-MOMENTUM = 0.9  # ease.py SGD (SPEC 18.1)
-ADAPTER_SCALE, ADAPTER_DROPOUT = 0.1, 0.1  # inc_net.py ffn_adapter_scalar, vit_ease.py dropout (SPEC 18.1)
+MOMENTUM = 0.9  # ease.py SGD (algorithms.md §18.1)
+ADAPTER_SCALE, ADAPTER_DROPOUT = 0.1, 0.1  # inc_net.py ffn_adapter_scalar, vit_ease.py dropout (algorithms.md §18.1)
 
 
 @config_keys("EASE (models/ease.py)", applies=for_learners("ease"))
@@ -148,7 +148,7 @@ class EASE(Learner):
         logger.info("Learning on %d-%d", task.known, task.seen)
 
     def train_task(self, task: TaskData, loop: TuningLoop) -> dict[str, Any]:
-        """Train a new adapter set and ``proxy_fc`` on the task (SPEC 18.1), the ViT frozen; then freeze the set."""
+        """Train a new adapter set and ``proxy_fc`` on the task (algorithms.md §18.1), the ViT frozen; then freeze the set."""
         cfg, t, net = self.cfg, task.task_id, self.backbone
         adapters = net.add_adapters()
         self.feature_dim = net.out_dim * len(net.adapters)
@@ -187,7 +187,7 @@ class EASE(Learner):
         return {"method": "ease", "steps": steps, "epoch_losses": losses}
 
     def update_head(self, task: TaskData) -> None:
-        """Prototypes of the new classes in every subspace, then the completion of the old ones (SPEC 18.1)."""
+        """Prototypes of the new classes in every subspace, then the completion of the old ones (algorithms.md §18.1)."""
         dim = self.backbone.out_dim
         n_sub = len(self.backbone.adapters)
         feats, labels = self.extract_features(task.train_eval, shuffle=False, desc="prototypes")

@@ -9,12 +9,12 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
-PROJECTION_DIM = 128  # MIST's projection head ``simclr``: Linear(D, 128) with bias (SPEC 3.2)
+PROJECTION_DIM = 128  # MIST's projection head ``simclr``: Linear(D, 128) with bias (algorithms.md §3.2)
 LINEAR_HEAD_STD = 0.02  # timm's ViT head init (init_weights_vit_timm): trunc_normal std 0.02, bias 0
 
 
 class CosineLinear(nn.Module):
-    """Cosine classifier ``logits = sigma * normalize(x) @ normalize(W)^T`` (official ``CosineLinear``, SPEC 3.2).
+    """Cosine classifier ``logits = sigma * normalize(x) @ normalize(W)^T`` (official ``CosineLinear``, algorithms.md §3.2).
 
     Args:
         in_features: feature width D.
@@ -25,7 +25,7 @@ class CosineLinear(nn.Module):
         sigma: scalar scale, initialised to 1.
 
     ``F.normalize`` uses eps 1e-12, so an all-zero row has zero logits and a gradient scaled by 1e12
-    (the official quirk of zero-initialised new rows, SPEC 9.24).
+    (the official quirk of zero-initialised new rows, algorithms.md §9.24).
     """
 
     def __init__(self, in_features: int, out_features: int) -> None:
@@ -65,7 +65,7 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, classes: torch.Ten
 
 def grow_prototypes(prototypes: "torch.Tensor | None", features: torch.Tensor, labels: torch.Tensor,
                     seen: int) -> torch.Tensor:
-    """The official ``update_fc`` + ``replace_fc`` of a cosine prototype head (SPEC 6, 7).
+    """The official ``update_fc`` + ``replace_fc`` of a cosine prototype head (algorithms.md §6, §7).
 
     Rows of earlier classes are kept; new rows start at zero and the classes present in ``labels`` get the
     mean of their raw (unnormalised) features.

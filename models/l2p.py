@@ -1,4 +1,4 @@
-"""L2P: Learning to Prompt (Wang et al., CVPR 2022; SPEC 18.2; github JH-LEE-KR/l2p-pytorch@f7bc994).
+"""L2P: Learning to Prompt (Wang et al., CVPR 2022; algorithms.md §18.2; github JH-LEE-KR/l2p-pytorch@f7bc994).
 
 A pool of ``pool_size`` prompts of ``prompt_length`` tokens, each with a key; an image's query (the frozen pretrained
 ViT's [CLS] feature) selects ``top_k`` prompts by cosine (the batch's most frequent with ``batchwise_prompt``); their
@@ -44,7 +44,7 @@ class L2PNet(PromptedViT):
 @LEARNERS.register("l2p", aliases=("l2p_mist",))
 class L2P(PromptHost):
     """L2P with an optional tuning phase (``spr``) before each task; the query model stays the pretrained ViT unless
-    ``query_model: tuned`` (SPEC 18.4)."""
+    ``query_model: tuned`` (algorithms.md §18.4)."""
 
     TITLE, ORDER = "L2P", 50
     PROMPT_DEFAULTS = {"prompt_epochs": 5, "prompt_lr": 0.03 * 16 / 256, "pull_constraint_coeff": 0.1, "top_k": 5}

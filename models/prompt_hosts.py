@@ -1,8 +1,8 @@
-"""What L2P and DualPrompt share (SPEC 18.2-18.4): a frozen query model, a pool of keys, prompt selection by cosine,
+"""What L2P and DualPrompt share (algorithms.md §18.2-18.4): a frozen query model, a pool of keys, prompt selection by cosine,
 the training of prompts, keys and a linear head on a frozen ViT, and their config keys.
 
 - The **query** of an image is the [CLS] feature of a frozen copy of the pretrained ViT (``original_model`` of the
-  ports), taken before any tuning phase; ``query_model: tuned`` reads the tuned backbone instead (SPEC 18.4).
+  ports), taken before any tuning phase; ``query_model: tuned`` reads the tuned backbone instead (algorithms.md §18.4).
 - **Selection**: cos(q, k_m) for every key, the ``top_k`` largest per image; with ``batchwise_prompt`` every image
   gets the batch's ``top_k`` most frequent ids (ties broken as the ports' ``torch.topk`` over the ``torch.unique``
   counts breaks them, ``prompt_vote_ties``; under torchrun the counts cover the whole global batch).
@@ -10,7 +10,7 @@ the training of prompts, keys and a linear head on a frozen ViT, and their confi
   classes are -inf, loss = CE - lambda S with S = (1/B) sum_b sum_{m selected for b} cos(q_b, k_m); Adam (0.9, 0.999,
   eps 1e-8, no weight decay), constant learning rate, the global gradient norm clipped at ``prompt_clip_norm``, a new
   optimizer every task; the ViT (and the query model) never train here.
-- **Inference**: the same selection, the head over the classes seen so far (PILOT's slicing; SPEC 18.2).
+- **Inference**: the same selection, the head over the classes seen so far (PILOT's slicing; algorithms.md §18.2).
 
 A host subclasses :class:`PromptedViT` (its prompt parameters and ``features(x, ids)``) and :class:`PromptHost`.
 """
@@ -38,7 +38,7 @@ from utils.runtime import Batch, autocast
 
 logger = logging.getLogger(__name__)
 
-ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # timm create_optimizer defaults of the ports (SPEC 18.2)
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # timm create_optimizer defaults of the ports (algorithms.md §18.2)
 
 
 def check_prompt_pool(cfg, origin) -> None:
@@ -80,7 +80,7 @@ class PromptKeys:
                                                       "batchwise_prompt; false: each test image selects alone.")
     query_model: Literal["pretrained", "tuned"] = key("pretrained", "L2P/DualPrompt: the query is the [CLS] feature of "
                                                                     "a frozen copy of the pretrained ViT (official), or "
-                                                                    "of the tuned backbone (SPEC 18.4).")
+                                                                    "of the tuned backbone (algorithms.md §18.4).")
     prompt_vote_ties: Literal["official", "smaller_id"] = key(
         "official", "L2P/DualPrompt: how the batch vote breaks a tie between ids of equal count: as the ports' prompt.py "
                     "(torch.topk over the torch.unique counts on the run's device: on the CPU the larger id wins), or "

@@ -1,4 +1,4 @@
-"""RanPAC: random projection + streaming ridge regression head (SPEC 6; McDonnell et al., NeurIPS 2023).
+"""RanPAC: random projection + streaming ridge regression head (algorithms.md §6; McDonnell et al., NeurIPS 2023).
 
 After the tuning phase of task 0 a random matrix W_rand ~ N(0, 1)^(D x M) is drawn once. Every task
 adds its features to the Gram matrix G = sum H^T H and Q = sum H^T Y, with H = ReLU(F W_rand) and Y the
@@ -9,7 +9,7 @@ code keeps none of this: its cosine ``fc`` head holds class-mean prototypes (see
 
 The ridge statistics, the lambda search and the two solvers (``ridge_solver``) are in ``models/ridge.py``.
 
-Faithful quirk (SPEC 9.20): G and Q accumulate features of a backbone that keeps changing when the
+Faithful quirk (algorithms.md §9.20): G and Q accumulate features of a backbone that keeps changing when the
 tuning phase runs on every task; old-task features are never re-extracted.
 """
 
@@ -62,8 +62,8 @@ class RanPACKeys:
 class RanPAC(Learner):
     """RanPAC with an optional tuning phase before each head update (official ``ranpac_mist.Learner``).
 
-    ``DEFAULTS["freeze_quantile"]`` = 0.9995 is the official RanPAC-MIST frozen-mask quantile (SPEC 4.7).
-    Heads, as the official code (SPEC 6):
+    ``DEFAULTS["freeze_quantile"]`` = 0.9995 is the official RanPAC-MIST frozen-mask quantile (algorithms.md §4.7).
+    Heads, as the official code (algorithms.md §6):
       - ``use_RP`` true, ``M > 0``: random projection + streaming ridge regression (``rpfc``, seen x M);
       - ``use_RP`` true, ``M <= 0``: the same ridge regression on the raw features (no projection, no ReLU;
         ``rpfc`` is seen x D);
@@ -74,7 +74,7 @@ class RanPAC(Learner):
 
     TITLE, ORDER = "RanPAC", 10
     OFFICIAL_FILE = "RanPAC-MIST"
-    #: RanPAC's official rand, l2, grad and cerun crash; they run here on SimpleCIL's pattern (SPEC 5)
+    #: RanPAC's official rand, l2, grad and cerun crash; they run here on SimpleCIL's pattern (algorithms.md §5)
     OFFICIAL_DISPATCH = frozenset({"mist", "rand", "l2", "grad", "cerun"})
     DEFAULTS = {"freeze_quantile": 1 - 0.0005}
 
@@ -118,7 +118,7 @@ class RanPAC(Learner):
             ConfigError: ``ridge_lambdas`` has not one positive value per task.
         """
         head = self._update_ridge_head(task) if self.use_RP else self._update_prototype_head(task)
-        total, trainable = self.count_parameters()  # show_num_params, after the head update (SPEC 6, 6.4)
+        total, trainable = self.count_parameters()  # show_num_params, after the head update (algorithms.md §6, §6.4)
         logger.info("%s total parameters.", f"{total:,}")
         logger.info("%s training parameters.", f"{trainable:,}")
         return head
@@ -171,12 +171,12 @@ class RanPAC(Learner):
         self.prototypes = grow_prototypes(self.prototypes, feats, labels, task.seen)
 
     def extra_parameter_count(self) -> int:
-        """The official network is always built with the projection head ``simclr`` = Linear(D, 128) (SPEC 3.2),
+        """The official network is always built with the projection head ``simclr`` = Linear(D, 128) (algorithms.md §3.2),
         counted whether or not a tuning phase runs."""
         return self.feature_dim * PROJECTION_DIM + PROJECTION_DIM
 
     def head_parameter_count(self) -> int:
-        """Official heads now (SPEC 3.2, 6): ``fc`` = CosineLinear(D, seen), seen * D + 1; with ``use_RP``,
+        """Official heads now (algorithms.md §3.2, §6): ``fc`` = CosineLinear(D, seen), seen * D + 1; with ``use_RP``,
         ``rpfc`` after ``replace_fc`` holds W_o[:seen], seen * M + 1 (seen * D + 1 when M <= 0). Both None (0)
         before the first task; without ``use_RP`` there is no ``rpfc``."""
         seen = self._n_seen()

@@ -1,4 +1,4 @@
-"""RanPAC's ridge regression head: streaming Gram statistics and the ridge-lambda search (SPEC 6, step 6.3.4).
+"""RanPAC's ridge regression head: streaming Gram statistics and the ridge-lambda search (algorithms.md §6, step 6.3.4).
 
 Two numerically equivalent solvers (config key ``ridge_solver``): ``"official"`` runs the original 17 + 1
 dense ``torch.linalg.solve`` calls bit for bit; ``"fast"`` (default) finds the same lambda from the smaller
@@ -17,7 +17,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-RIDGE_GRID = tuple(10.0 ** np.arange(-8, 9))  # 1e-8 .. 1e8, 17 values (SPEC 6, step 6.3.4)
+RIDGE_GRID = tuple(10.0 ** np.arange(-8, 9))  # 1e-8 .. 1e8, 17 values (algorithms.md §6, step 6.3.4)
 RIDGE_TRAIN_FRACTION = 0.8
 RIDGE_SOLVERS = ("fast", "official")  # config key ``ridge_solver``
 # How far a float32 solve with (Gram + lambda I) may be from the official LU, by rho = eps * (s_max + lambda) /
@@ -120,7 +120,7 @@ class RidgeAccumulator:
         self.G += H.T @ H
 
     def solve(self, ridge: float, solver: str = "fast") -> torch.Tensor:
-        """W_o = ((G + ridge I)^-1 Q)^T, shape (C, M), in G's dtype (float32) and on G's device (SPEC 6, step 5).
+        """W_o = ((G + ridge I)^-1 Q)^T, shape (C, M), in G's dtype (float32) and on G's device (algorithms.md §6, step 5).
 
         Args:
             ridge: lambda > 0 (the value chosen by :func:`select_ridge`).

@@ -1,4 +1,4 @@
-"""RanPAC's ridge-lambda search (SPEC 6, step 6.3.4): the hold-out loss of every candidate of the grid on an 80/20
+"""RanPAC's ridge-lambda search (algorithms.md §6, step 6.3.4): the hold-out loss of every candidate of the grid on an 80/20
 split of the current task's rows, official (17 dense solves, bit for bit) or fast (one factorisation per distinct
 candidate of the smaller of the kernel / Gram matrices, the official loss wherever rounding could decide)."""
 
@@ -74,7 +74,7 @@ def _lookup(done: list[tuple[torch.Tensor, float]], diag: torch.Tensor) -> Optio
 
 
 def _holdout_losses_fast(Ha, Ya, Hb, Yb, grid: Sequence[float]) -> list[float]:
-    """The official hold-out losses, with the fit done in the smaller of two equivalent spaces (SPEC 6).
+    """The official hold-out losses, with the fit done in the smaller of two equivalent spaces (algorithms.md §6).
 
     With k fit rows and M features, for lambda > 0 (push-through identity)
         W_lambda^T = (H_a^T H_a + lambda I_M)^-1 H_a^T Y_a = H_a^T (H_a H_a^T + lambda I_k)^-1 Y_a,
@@ -156,7 +156,7 @@ def _official_where_rounding_dominates(losses: list[float], Ha, Ya, Hb, Yb, grid
 
 def select_ridge(H: torch.Tensor, Y: torch.Tensor, grid: Sequence[float] = RIDGE_GRID,
                  train_fraction: float = RIDGE_TRAIN_FRACTION, solver: str = "fast") -> float:
-    """Pick the ridge by hold-out MSE on the given rows (official ``optimise_ridge_parameter``; SPEC 6 step 4,
+    """Pick the ridge by hold-out MSE on the given rows (official ``optimise_ridge_parameter``; algorithms.md §6 step 4,
     RanPAC, McDonnell et al., NeurIPS 2023).
 
     The first ``k = int(train_fraction * N)`` rows fit ``W_lambda = ((H_a^T H_a + lambda I)^-1 H_a^T Y_a)^T``;

@@ -1,8 +1,8 @@
-"""SimpleCIL: class-mean prototypes with a cosine classifier (SPEC 7; Zhou et al., IJCV 2024).
+"""SimpleCIL: class-mean prototypes with a cosine classifier (algorithms.md §7; Zhou et al., IJCV 2024).
 
 Each new class c gets the mean of the raw (unnormalised) backbone features of its training images
 under test transforms as its prototype; logits are sigma * cos(f, p_c) with sigma = 1. Old prototypes
-are never recomputed, even though the tuning phase keeps changing the backbone (faithful, SPEC 9.20).
+are never recomputed, even though the tuning phase keeps changing the backbone (faithful, algorithms.md §9.20).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from utils.registry import LEARNERS
 
 logger = logging.getLogger(__name__)
 
-OFFICIAL_BATCH_SIZE = 32  # simplecil_mist.py module constant; the JSON batch_size is ignored (SPEC 9.2)
+OFFICIAL_BATCH_SIZE = 32  # simplecil_mist.py module constant; the JSON batch_size is ignored (algorithms.md §9.2)
 
 
 @LEARNERS.register("simplecil", aliases=("simplecil_mist",))
@@ -27,14 +27,14 @@ class SimpleCIL(Learner):
     """Prototype classifier with an optional tuning phase before each prototype extraction.
 
     ``DEFAULTS``: the official SimpleCIL-MIST frozen quantile 1.0 (only each tensor's maximum is
-    frozen, SPEC 4.7) and the hard-coded loader batch of 32 (``use_config_batch_size`` uses the JSON).
+    frozen, algorithms.md §4.7) and the hard-coded loader batch of 32 (``use_config_batch_size`` uses the JSON).
     """
 
     TITLE, ORDER = "SimpleCIL", 20
     OFFICIAL_FILE = "SimpleCIL-MIST"
     OFFICIAL_DISPATCH = frozenset({"mist", "run", "rand", "l2", "grad"})
     DEFAULTS = {"freeze_quantile": 1.0, "batch_size": OFFICIAL_BATCH_SIZE}
-    #: the official SimpleCIL-MIST ablations train on the learner's own fc (SPEC 5); ce_finetune (ours) does not
+    #: the official SimpleCIL-MIST ablations train on the learner's own fc (algorithms.md §5); ce_finetune (ours) does not
     OWN_HEAD_PRESETS = ("run", "rand", "l2", "grad")
 
     def __init__(self, cfg, backbone, device, seed) -> None:
@@ -48,7 +48,7 @@ class SimpleCIL(Learner):
         return self.cfg.batch_size if self.cfg.use_config_batch_size else OFFICIAL_BATCH_SIZE
 
     def tune(self, task: TaskData) -> dict[str, Any]:
-        """The tuning phase; the official CE ablations train on the learner's own head (SPEC 5): its old rows are the
+        """The tuning phase; the official CE ablations train on the learner's own head (algorithms.md §5): its old rows are the
         old prototypes (official ``update_fc`` before ``_sparse_training``), and stay them after the phase (moved by
         weight decay and momentum)."""
         rows = self.tuning_head_rows(task)
@@ -73,7 +73,7 @@ class SimpleCIL(Learner):
         self.prototypes = grow_prototypes(self.prototypes, feats, labels, task.seen)
 
     def extra_parameter_count(self) -> int:
-        """The official network is always built with the projection head ``simclr`` = Linear(D, 128) (SPEC 3.2),
+        """The official network is always built with the projection head ``simclr`` = Linear(D, 128) (algorithms.md §3.2),
         counted whether or not a tuning phase runs."""
         return self.feature_dim * PROJECTION_DIM + PROJECTION_DIM
 

@@ -1,22 +1,22 @@
-"""SLCA: Slow Learner with Classifier Alignment (Zhang et al., ICCV 2023; SPEC 17; github GengDavid/SLCA@169d4e6).
+"""SLCA: Slow Learner with Classifier Alignment (Zhang et al., ICCV 2023; algorithms.md §17; github GengDavid/SLCA@169d4e6).
 
-Per task (SPEC 17.1): the tuning phase (``spr``, e.g. MIST) if any, then
+Per task (algorithms.md §17.1): the tuning phase (``spr``, e.g. MIST) if any, then
 
-1. **slow learner** (:meth:`SLCA.train_task`, SPEC 17.4): the whole backbone and a new linear head over the task's
+1. **slow learner** (:meth:`SLCA.train_task`, algorithms.md §17.4): the whole backbone and a new linear head over the task's
    classes train with SGD (momentum 0.9, weight decay 5e-4 on every parameter), the backbone at
    ``slca_lr * bcb_lrscale`` = 1e-4 and the head at ``slca_lr`` = 1e-2, MultiStepLR(gamma 0.1) at ``milestones``,
    ``epochs`` epochs, batch 128 (official module constant), loss CE(new head's logits, y - known);
-2. **class statistics** (:meth:`SLCA.update_head`, SPEC 17.5): per new class, the mean and the unbiased covariance
+2. **class statistics** (:meth:`SLCA.update_head`, algorithms.md §17.5): per new class, the mean and the unbiased covariance
    (+ 1e-4 I) of the features of its training images under test transforms;
-3. **classifier alignment** (SPEC 17.6, tasks t >= 1, ``ca_epochs`` > 0): a copy of every head is trained on
+3. **classifier alignment** (algorithms.md §17.6, tasks t >= 1, ``ca_epochs`` > 0): a copy of every head is trained on
    features sampled from the stored Gaussians (256 per class per epoch, means of older tasks shrunk by
    0.9 + 0.1 (t_c + 1) / (t + 1)), loss CE(z / (mean_k ||z_k|| * tau), y) with z_k the logits of task k, SGD
    lr 0.01, CosineAnnealingLR over ``ca_epochs``;
 4. evaluation with the aligned heads; the raw (pre-alignment) heads stay the learner's state, so each alignment
-   starts from them (official ``backup``/``recall``, SPEC 17.8).
+   starts from them (official ``backup``/``recall``, algorithms.md §17.8).
 
 The ViT's pretrained final LayerNorm is replaced by a fresh one (eps 1e-5), trained with the backbone (official
-quirk, SPEC 17.2; ``slca_keep_pretrained_norm`` keeps the pretrained one). Differences from the official code:
+quirk, algorithms.md §17.2; ``slca_keep_pretrained_norm`` keeps the pretrained one). Differences from the official code:
 docs/deviations.md, section "SLCA".
 """
 
@@ -38,11 +38,11 @@ from utils.runtime import Batch, GeneratorState, autocast, make_generator
 
 logger = logging.getLogger(__name__)
 
-OFFICIAL_BATCH_SIZE = 128  # slca.py module constant (SPEC 17.4); use_config_batch_size uses the JSON batch_size
-MOMENTUM, WEIGHT_DECAY, GAMMA = 0.9, 5e-4, 0.1  # slca.py (SPEC 17.4, 17.6)
-COV_RIDGE = 1e-4  # added to every class covariance (base.py, SPEC 17.5)
-SAMPLES_PER_CLASS = 256  # pseudo-features per class per alignment epoch (SPEC 17.6)
-NORM_EPS = 1e-7  # logit-norm epsilon (SPEC 17.6)
+OFFICIAL_BATCH_SIZE = 128  # slca.py module constant (algorithms.md §17.4); use_config_batch_size uses the JSON batch_size
+MOMENTUM, WEIGHT_DECAY, GAMMA = 0.9, 5e-4, 0.1  # slca.py (algorithms.md §17.4, §17.6)
+COV_RIDGE = 1e-4  # added to every class covariance (base.py, algorithms.md §17.5)
+SAMPLES_PER_CLASS = 256  # pseudo-features per class per alignment epoch (algorithms.md §17.6)
+NORM_EPS = 1e-7  # logit-norm epsilon (algorithms.md §17.6)
 
 
 @config_keys("SLCA (models/slca.py)", applies=for_learners("slca"))
@@ -58,9 +58,9 @@ class SLCAKeys:
     bcb_lrscale: float = key(0.01, "SLCA: backbone learning rate = slca_lr * bcb_lrscale (official 1/100); 0 freezes "
                                    "the backbone.", ge=0)
     slca_keep_pretrained_norm: bool = key(False, "SLCA: keep the ViT's pretrained final norm instead of the official "
-                                                 "fresh LayerNorm (SPEC 17.2).")
+                                                 "fresh LayerNorm (algorithms.md §17.2).")
     slca_ca_task_boundaries: bool = key(False, "SLCA fix: the alignment's task of class c from the real task "
-                                               "boundaries, not c // current task size (SPEC 17.11.1).")
+                                               "boundaries, not c // current task size (algorithms.md §17.11.1).")
 
 
 @LEARNERS.register("slca", aliases=("slca_mist",))
@@ -106,7 +106,7 @@ class SLCA(Learner):
 
     # ---- stage 1: slow learner -----------------------------------------------------------------------
     def train_task(self, task: TaskData, loop: TuningLoop) -> dict[str, Any]:
-        """A new head for the task's classes, then ``epochs`` epochs of the slow learner (SPEC 17.4)."""
+        """A new head for the task's classes, then ``epochs`` epochs of the slow learner (algorithms.md §17.4)."""
         cfg, t = self.cfg, task.task_id
         self.heads.requires_grad_(False)  # old heads are frozen (official update)
         head = timm_linear_head(self.feature_dim, task.seen - task.known, self.device)  # global RNG, as the official
@@ -123,7 +123,7 @@ class SLCA(Learner):
         def forward(batch: Batch) -> torch.Tensor:
             with torch.set_grad_enabled(slow), autocast(self.device, cfg.precision):
                 features = self.backbone(batch.x.to(self.device, non_blocking=True)).float()
-            logits = head(features)  # the new head's logits = all logits[:, known:] (SPEC 17.4)
+            logits = head(features)  # the new head's logits = all logits[:, known:] (algorithms.md §17.4)
             targets = batch.y.to(self.device, non_blocking=True) - task.known
             accuracy.add(logits, targets)
             return cross_entropy(logits, targets, batch)
@@ -144,7 +144,7 @@ class SLCA(Learner):
 
     # ---- class statistics and classifier alignment ------------------------------------------------------
     def update_head(self, task: TaskData) -> None:
-        """Gaussian statistics of the new classes (SPEC 17.5), then classifier alignment from task 1 on (17.6)."""
+        """Gaussian statistics of the new classes (algorithms.md §17.5), then classifier alignment from task 1 on (17.6)."""
         self.add_class_statistics(task)
         if task.task_id > 0 and self.cfg.ca_epochs > 0:
             self.aligned = self.align(task)
@@ -180,7 +180,7 @@ class SLCA(Learner):
         bounds = torch.tensor(self.task_bounds()[1:])
         xs, ys = [], []
         for c in range(task.seen):
-            t_c = int((bounds <= c).sum()) if self.cfg.slca_ca_task_boundaries else c // size  # SPEC 17.11.1
+            t_c = int((bounds <= c).sum()) if self.cfg.slca_ca_task_boundaries else c // size  # algorithms.md §17.11.1
             mean = self.means[c].float() * (0.9 + 0.1 * (t_c + 1) / (t + 1))
             noise = torch.randn(SAMPLES_PER_CLASS, self.feature_dim, generator=self.alignment_generator,
                                 device=self.device)
@@ -197,7 +197,7 @@ class SLCA(Learner):
 
     def alignment_loss(self, logits: torch.Tensor, targets: torch.Tensor, batch: Batch) -> torch.Tensor:
         """CE(z / (n_bar tau), y), n_bar = mean over tasks k of ||z[:, task k]|| + 1e-7 per sample (gradient through
-        n_bar); plain CE when tau = ``ca_with_logit_norm`` <= 0 (SPEC 17.6). ``logits`` (B, C) float32."""
+        n_bar); plain CE when tau = ``ca_with_logit_norm`` <= 0 (algorithms.md §17.6). ``logits`` (B, C) float32."""
         tau = self.cfg.ca_with_logit_norm
         if tau > 0:
             bounds = self.task_bounds()
@@ -206,7 +206,7 @@ class SLCA(Learner):
         return cross_entropy(logits, targets, batch)
 
     def align(self, task: TaskData) -> nn.ModuleList:
-        """A copy of every head trained on sampled features for ``ca_epochs`` epochs (SPEC 17.6); the raw heads and
+        """A copy of every head trained on sampled features for ``ca_epochs`` epochs (algorithms.md §17.6); the raw heads and
         the backbone do not change."""
         cfg, t = self.cfg, task.task_id
         aligned = copy.deepcopy(self.heads).requires_grad_(True)

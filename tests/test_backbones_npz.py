@@ -1,4 +1,4 @@
-"""backbones: a local Google big_vision/AugReg ``.npz`` checkpoint through ``build_backbone`` (SPEC 15.3).
+"""backbones: a local Google big_vision/AugReg ``.npz`` checkpoint through ``build_backbone`` (algorithms.md §15.3).
 
 No real AugReg checkpoint is available offline, so the test writes one: a tiny random timm ViT is
 converted to Google's checkpoint format (the exact key names and array layouts that timm's

@@ -169,7 +169,7 @@ def test_missing_and_invalid_files_raise_config_error(tmp_path):
 
 
 def test_official_ranpac_json_keys_load(tmp_path):
-    """The keys of the official RanPAC-MIST CIFAR config (SPEC 1.2), string "True" included."""
+    """The keys of the official RanPAC-MIST CIFAR config (algorithms.md §1.2), string "True" included."""
     official = {"prefix": "exp", "dataset": "cifar224", "memory_size": 2000, "memory_per_class": 20,
                 "fixed_memory": False, "shuffle": True, "init_cls": 10, "increment": 10,
                 "model_name": "ranpac_mist", "convnet_type": "pretrained_vit_b16_224_in21k", "device": ["0"],

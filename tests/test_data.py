@@ -1,4 +1,4 @@
-"""Data: class order, task split, the real loaders on fake files, and the missing-data errors (SPEC 2)."""
+"""Data: class order, task split, the real loaders on fake files, and the missing-data errors (algorithms.md §2)."""
 
 from __future__ import annotations
 
@@ -159,7 +159,7 @@ def test_cub_image_folder_loads(image_folder):
     assert all(Path(p).parent.name == f"class_{y:02d}" for p, y in zip(source.train.items, source.train.targets))
     image = source.test_transform(source.test.image(0))
     assert image.shape == (3, SIZE, SIZE) and image.dtype == torch.float32
-    assert 0.0 <= image.min() and image.max() <= 1.0  # no Normalize for cub (SPEC 2.1)
+    assert 0.0 <= image.min() and image.max() <= 1.0  # no Normalize for cub (algorithms.md §2.1)
 
 
 def test_imagenetr_accepts_test_folder_instead_of_val(image_folder):
@@ -196,7 +196,7 @@ def test_image_folder_data_manager_on_cub(image_folder):
 
 
 def test_only_cars_is_normalised_by_default(image_folder):
-    """Official transforms: no Normalize except for cars, which gets ImageNet mean/std (SPEC 2.1)."""
+    """Official transforms: no Normalize except for cars, which gets ImageNet mean/std (algorithms.md §2.1)."""
     root = image_folder("cars196", "val", n_classes=2, train_per_class=1, test_per_class=1)
     image_folder("cub", "test", n_classes=2, train_per_class=1, test_per_class=1)
     assert datasets.default_norm("cub") is None

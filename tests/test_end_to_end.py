@@ -59,7 +59,7 @@ def test_tiny_run_writes_results_and_log(make_config, cub_root, tmp_path, model_
     matrix = results["accuracy_matrix"]
     assert [len(row) for row in matrix] == [1, 2]
     assert all(0.0 <= v <= 100.0 for row in matrix for v in row)
-    # the summary numbers follow from the curves and the matrix (SPEC 8.2)
+    # the summary numbers follow from the curves and the matrix (algorithms.md §8.2)
     assert results["average_accuracy"] == pytest.approx(sum(results["top1_curve"]) / 2)
     assert results["last_accuracy"] == results["top1_curve"][-1]
     assert results["a_tt"] == pytest.approx((tasks[0]["new"] + tasks[1]["new"]) / 2)

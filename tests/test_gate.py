@@ -1,4 +1,4 @@
-"""The update-magnitude gate (models/sparse/gate.py, SPEC 14.3) against closed forms.
+"""The update-magnitude gate (models/sparse/gate.py, algorithms.md §14.3) against closed forms.
 
 - cosine_similarity: parallel = 1, orthogonal = 0, opposite = -1, a zero vector = 0, sizes must match;
 - the first task gets the large budget with no similarity; later tasks pick "frozen" (cos >= tau, small

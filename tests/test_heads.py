@@ -1,4 +1,4 @@
-"""Heads against closed forms: streaming ridge, ridge search, class means, cosine logits (SPEC 3.2, 6, 7)."""
+"""Heads against closed forms: streaming ridge, ridge search, class means, cosine logits (algorithms.md §3.2, §6, §7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""EASE, L2P and DualPrompt (models/ease.py, models/l2p.py, models/dualprompt.py; SPEC 18) on a tiny random ViT, CPU:
+"""EASE, L2P and DualPrompt (models/ease.py, models/l2p.py, models/dualprompt.py; algorithms.md §18) on a tiny random ViT, CPU:
 the timm parts they add, what trains, the selection and completion formulas against hand computations, and each host
 with and without MIST end to end, checkpointed and resumed (issue 13)."""
 
@@ -237,7 +237,7 @@ def test_dualprompt_e_prefix_reshape_reproduces_the_port_and_the_fix(make_config
     for b in range(4):
         if fix:
             expected = (k_prefix, v_prefix)
-        else:  # port: the first half of the batch gets K = V = p_K, the second half K = V = p_V (SPEC 18.3)
+        else:  # port: the first half of the batch gets K = V = p_K, the second half K = V = p_V (algorithms.md §18.3)
             expected = (k_prefix, k_prefix) if b < 2 else (v_prefix, v_prefix)
         assert torch.equal(e[0, 0, b], expected[0]) and torch.equal(e[0, 1, b], expected[1])
 

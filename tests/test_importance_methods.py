@@ -2,7 +2,7 @@
 
 CPU, tiny random ViT (tests/test_sparse_tuning.py helpers). Closed forms:
 - the scoring pass's sums are S1 = sum_b g_b and S2 = sum_b g_b^2 of the per-batch gradients, with no update;
-- PIECE-F = S2, PIECE-S = |S1| / sqrt(S2 + 1) (SPEC 13.2);
+- PIECE-F = S2, PIECE-S = |S1| / sqrt(S2 + 1) (algorithms.md §13.2);
 - global top-k selects exactly k = floor(top_ratio * backbone entries) entries, none in an excluded tensor;
 - per-block selects floor(rate * n_block) entries inside each block;
 - default (PIECE) masks leave a tensor with no selected entry fully trainable; strict masks leave it frozen;
@@ -184,7 +184,7 @@ def test_default_mask_leaves_tensors_without_a_selected_entry_fully_trainable_st
     empty = [n for n in strict_sel if n.startswith("convnet.") and not is_embedding(n) and not strict_sel[n].any()]
     assert len(empty) == n_full > 0 and n_strict == 0
     for n in empty:
-        assert bool(loose[n].all())  # PIECE: no index file -> all-ones mask (SPEC 13.4)
+        assert bool(loose[n].all())  # PIECE: no index file -> all-ones mask (algorithms.md §13.4)
     for n in loose:
         if n not in empty:
             assert torch.equal(loose[n], strict_sel[n])

@@ -1,4 +1,4 @@
-"""utils.metrics on small hand-computed examples (SPEC 8.1-8.2)."""
+"""utils.metrics on small hand-computed examples (algorithms.md §8.1-8.2)."""
 
 from __future__ import annotations
 

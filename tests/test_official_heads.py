@@ -1,4 +1,4 @@
-"""RanPAC's official heads and the official parameter counts (SPEC 1.1 step 9, 3.2, 6, 7; issue 6).
+"""RanPAC's official heads and the official parameter counts (algorithms.md §1.1 step 9, 3.2, 6, 7; issue 6).
 
 - ``use_RP: false`` is the official cosine-prototype classifier (``replace_fc`` else-branch): fc rows = class
   means of the raw features of the task that brought the class, old rows kept, logits = cos(f, row_c);
@@ -10,7 +10,7 @@ Derivation of the expected counts (D = width, p = patch, N = patches, L = blocks
   ViT(num_classes=0) = patch_embed D(3p^2 + 1) + cls_token D + pos_embed (N + 1) D
                        + L (12 D^2 + 13 D)  [2 LayerNorms 4D, qkv 3D^2 + 3D, proj D^2 + D, fc1 4D^2 + 4D, fc2 4D^2 + D]
                        + final LayerNorm 2D.
-  ViT-B/16 (D 768, p 16, N 196, L 12): 85,798,656 (SPEC 3.1); the tiny ViT (D 32, p 8, N 16, L 2): 32,224.
+  ViT-B/16 (D 768, p 16, N 196, L 12): 85,798,656 (algorithms.md §3.1); the tiny ViT (D 32, p 8, N 16, L 2): 32,224.
   simclr = Linear(D, 128) = 128 D + 128: 98,432 for ViT-B/16, 4,224 for the tiny ViT (always: is_clr=True).
   fc = CosineLinear(D, seen) = seen D + 1; rpfc (use_RP) after replace_fc = seen P + 1, P = M (D if M <= 0).
   Log points: ``All params`` at the start of task t counts the heads of task t - 1 (none at task 0); RanPAC's
@@ -49,7 +49,7 @@ def simclr_params(D: int) -> int:
 
 
 def test_vit_formula_gives_the_official_vit_b16_count(tiny_vit):
-    assert vit_params(768, 16, 196, 12) == 85_798_656  # SPEC 3.1
+    assert vit_params(768, 16, 196, 12) == 85_798_656  # algorithms.md §3.1
     assert vit_params(32, 8, 16, 2) == sum(p.numel() for p in tiny_vit.parameters()) == 32_224
     assert vit_params(768, 16, 196, 12) + simclr_params(768) == 85_897_088
 

@@ -1,4 +1,4 @@
-"""ACL, SPU and GPS as presets of the tuning phase (issue 14; SPEC 19.1, 19.2, 19.5).
+"""ACL, SPU and GPS as presets of the tuning phase (issue 14; algorithms.md §19.1, §19.2, §19.5).
 
 CPU, tiny random ViT (tests/test_sparse_tuning.py helpers). Every expected value is computed here independently of the
 production code path (plain autograd per batch, explicit loops over anchors), so that swapping two estimators, two

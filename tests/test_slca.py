@@ -1,4 +1,4 @@
-"""SLCA (models/slca.py; SPEC 17) on a tiny random ViT, CPU: learning rates, statistics, sampling, alignment, and
+"""SLCA (models/slca.py; algorithms.md §17) on a tiny random ViT, CPU: learning rates, statistics, sampling, alignment, and
 SLCA +- MIST end to end with checkpoint and resume (issue 12)."""
 
 from __future__ import annotations

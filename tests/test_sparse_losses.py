@@ -1,6 +1,6 @@
-"""MIST's objective and second-view augmentation (models/sparse/losses.py) against SPEC 4.2-4.3 closed forms.
+"""MIST's objective and second-view augmentation (models/sparse/losses.py) against algorithms.md §4.2-4.3 closed forms.
 
-The reference loss below is written from the SPEC 4.3 text with explicit Python loops over rows and
+The reference loss below is written from the algorithms.md §4.3 text with explicit Python loops over rows and
 columns in float64 (no shared code with the implementation):
 
     z_a = p_a / (||p_a|| + 1e-8),  S_ab = z_a . z_b,  S'_ab = S_ab - max_c S_ac (max detached),
@@ -29,16 +29,16 @@ SELF_TERM = -math.log(EPS)  # l_aa = -log(0 / (D_a + eps) + eps) = -log(1e-8) ~ 
 
 
 # ---------------------------------------------------------------------------------------------
-# independent reference of SPEC 4.3
+# independent reference of algorithms.md §4.3
 # ---------------------------------------------------------------------------------------------
 def reference_loss(proj: torch.Tensor, labels: list[int], tau: float = TAU, exclude_self: bool = False,
                    drop_self_terms: bool = False) -> torch.Tensor:
-    """Loop-based SPEC 4.3 loss (float64 scalar ops, differentiable w.r.t. ``proj``).
+    """Loop-based algorithms.md §4.3 loss (float64 scalar ops, differentiable w.r.t. ``proj``).
 
     Args:
         proj: (2B, d) float64.
         labels: B python ints.
-        exclude_self: P(a) without a (the SPEC 9.5 fix).
+        exclude_self: P(a) without a (the algorithms.md §9.5 fix).
         drop_self_terms: keep the weights 1/(|P(a)|+eps) with a counted in |P(a)|, but leave the
             constant self terms w_aa l_aa out of the sum.
     """
@@ -123,7 +123,7 @@ def test_loss_float32_close_to_float64_reference():
 
 @pytest.mark.parametrize("seed,b", CASES)
 def test_self_positive_constant_offset(seed, b):
-    """Default loss = loss without the self terms + (1/B) sum_a (-log 1e-8) / (|P(a)| + 1e-8) (SPEC 4.3)."""
+    """Default loss = loss without the self terms + (1/B) sum_a (-log 1e-8) / (|P(a)| + 1e-8) (algorithms.md §4.3)."""
     proj, labels = random_case(seed, b)
     y = labels.repeat(2)
     sizes = [int((y == y[a]).sum()) for a in range(2 * b)]  # |P(a)|, a itself included
@@ -135,7 +135,7 @@ def test_self_positive_constant_offset(seed, b):
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_self_offset_balanced_batch(k):
-    """With k originals per class, |P(a)| = 2k and the offset is 18.42 / k (SPEC 4.3's example)."""
+    """With k originals per class, |P(a)| = 2k and the offset is 18.42 / k (algorithms.md §4.3's example)."""
     n_classes = 3
     b = k * n_classes
     gen = torch.Generator().manual_seed(100 + k)
@@ -163,7 +163,7 @@ def test_self_term_has_zero_gradient(seed, b):
 
 
 def test_exclude_self_relations_from_the_implementation_alone():
-    """Closed-form relations between the two variants, derived by hand from the SPEC 4.3 formula.
+    """Closed-form relations between the two variants, derived by hand from the algorithms.md §4.3 formula.
 
     With all labels distinct, P(a) = {a, view(a)}: L_excl = I (1 + 2/(1+eps)) and
     L_def = I (1 + 2/(2+eps)) + 2 c/(2+eps), with I the instance term and c = -log(1e-8).
@@ -202,7 +202,7 @@ def test_loss_rejects_odd_rows_and_wrong_label_count():
 
 
 # ---------------------------------------------------------------------------------------------
-# second-view augmentation (SPEC 4.2)
+# second-view augmentation (algorithms.md §4.2)
 # ---------------------------------------------------------------------------------------------
 def luma_reference(img: torch.Tensor) -> torch.Tensor:
     """(3, H, W) -> (3, H, W) float64, every channel 0.299 R + 0.587 G + 0.114 B."""
@@ -320,7 +320,7 @@ def _resample(x: torch.Tensor, theta: list) -> torch.Tensor:
 
 
 def test_crop_sizes_offsets_and_first_valid_trials(monkeypatch):
-    """SPEC 4.2 step 3 by hand, S = 20, N = 2 (20 trials):
+    """algorithms.md §4.2 step 3 by hand, S = 20, N = 2 (20 trials):
     trial 0: area 1.0 S^2, aspect 4/3 -> w = round(sqrt(400 * 4/3)) = 23 > S: invalid, skipped;
     trial 1: area 0.3 S^2 = 120, aspect 1 -> w = h = round(sqrt(120)) = 11 (sample 0);
     trial 2: area 120, aspect 3/4 -> w = round(sqrt(90)) = 9, h = round(sqrt(160)) = 13 (sample 1).

@@ -1,6 +1,6 @@
 """Exemption rule, per-tensor selection, quantile fallback, multipliers and across-task state (models/sparse/masks.py).
 
-Closed forms from SPEC 3.1 (ViT-B/16 inventory), 4.5 (selection), 4.6 (0.9**count) and 4.7 (frozen masks and
+Closed forms from algorithms.md §3.1 (ViT-B/16 inventory), 4.5 (selection), 4.6 (0.9**count) and 4.7 (frozen masks and
 update counts).
 """
 
@@ -35,7 +35,7 @@ def vit_b16_params() -> list[tuple[str, torch.Tensor]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# exemption rule (SPEC 3.1, 4.5, 9.10)
+# exemption rule (algorithms.md §3.1, §4.5, §9.10)
 # ---------------------------------------------------------------------------------------------
 def test_vit_b16_inventory_name_rule(vit_b16_params):
     convnet = [(n, p) for n, p in vit_b16_params if n.startswith("convnet.")]
@@ -109,7 +109,7 @@ def test_ndim_rule_exempts_batchnorm_of_a_cnn():
 
 
 # ---------------------------------------------------------------------------------------------
-# selection (SPEC 4.5) and the quantile fallback (SPEC 9.12)
+# selection (algorithms.md §4.5) and the quantile fallback (algorithms.md §9.12)
 # ---------------------------------------------------------------------------------------------
 SHAPES = [(7,), (13, 11), (4, 5, 6), (2, 3, 8, 8)]
 RATES = [0.1, 0.25, 0.5, 0.05]
@@ -126,7 +126,7 @@ def test_select_top_is_scores_at_or_above_quantile(shape, rate):
     pos = (1 - rate) * (n - 1)  # linear-interpolation position; distinct scores: ranks >= ceil(pos) selected
     if abs(pos - round(pos)) > 1e-3:
         assert int(mask.sum()) == n - math.ceil(pos)
-        assert int(mask.sum()) == pytest.approx(rate * (n - 1) + 1, abs=1)  # SPEC 4.5: ~ rate (n-1) + 1
+        assert int(mask.sum()) == pytest.approx(rate * (n - 1) + 1, abs=1)  # algorithms.md §4.5: ~ rate (n-1) + 1
 
 
 def test_select_top_includes_ties_and_rate_one():
@@ -198,7 +198,7 @@ def test_quantile_above_2_pow_24_closed_form():
 
 
 # ---------------------------------------------------------------------------------------------
-# multipliers and across-task bookkeeping (SPEC 4.6, 4.7)
+# multipliers and across-task bookkeeping (algorithms.md §4.6, §4.7)
 # ---------------------------------------------------------------------------------------------
 def _state() -> tuple[SparsityState, list[tuple[str, torch.Tensor]]]:
     params = [("convnet.blocks.0.attn.qkv.weight", torch.zeros(6, 5)), ("convnet.pos_embed", torch.zeros(1, 9, 4)),
@@ -259,7 +259,7 @@ def test_end_task_frozen_union_and_counts_over_several_tasks():
 
 
 def test_end_task_freeze_quantile_one_freezes_the_maximum_only():
-    """SimpleCIL's quantile 1.0: only each tensor's arg-max (SPEC 4.7)."""
+    """SimpleCIL's quantile 1.0: only each tensor's arg-max (algorithms.md §4.7)."""
     state, params = _state()
     scores = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(4)) for n, p in params}
     state.end_task(scores, state.select(scores, 0.1), 1.0)

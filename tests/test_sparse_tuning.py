@@ -1,7 +1,7 @@
 """The tuning phases (models/sparse/tuner.py, selective.py, estimators.py) and MIST end to end through trainer.run.
 
 Everything runs on the CPU with a tiny random timm ViT (32x32 inputs, 8x8 patches, width 32, 2 blocks:
-32,224 backbone entries, 11 maskable tensors). Closed forms come from SPEC 4.4-4.7 and 5:
+32,224 backbone entries, 11 maskable tensors). Closed forms come from algorithms.md §4.4-4.7 and §5:
 - per tensor of n distinct scores, ``score >= quantile(score, q)`` keeps n - ceil(q (n - 1)) entries;
 - a gradient entry with multiplier 0 and SGD without momentum and weight decay leaves its weight bit-identical;
 - the overlap factor is 0.9**count; the drop keeps an entry with probability 1 - drop_rate, unscaled;
@@ -129,7 +129,7 @@ def record_select(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# per-step random drop (SPEC 4.6 step 3.1)
+# per-step random drop (algorithms.md §4.6 step 3.1)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("drop_rate", [0.9, 0.5, 0.0])
 def test_step_keep_fraction_is_keep_prob(drop_rate):
@@ -158,7 +158,7 @@ def test_step_keep_fraction_is_keep_prob(drop_rate):
 
 
 # ---------------------------------------------------------------------------------------------
-# sparse SGD: which entries move (SPEC 4.6, quirk 9.4 and its fixes)
+# sparse SGD: which entries move (algorithms.md §4.6, quirk 9.4 and its fixes)
 # ---------------------------------------------------------------------------------------------
 def _assert_unselected_unchanged(tuner, before, after, selected) -> int:
     """Every unselected entry of every maskable backbone tensor is bit-identical; returns #selected that moved."""
@@ -193,7 +193,7 @@ def test_unselected_and_frozen_entries_bit_identical_without_momentum_and_decay(
     for name in maskable(tuner):
         f = frozen0[name]
         assert torch.equal(after1[name][f], before1[name][f]), name  # frozen in task 0: bit-unchanged in task 1
-        assert torch.equal(scores1[name][f], torch.zeros(int(f.sum())))  # and scored 0 (SPEC 4.4)
+        assert torch.equal(scores1[name][f], torch.zeros(int(f.sum())))  # and scored 0 (algorithms.md §4.4)
 
 
 def test_default_sgd_moves_unselected_entries(record_select):
@@ -314,7 +314,7 @@ def test_weight_decay_quirk_and_fixes_in_one_step():
 
 
 # ---------------------------------------------------------------------------------------------
-# scoring pass (SPEC 4.4)
+# scoring pass (algorithms.md §4.4)
 # ---------------------------------------------------------------------------------------------
 class LinearNet(nn.Module):
     """A 3 -> 2 linear map under the official name ``convnet`` plus an untrainable extra layer."""
@@ -390,7 +390,7 @@ def test_scoring_loss_is_mean_supervised_nt_xent_of_the_pairs(record_select, exc
 
 
 # ---------------------------------------------------------------------------------------------
-# the report of a MIST task (SPEC 4.5-4.8)
+# the report of a MIST task (algorithms.md §4.5-4.8)
 # ---------------------------------------------------------------------------------------------
 def test_tune_report_closed_forms(record_select):
     cfg = make_cfg()
@@ -530,7 +530,7 @@ def test_freeze_bn_stats(freeze):
 
 
 # ---------------------------------------------------------------------------------------------
-# CE ablations (SPEC 5)
+# CE ablations (algorithms.md §5)
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture
 def record_masks(monkeypatch):
@@ -611,7 +611,7 @@ def test_ce_ablation_runs_and_masks(record_masks, spr):
 
 @pytest.mark.parametrize("random_rows", [False, True])
 def test_ce_ablation_head_rows_and_sigma_across_tasks(random_rows):
-    """Task 0's cosine rows are U(-1/sqrt(D), 1/sqrt(D)); later tasks start from zero rows (SPEC 9.24) unless
+    """Task 0's cosine rows are U(-1/sqrt(D), 1/sqrt(D)); later tasks start from zero rows (algorithms.md §9.24) unless
     ablation_random_init_rows; sigma carries over from the previous task's trained head."""
     cfg = make_cfg("spr=grad", "ablation_epochs=1", f"ablation_random_init_rows={str(random_rows).lower()}")
     tuner = make_tuner(cfg)
@@ -634,7 +634,7 @@ def test_ce_ablation_head_rows_and_sigma_across_tasks(random_rows):
 
 
 # ---------------------------------------------------------------------------------------------
-# end to end through trainer.run (SPEC 4 in both learners)
+# end to end through trainer.run (algorithms.md §4 in both learners)
 # ---------------------------------------------------------------------------------------------
 def write_image_folder(root: Path, n_classes: int = 6, train_per_class: int = 4, test_per_class: int = 2,
                        size: int = 16) -> Path:

@@ -1,4 +1,4 @@
-"""The per-learner ``spr`` dispatch of the official code (SPEC 5; models/sparse/__init__.py ``tuner_for``).
+"""The per-learner ``spr`` dispatch of the official code (algorithms.md §5; models/sparse/__init__.py ``tuner_for``).
 
 SimpleCIL-MIST does not dispatch ``cerun`` and RanPAC-MIST does not dispatch ``run``: both run the plain
 learner with no tuning phase (a warning says so). ``ce_finetune`` (ours) is dense CE fine-tuning for both,
@@ -128,7 +128,7 @@ def test_ranpac_ce_finetune_and_cerun_tune(cub_root, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# SimpleCIL's ablations train on the learner's full cosine head (issue 6 item 0, SPEC 5)
+# SimpleCIL's ablations train on the learner's full cosine head (issue 6 item 0, algorithms.md §5)
 # ---------------------------------------------------------------------------------------------
 def test_simplecil_l2_from_task_1_gives_the_official_dead_loss(tmp_path):
     """Old rows hold the prototypes, new rows are zero: the |theta| threshold over the whole fc tensor never

@@ -1,6 +1,6 @@
-"""The update-magnitude experiment (exps/update_magnitude/run.py, SPEC 14) on tiny synthetic Fashion-MNIST.
+"""The update-magnitude experiment (exps/update_magnitude/run.py, algorithms.md §14) on tiny synthetic Fashion-MNIST.
 
-- the metrics of SPEC 14.4 on a hand-written accuracy matrix;
+- the metrics of algorithms.md §14.4 on a hand-written accuracy matrix;
 - the network: 9 conv blocks (a single-conv stem, then 8 residual blocks), 128 features, 2-way heads;
 - Frozen leaves the lower layers (weights and BatchNorm statistics) bit-identical, Initialized changes them;
 - Reinitialized draws the last block afresh (timm's init) and then trains it as Frozen;

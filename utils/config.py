@@ -1,6 +1,6 @@
 """Experiment configuration: one typed definition whose field names are the official JSON keys.
 
-The official MIST code (SPEC 1) merges a JSON file into a plain ``dict``. Here the same keys are
+The official MIST code (algorithms.md §1) merges a JSON file into a plain ``dict``. Here the same keys are
 fields of :class:`ExperimentConfig`; loading validates every key (unknown keys, types, ranges) in
 one place and raises :class:`ConfigError` with the file, the key, the value and what is expected.
 

@@ -34,15 +34,15 @@ UNUSED = "Accepted for compatibility; unused, as in the original."
 
 @dataclasses.dataclass
 class ExperimentConfig:
-    """Every key of an experiment JSON file (SPEC 1.2), plus the documented extras.
+    """Every key of an experiment JSON file (algorithms.md §1.2), plus the documented extras.
 
     Field names are exactly the official JSON keys. Defaults are the official values of the
     shipped configs where one exists. ``metadata["help"]`` documents each key; README.md lists them.
     """
 
-    # ---- official keys: data and task split (SPEC 1.2, 2) ----
+    # ---- official keys: data and task split (algorithms.md §1.2, §2) ----
     dataset: str = _f("cifar224", "Data set, a registered name (utils/datasets.py).", registry="dataset")
-    shuffle: bool = _f(True, "Permute the class order with numpy's legacy global seed (SPEC 2.2).")
+    shuffle: bool = _f(True, "Permute the class order with numpy's legacy global seed (algorithms.md §2.2).")
     init_cls: int = _f(10, "Number of classes in the first task.", min=1)
     increment: int = _f(10, "Number of classes in each later task (the last task takes the remainder).", min=1)
     seed: list[int] = _f([1993], "Class-order seeds; one full run per seed, run one after another.")
@@ -53,17 +53,17 @@ class ExperimentConfig:
         "Backbone: an official name (mapped to its exact timm name and tag), efficientnet_lite0, or any timm name.",
     )
     batch_size: int = _f(
-        56, "Loader batch size. RanPAC uses it; SimpleCIL uses 32 unless use_config_batch_size (SPEC 9.2).", min=1
+        56, "Loader batch size. RanPAC uses it; SimpleCIL uses 32 unless use_config_batch_size (algorithms.md §9.2).", min=1
     )
     device: list[str] = _f(["0"], 'Device: ["0"] (cuda:0), "cpu", -1 (cpu), "cuda:N" or "mps". Only the first entry is used.')
-    # ---- official keys: sparse tuning (SPEC 4, 5) ----
+    # ---- official keys: sparse tuning (algorithms.md §4, §5) ----
     spr: str = _f("mist", "Tuning phase before the learner's own training and head update, a registered preset "
                           "(models/sparse/presets.py) or 'none' (or null), which disables it. As in the official "
                           "code, SimpleCIL ignores 'cerun' and RanPAC ignores 'run' (no tuning phase, with a warning). "
                           "The registered presets (README, docs/deviations.md):", registry="preset")
-    select_rate: float = _f(0.1, "Fraction of each maskable tensor selected by importance score (SPEC 4.5).", gt=0, le=1)
+    select_rate: float = _f(0.1, "Fraction of each maskable tensor selected by importance score (algorithms.md §4.5).", gt=0, le=1)
     drop_rate: float = _f(0.9, "Probability of DROPPING a selected gradient entry at each step; keep prob = 1 - drop_rate.", ge=0, lt=1)
-    mi_epochs: int = _f(20, "MIST epochs per task, the scoring pass included (SPEC 4.4-4.6).", min=1)
+    mi_epochs: int = _f(20, "MIST epochs per task, the scoring pass included (algorithms.md §4.4-4.6).", min=1)
     # ---- official keys that the official code reads but ignores, or never reads ----
     prefix: str = _f("exp", "Run label. " + UNUSED)
     weight_decay: float = _f(0.0005, "EASE's SGD weight decay; MIST's tuning phase and SLCA use their official "
@@ -91,10 +91,10 @@ class ExperimentConfig:
     train_per_class: Optional[int] = _f(None, "Keep only the first N training images of each class (quick runs).", min=1)
     test_per_class: Optional[int] = _f(None, "Keep only the first N test images of each class (quick runs).", min=1)
     use_input_norm: Optional[bool] = _f(
-        None, "Normalise inputs with the backbone's mean/std; null = dataset default (only cars normalises, SPEC 2.1)."
+        None, "Normalise inputs with the backbone's mean/std; null = dataset default (only cars normalises, algorithms.md §2.1)."
     )
     num_workers: int = _f(8, "DataLoader worker processes (official: 8).", min=0)
-    # ---- extras: sparse tuning options and fixes (SPEC 4, 9) ----
+    # ---- extras: sparse tuning options and fixes (algorithms.md §4, §9) ----
     mist_tasks: Literal["all", "first"] = _f("all", "Tasks that run the tuning phase: all (official) or first.")
     use_config_batch_size: bool = _f(
         False, "Use batch_size from the JSON where the official learner hard-codes one (SimpleCIL 32, SLCA 128)."
@@ -103,17 +103,17 @@ class ExperimentConfig:
         None, "Quantile of scores frozen at the end of a task; null = learner default (RanPAC 0.9995, SimpleCIL 1.0).",
         ge=0, le=1,
     )
-    exclude_self_positive: bool = _f(False, "NT-Xent: drop the anchor itself from its positive set (SPEC 9.5 fix).")
+    exclude_self_positive: bool = _f(False, "NT-Xent: drop the anchor itself from its positive set (algorithms.md §9.5 fix).")
     exempt_rule: Literal["name", "ndim"] = _f(
         "name", "Always-trainable tensors: official name substrings, or structural (ndim < 2) for CNN backbones."
     )
-    sparse_weight_decay: bool = _f(False, "Apply weight decay only to entries the step may move (SPEC 9.4 fix).")
-    hard_freeze: bool = _f(False, "Restore every entry with a zero gradient multiplier after each step (SPEC 9.4 fix).")
+    sparse_weight_decay: bool = _f(False, "Apply weight decay only to entries the step may move (algorithms.md §9.4 fix).")
+    hard_freeze: bool = _f(False, "Restore every entry with a zero gradient multiplier after each step (algorithms.md §9.4 fix).")
     freeze_bn_stats: bool = _f(False, "Keep BatchNorm running statistics fixed while tuning and in SLCA's slow learner (CNN backbones; ViTs have none).")
     ablation_epochs: int = _f(
         20, "Epochs of the CE tuning phases rand/l2/grad/run/cerun/ce_finetune (official module constant 20).", min=1
     )
-    ablation_random_init_rows: bool = _f(False, "Ablations: random instead of zero new cosine rows (SPEC 9.24 fix).")
+    ablation_random_init_rows: bool = _f(False, "Ablations: random instead of zero new cosine rows (algorithms.md §9.24 fix).")
     tuning_batch_size: Optional[int] = _f(
         None, "Batch size of the tuning phase's loader, any preset (e.g. a rival's official batch: SPU 128, SPG 64, "
         "SparCL 32, GPS 32, ACL 128; docs/deviations.md section 6); null = the learner's batch size.", min=1
@@ -146,11 +146,11 @@ class ExperimentConfig:
         None, "Keep patch/position embeddings, class token and CNN stem out of selection and frozen; null = preset's."
     )
     strict_mask: Optional[bool] = _f(
-        None, "A tensor with no selected entry stays frozen (true) or fully trainable (false: official PIECE, SPEC "
-        "13.4); null = the preset's (piece_f/piece_s false, magnitude_gate true).",
+        None, "A tensor with no selected entry stays frozen (true) or fully trainable (false: official PIECE, "
+        "algorithms.md §13.4); null = the preset's (piece_f/piece_s false, magnitude_gate true).",
     )
     # ---- extras: runtime ----
-    seed_torch_with_seed: bool = _f(False, "Seed torch with the run seed instead of the official constant 1 (SPEC 9.22).")
+    seed_torch_with_seed: bool = _f(False, "Seed torch with the run seed instead of the official constant 1 (algorithms.md §9.22).")
     allow_tf32: bool = _f(True, "TF32 matmuls on Ampere+ GPUs (PyTorch 1.11, used by the original, had them on).")
     precision: Literal["fp32", "bf16"] = _f(
         "fp32", "Backbone forwards in fp32 (official, TF32 per allow_tf32) or bfloat16 autocast (faster, not faithful)."
@@ -203,7 +203,7 @@ class ExperimentConfig:
     # ------------------------------------------------------------------------------------------
     @property
     def keep_prob(self) -> float:
-        """Per-step keep probability of a selected gradient entry, ``1 - drop_rate`` (SPEC 4.6)."""
+        """Per-step keep probability of a selected gradient entry, ``1 - drop_rate`` (algorithms.md §4.6)."""
         return 1.0 - self.drop_rate
 
     @property

@@ -1,4 +1,4 @@
-"""Class order, label remapping and the task split of the official DataManager (SPEC 2.2)."""
+"""Class order, label remapping and the task split of the official DataManager (algorithms.md §2.2)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 
 def class_order(n_classes: int, shuffle: bool, seed: int) -> list[int]:
-    """The official class order: ``np.random.seed(seed)`` then ``np.random.permutation(n)`` (SPEC 2.2).
+    """The official class order: ``np.random.seed(seed)`` then ``np.random.permutation(n)`` (algorithms.md §2.2).
 
     Uses (and leaves advanced) numpy's legacy *global* RNG, as the original does; with seed 1993 and
     100 classes it starts [68, 56, 78, 8, 23, 84, 90, 65, 74, 76].
@@ -27,7 +27,7 @@ def class_order(n_classes: int, shuffle: bool, seed: int) -> list[int]:
 
 
 def task_sizes(n_classes: int, init_cls: int, increment: int) -> list[int]:
-    """Classes per task: ``init_cls``, then ``increment`` while it fits, then the remainder (SPEC 2.2).
+    """Classes per task: ``init_cls``, then ``increment`` while it fits, then the remainder (algorithms.md §2.2).
 
     Example: (196, 20, 20) gives nine tasks of 20 and one of 16.
 
@@ -45,7 +45,7 @@ def task_sizes(n_classes: int, init_cls: int, increment: int) -> list[int]:
 
 
 class TaskDataset(Dataset):
-    """Images of a set of (remapped) classes; item i is ``(i, image, label)`` (SPEC 2.2).
+    """Images of a set of (remapped) classes; item i is ``(i, image, label)`` (algorithms.md §2.2).
 
     ``image`` is the transformed float32 tensor (3, H, W); ``label`` a numpy int64 (collates to torch.int64).
     Items are class-sorted in the order of the requested labels, each class in file order.

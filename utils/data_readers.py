@@ -1,4 +1,4 @@
-"""The on-disk formats of the data sets (SPEC 2.1, 16): CIFAR-100's pickles through torchvision, Fashion-MNIST's IDX
+"""The on-disk formats of the data sets (algorithms.md §2.1, §16): CIFAR-100's pickles through torchvision, Fashion-MNIST's IDX
 files (plain or .gz, the Debian package included), ImageFolder trees (CUB, ImageNet-R, ImageNet-A, Cars) with their
 link and class-folder checks; a missing data set is a :class:`DataNotFoundError` naming the path, the layout and the
 source, damaged data a :class:`DataIntegrityError` naming the files."""
@@ -24,9 +24,9 @@ from utils.data_files import DataIntegrityError, Split
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # Cars normalisation in the official code (SPEC 2.1)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # Cars normalisation in the official code (algorithms.md §2.1)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist (SPEC 16)
+DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist (algorithms.md §16)
 FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 APER_SOURCE = "the APER archives linked in the MIST README (github.com/zhoudw-zdw/RevisitingCIL)"
 
@@ -37,7 +37,7 @@ IMAGE_FOLDERS = {
     "imageneta": ("imagenet-a", "test", "ImageNet-A (" + APER_SOURCE + ")"),
     "cars": ("cars196", "val", "Stanford Cars-196 (TFDS 'cars196' or the SLCA train/val split)"),
 }
-# IDX element types (type byte of the magic number) -> big-endian numpy dtype (SPEC 16)
+# IDX element types (type byte of the magic number) -> big-endian numpy dtype (algorithms.md §16)
 IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -65,7 +65,7 @@ class _CIFAR100Files(tv_datasets.CIFAR100):
 
 
 def load_cifar224(root: Path, download: bool) -> tuple[Split, Split]:
-    """CIFAR-100 through torchvision (``<root>/cifar-100-python/{train,test,meta}``, SPEC 2.1 ``cifar224``).
+    """CIFAR-100 through torchvision (``<root>/cifar-100-python/{train,test,meta}``, algorithms.md §2.1 ``cifar224``).
 
     Raises:
         DataNotFoundError: files missing and not downloadable, or unreadable.
@@ -93,7 +93,7 @@ def load_cifar224(root: Path, download: bool) -> tuple[Split, Split]:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (big-endian header, then the data; SPEC 16), plain or gzip-compressed (``.gz``).
+    """Read an IDX file (big-endian header, then the data; algorithms.md §16), plain or gzip-compressed (``.gz``).
 
     Nothing is written: a ``.gz`` is decompressed in memory.
 
@@ -160,7 +160,7 @@ def _read_fmnist_file(root: Path, name: str) -> tuple[np.ndarray, Path]:
 
 
 def load_fmnist(root: Path, download: bool) -> tuple[Split, Split]:
-    """Fashion-MNIST from its four IDX files, plain or ``.gz``, read without writing anything (SPEC 16).
+    """Fashion-MNIST from its four IDX files, plain or ``.gz``, read without writing anything (algorithms.md §16).
 
     Looks in ``<root>/FashionMNIST/raw`` (torchvision's layout), ``<root>/fashion-mnist`` and the
     Debian package folder ``/usr/share/datasets/fashion-mnist``; each file is taken from the first copy

@@ -1,4 +1,4 @@
-"""Data sets and their transforms (SPEC 2.1, 16): where the files live, how they load, what to do when missing.
+"""Data sets and their transforms (algorithms.md §2.1, §16): where the files live, how they load, what to do when missing.
 
 Each loader returns a :class:`DataSource`: the train and test :class:`Split` (images or file paths
 plus integer labels 0..C-1) and the torchvision transforms of the official code. Loading goes
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
-# transforms (SPEC 2.1)
+# transforms (algorithms.md §2.1)
 # ---------------------------------------------------------------------------------------------
 def build_transforms(dataset: str, size: int, norm: Optional[tuple[Sequence[float], Sequence[float]]]):
     """Train and test transforms of the official code, generalised to ``size`` (official 224).
@@ -47,7 +47,7 @@ def build_transforms(dataset: str, size: int, norm: Optional[tuple[Sequence[floa
         train = [T.Resize((side, side), interpolation=T.InterpolationMode.BICUBIC), T.RandomCrop(size),
                  T.RandomHorizontalFlip(0.5)]
         test = [T.Resize(resize_test, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
-    elif recipe == "resize":  # small grayscale images: resize only, no crop (our choice for fmnist, SPEC 16)
+    elif recipe == "resize":  # small grayscale images: resize only, no crop (our choice for fmnist, algorithms.md §16)
         train = [T.Resize((size, size)), T.RandomHorizontalFlip(0.5)]
         test = [T.Resize((size, size))]
     else:  # "random_resized_crop": the official recipe of the other data sets
@@ -60,7 +60,7 @@ def build_transforms(dataset: str, size: int, norm: Optional[tuple[Sequence[floa
 
 
 def default_norm(dataset: str) -> Optional[tuple[Sequence[float], Sequence[float]]]:
-    """The official normalisation of a data set: ImageNet mean/std for cars, none otherwise (SPEC 2.1, 9.18)."""
+    """The official normalisation of a data set: ImageNet mean/std for cars, none otherwise (algorithms.md §2.1, §9.18)."""
     return DATASETS.get(dataset).norm
 
 

@@ -1,4 +1,4 @@
-"""Accuracy metrics: the official grouped accuracy and curves (SPEC 8) plus the accuracy matrix and forgetting.
+"""Accuracy metrics: the official grouped accuracy and curves (algorithms.md §8) plus the accuracy matrix and forgetting.
 
 Definitions, with T tasks and a_t the top-1 accuracy on all classes seen after task t:
 - average accuracy (A-bar) = (1/T) sum_t a_t  (official "Average Accuracy (CNN)");
@@ -23,7 +23,7 @@ def _pct(correct: np.ndarray) -> float:
 
 
 def grouped_accuracy(y_pred: np.ndarray, y_true: np.ndarray, nb_old: int, increment: int = 10) -> dict:
-    """The official ``toolkit.accuracy`` dict (SPEC 8.1).
+    """The official ``toolkit.accuracy`` dict (algorithms.md §8.1).
 
     Args:
         y_pred: int array (N,), top-1 predicted labels.

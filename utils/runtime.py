@@ -20,8 +20,8 @@ from utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-LOG_FORMAT = "%(asctime)s [%(filename)s] => %(message)s"  # official format (SPEC 8.4)
-OFFICIAL_TORCH_SEED = 1  # trainer._set_random seeds torch with 1 whatever the JSON seed (SPEC 1.1 step 4)
+LOG_FORMAT = "%(asctime)s [%(filename)s] => %(message)s"  # official format (algorithms.md §8.4)
+OFFICIAL_TORCH_SEED = 1  # trainer._set_random seeds torch with 1 whatever the JSON seed (algorithms.md §1.1 step 4)
 
 
 def resolve_device(entries: Sequence[str], local_rank: Optional[int] = None) -> torch.device:
@@ -448,7 +448,7 @@ def setup_logging(log_file: Optional[Path], level: int = logging.INFO) -> None:
     and everything to ``log_file`` if given, in the official format.
 
     Replaces the handlers installed by an earlier call, so each seed gets its own file (the
-    original's ``basicConfig`` inside the seed loop wrote every seed into the first file, SPEC 9.21).
+    original's ``basicConfig`` inside the seed loop wrote every seed into the first file, algorithms.md §9.21).
     """
     root = logging.getLogger()
     for handler in list(root.handlers):

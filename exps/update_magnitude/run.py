@@ -1,8 +1,8 @@
-"""Update magnitude vs forgetting (arXiv 2602.20796, SPEC 14): Initialized / Frozen / Adaptive on Split Fashion-MNIST.
+"""Update magnitude vs forgetting (arXiv 2602.20796, algorithms.md §14): Initialized / Frozen / Adaptive on Split Fashion-MNIST.
 
-**A scaled-down reconstruction**, not the paper's code (none is public; SPEC 14.1). The paper trains a
+**A scaled-down reconstruction**, not the paper's code (none is public; algorithms.md §14.1). The paper trains a
 ResNet-style CNN from scratch (9 conv layers: one stem conv, then residual blocks; average pool; FC) on
-task-split benchmarks and compares two update regimes with a cosine-gated hybrid (SPEC 14.3, 14.4). Here:
+task-split benchmarks and compares two update regimes with a cosine-gated hybrid (algorithms.md §14.3, §14.4). Here:
 
 - Data: Split Fashion-MNIST, 5 tasks of 2 classes in the natural class order (0-1, 2-3, 4-5, 6-7, 8-9),
   task-incremental (one 2-way head per task, task id given at test time). The first ``train_per_class``
@@ -30,7 +30,7 @@ task-split benchmarks and compares two update regimes with a cosine-gated hybrid
 - Training: SGD (lr 0.01, momentum 0.9, no weight decay), batch 64, ``epochs`` epochs per task, a seeded
   shuffle. All heads are created with the network, so a seed gives every regime the same initial
   weights, the same task-0 training and the same data order.
-- Metrics (SPEC 14.4), from the accuracy matrix a[i][k] (accuracy in % on task k after task i, k <= i):
+- Metrics (algorithms.md §14.4), from the accuracy matrix a[i][k] (accuracy in % on task k after task i, k <= i):
   Avg.Acc = mean_k a[M-1][k]; Task.Acc = mean_k a[k][k]; Forgetting = mean_{k < M-1} (a[k][k] - a[M-1][k])
   (the paper's definition, not the max-based one of utils/metrics.py). Mean +- sample std (ddof 1) over seeds.
 
@@ -73,7 +73,7 @@ WIDTHS = (16, 32, 64, 128)  # timm ResNet stage channels (the stem stays at timm
 LAYERS = (2, 2, 2, 2)  # residual blocks per stage: 1 stem conv + 8 residual blocks = 9 conv blocks
 LAST = "layer4.1"  # the last residual block: the task-specific part (frozen, reinitialized)
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
-# SPEC 14.4, Table I (Avg.Acc / Forgetting, %) and Table II (Task.Acc, %); Fashion-MNIST is not in the paper.
+# algorithms.md §14.4, Table I (Avg.Acc / Forgetting, %) and Table II (Task.Acc, %); Fashion-MNIST is not in the paper.
 PAPER_TABLE_I = {
     INITIALIZED: {"cifar10": (75.74, 23.30), "pmnist": (75.97, 30.76), "cifar100_task_acc": 60.72},
     FROZEN: {"cifar10": (75.98, 21.10), "pmnist": (76.78, 29.21), "cifar100_task_acc": 57.37},
@@ -229,7 +229,7 @@ def train_task(net: MultiHeadNet, task: int, data: TaskData, regime: str, cfg: C
 
 
 def mean_trunk_gradient(net: MultiHeadNet, task: int, data: TaskData, batch_size: int) -> torch.Tensor:
-    """Mean gradient of task ``task``'s loss over its training set w.r.t. all trunk parameters (SPEC 14.3).
+    """Mean gradient of task ``task``'s loss over its training set w.r.t. all trunk parameters (algorithms.md §14.3).
 
     One pass in file order through head ``task``, no update: BatchNorm uses batch statistics as in
     training, and the running statistics are restored afterwards. Returns a flat float32 vector
@@ -258,7 +258,7 @@ def evaluate(net: MultiHeadNet, task: int, data: TaskData, batch_size: int = 500
 
 
 def task_metrics(acc_matrix: Sequence[Sequence[Optional[float]]]) -> dict[str, float]:
-    """Avg.Acc, Task.Acc and Forgetting in % (SPEC 14.4) of an M x M accuracy matrix (rows: after task i).
+    """Avg.Acc, Task.Acc and Forgetting in % (algorithms.md §14.4) of an M x M accuracy matrix (rows: after task i).
 
     Returns:
         ``{"avg_acc": mean_k a[M-1][k], "task_acc": mean_k a[k][k],
@@ -439,7 +439,7 @@ def write_outputs(out: Path, cfg: Config, tau: float, calibration: dict[str, lis
                "runs": [asdict(r) for r in runs], "summary": summary, "contrasts": contrasts(runs),
                "paper_table_i": PAPER_TABLE_I, "wall_time_s": wall_s}
     write_output(out / "results.json", json.dumps(payload, indent=2) + "\n")
-    md = ["# Update magnitude on Split Fashion-MNIST (reconstruction of arXiv 2602.20796, SPEC 14)", "",
+    md = ["# Update magnitude on Split Fashion-MNIST (reconstruction of arXiv 2602.20796, algorithms.md §14)", "",
           f"train/class {cfg.train_per_class}, test/class {cfg.test_per_class or 'all'}, epochs {cfg.epochs}, "
           f"SGD lr {cfg.lr} momentum {cfg.momentum}, batch {cfg.batch_size}; wall time {wall_s:.0f} s.", "",
           f"Calibration seed {cfg.calibration_seed}: tau = {tau:.4f} (median of the pooled cosines, task 1 once; "

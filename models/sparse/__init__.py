@@ -1,19 +1,19 @@
-"""The tuning phase (``spr``; SPEC 4-5, 13, 14), run by every learner before its own training and head update.
+"""The tuning phase (``spr``; algorithms.md §4-5, §13, §14), run by every learner before its own training and head update.
 
 - ``presets.py``: :class:`Recipe` (the parts of a phase) and the registered ``spr`` presets;
 - ``estimators.py``: the scoring pass and the registered importance estimators;
 - ``scopes.py``: the registered selection scopes; ``masks.py``: the per-tensor rule and the across-task state;
 - ``plan.py``: the fast masked step (flat gradients, :class:`GradientPlan`); ``reference.py``: its plain
-  per-tensor equivalent of SPEC 4.6, tested equal;
+  per-tensor equivalent of algorithms.md §4.6, tested equal;
 - ``per_step.py``: the registered per-step mask rules and their phase; ``selective.py``: score, select, train;
 - ``losses.py``: MIST's supervised NT-Xent, the second-view augmentation and the registered losses;
-- ``optim.py``: the registered optimizers and the masked step with the SPEC 9.4 fixes;
-- ``gate.py``: update-magnitude control's cosine gate (SPEC 14.3);
+- ``optim.py``: the registered optimizers and the masked step with the algorithms.md §9.4 fixes;
+- ``gate.py``: update-magnitude control's cosine gate (algorithms.md §14.3);
 - ``network.py``: backbone + projection head, and the cosine CE heads;
-- ``acl.py``, ``spu.py``, ``gps.py``, ``spg.py``, ``sparcl.py``: the rivals in MIST's slot (SPEC 19), one file each;
+- ``acl.py``, ``spu.py``, ``gps.py``, ``spg.py``, ``sparcl.py``: the rivals in MIST's slot (algorithms.md §19), one file each;
 - ``tuner.py``: :class:`SparseTuner`, which owns the state across tasks and runs a phase per task.
 
-Which ``spr`` values build a tuner for which learner is decided here, in :func:`tuner_for` (SPEC 5).
+Which ``spr`` values build a tuner for which learner is decided here, in :func:`tuner_for` (algorithms.md §5).
 """
 
 from __future__ import annotations

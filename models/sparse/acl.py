@@ -1,4 +1,4 @@
-"""ACL, Adapt before Continual Learning (Lu et al., AAAI 2026), as a preset of the tuning phase (SPEC 19.1).
+"""ACL, Adapt before Continual Learning (Lu et al., AAAI 2026), as a preset of the tuning phase (algorithms.md §19.1).
 
 Official code: github byyx666/ACL_code (``models/simplecil.py``, ``models/ranpac.py``, ``exps/*_inr.json``). At the
 start of every task, before the host's own fitting:
@@ -31,10 +31,10 @@ from utils.registry import LEARNERS, LOSSES, OPTIMIZERS, PHASES
 
 logger = logging.getLogger(__name__)
 
-MOMENTUM = 0.9  # models/simplecil.py, models/ranpac.py: optim.SGD(momentum=0.9), SPEC 19.1
+MOMENTUM = 0.9  # models/simplecil.py, models/ranpac.py: optim.SGD(momentum=0.9), algorithms.md §19.1
 
 #: registered learner -> (``warm_lr``, the host's ``weight_decay``) in ACL's configs (github byyx666/ACL_code
-#: exps/simplecil_inr.json, ranpac_inr.json, l2p_inr.json, dualprompt_inr.json; SPEC 19.1)
+#: exps/simplecil_inr.json, ranpac_inr.json, l2p_inr.json, dualprompt_inr.json; algorithms.md §19.1)
 HOST_VALUES = {"simplecil": (1e-4, 5e-4), "ranpac": (1e-4, 5e-3), "l2p": (1e-6, 0.0), "dualprompt": (1e-6, 0.0)}
 #: (``warm_lr``, weight decay) for a learner ACL has no config for: SimpleCIL's
 OTHER_HOST = HOST_VALUES["simplecil"]
@@ -42,7 +42,7 @@ OTHER_HOST = HOST_VALUES["simplecil"]
 
 @config_keys("ACL preset (models/sparse/acl.py)")
 class AclKeys:
-    warm_epochs: int = key(1, "acl: adaptation epochs per task (official 1, SPEC 19.1).", min=1)
+    warm_epochs: int = key(1, "acl: adaptation epochs per task (official 1, algorithms.md §19.1).", min=1)
     warm_lr: Optional[float] = key(None, "acl: SGD learning rate of the backbone; null: the host's value in ACL's "
                                          "configs (SimpleCIL and RanPAC 1e-4, L2P and DualPrompt 1e-6; 1e-4 for other "
                                          "learners).", gt=0)
@@ -79,7 +79,7 @@ class AdaptPhase:
         self.tuner = tuner
 
     def run(self, loader, task) -> dict[str, Any]:
-        """Adapt the backbone to ``task`` (SPEC 19.1); returns its accounting for results.json.
+        """Adapt the backbone to ``task`` (algorithms.md §19.1); returns its accounting for results.json.
 
         Raises:
             NonFiniteError: a loss was NaN or infinite.
@@ -110,5 +110,5 @@ register_preset("acl", phase="acl", loss="ce", importance=None, scope=None, step
                 drop=False, overlap=False, freeze=False, exclude_embeddings=False, strict_mask=False, gate=False,
                 head="prototypes", budget_key=None, epochs_key="warm_epochs", label="ACL", order=65,
                 keys=("warm_epochs", "warm_lr", "warm_temp", "warm_weight_decay"), compare=True,
-                source="ACL (github byyx666/ACL_code: models/simplecil.py, models/ranpac.py), SPEC 19.1",
+                source="ACL (github byyx666/ACL_code: models/simplecil.py, models/ranpac.py), algorithms.md §19.1",
                 lr_key="warm_lr")

@@ -3,8 +3,8 @@
 The pass (:class:`ScoringRule` in the project's :class:`~models.loop.TuningLoop`, optimizer None) sums per batch,
 after the frozen entries of every gradient are zeroed and the gradient is summed over the torchrun processes:
 
-- ``mean_squares`` (MIST's own pass, SPEC 4.4): A += g_b^2 / n_b;
-- ``moments`` (PIECE, SPEC 13.2; and whenever the gate needs the task's mean gradient): S1 += g_b, S2 += g_b^2,
+- ``mean_squares`` (MIST's own pass, algorithms.md §4.4): A += g_b^2 / n_b;
+- ``moments`` (PIECE, algorithms.md §13.2; and whenever the gate needs the task's mean gradient): S1 += g_b, S2 += g_b^2,
   with each batch's NaN gradient entries set to 0 first, as PIECE's gradient hook does.
 
 Each estimator is a registered :class:`Estimator`: the pass it wants and a function from the pass's sums to
@@ -52,7 +52,7 @@ class Estimator:
         name: the ``importance`` value.
         score: (pass sums, the tuned network, the tuner's "importance" random stream) -> name -> float32 scores.
         mean_squares: True if it can use MIST's cheaper pass (no first moments).
-        source: paper / official file / SPEC section.
+        source: paper / official file / algorithms.md section.
         stop: (0-based batch k, batches per epoch n, sums so far) -> True to end the pass after batch k (SPU scores
             a part of the task); None: the whole epoch. It must give the same answer on every torchrun process
             (decide from the summed gradients or from k and n only).
@@ -66,8 +66,8 @@ class Estimator:
 
 
 def mi_fisher(sums: PassSums, network: nn.Module, generator: torch.Generator) -> Scores:
-    """MIST (SPEC 4.4): R = sum_b g_b^2 / n_b^2, the mean squared mini-batch gradient divided once more by n_b (the
-    original divides twice; per-tensor quantiles do not depend on the scale, SPEC 9.6). Not a per-sample Fisher."""
+    """MIST (algorithms.md §4.4): R = sum_b g_b^2 / n_b^2, the mean squared mini-batch gradient divided once more by n_b (the
+    original divides twice; per-tensor quantiles do not depend on the scale, algorithms.md §9.6). Not a per-sample Fisher."""
     n = sums.n_batches
     if sums.scaled:
         return {name: a / n for name, a in sums.squares.items()}
@@ -75,13 +75,13 @@ def mi_fisher(sums: PassSums, network: nn.Module, generator: torch.Generator) ->
 
 
 def fisher(sums: PassSums, network: nn.Module, generator: torch.Generator) -> Scores:
-    """PIECE-F (SPEC 13.2): the empirical diagonal Fisher as PIECE computes it, F = S2 = sum_b g_b^2 (a sum, not a
+    """PIECE-F (algorithms.md §13.2): the empirical diagonal Fisher as PIECE computes it, F = S2 = sum_b g_b^2 (a sum, not a
     mean). NaN -> 0. Official: github wanglingxiang0717/PIECE, training/PIECE/param_protection/process_mask_file.py."""
     return {name: torch.nan_to_num(v, nan=0.0) for name, v in sums.squares.items()}
 
 
 def second_order(sums: PassSums, network: nn.Module, generator: torch.Generator) -> Scores:
-    """PIECE-S (SPEC 13.2): s = |S1| / sqrt(S2 + 1) with sums over the batches (not means). NaN -> 0. Official:
+    """PIECE-S (algorithms.md §13.2): s = |S1| / sqrt(S2 + 1) with sums over the batches (not means). NaN -> 0. Official:
     github wanglingxiang0717/PIECE, training/PIECE/param_protection/get_parameters_import_files.py."""
     s1, s2 = sums.firsts, sums.squares
     return {name: torch.nan_to_num(s1[name].abs() / torch.sqrt(s2[name] + 1.0), nan=0.0) for name in s1}
@@ -98,9 +98,9 @@ def random_scores(sums: PassSums, network: nn.Module, generator: torch.Generator
             for name, p in network.named_parameters() if p.requires_grad}
 
 
-ESTIMATORS.register("mi_fisher", Estimator("mi_fisher", mi_fisher, mean_squares=True, source="MIST, SPEC 4.4"))
-ESTIMATORS.register("fisher", Estimator("fisher", fisher, source="PIECE-F, SPEC 13.2"))
-ESTIMATORS.register("second_order", Estimator("second_order", second_order, source="PIECE-S, SPEC 13.2"))
+ESTIMATORS.register("mi_fisher", Estimator("mi_fisher", mi_fisher, mean_squares=True, source="MIST, algorithms.md §4.4"))
+ESTIMATORS.register("fisher", Estimator("fisher", fisher, source="PIECE-F, algorithms.md §13.2"))
+ESTIMATORS.register("second_order", Estimator("second_order", second_order, source="PIECE-S, algorithms.md §13.2"))
 ESTIMATORS.register("magnitude", Estimator("magnitude", magnitude, source="|theta| (ours)"))
 ESTIMATORS.register("random", Estimator("random", random_scores, source="uniform scores (ours)"))
 
@@ -131,7 +131,7 @@ class ScoringRule:
     def before_step(self, grads: Sequence[FlatGradients]) -> None:
         for name, mask in self.frozen.items():
             self.params[name].grad.masked_fill_(mask, 0.0)
-        if self.moments:  # PIECE's hook zeroes a batch's NaN gradient entries before accumulating (SPEC 13.2)
+        if self.moments:  # PIECE's hook zeroes a batch's NaN gradient entries before accumulating (algorithms.md §13.2)
             for flat in grads:  # the gradients are views of these buffers: one call each
                 torch.nan_to_num_(flat.buffer, nan=0.0)
         g = [p.grad for p in self.params.values()]
@@ -160,7 +160,7 @@ def scoring_pass(loop, network: nn.Module, loader, forward, state: SparsityState
         state: frozen masks to zero before accumulating.
         moments: see :class:`ScoringRule`.
         where, of: the task and the phase's epoch count, for messages.
-        scheduler: stepped once after the pass (the official code steps it after epoch 1, SPEC 9.7).
+        scheduler: stepped once after the pass (the official code steps it after epoch 1, algorithms.md §9.7).
         stop: ends the pass early (see :class:`Estimator`); n_b is then the number of batches used.
 
     Raises:

@@ -1,4 +1,4 @@
-"""Update-magnitude control (arXiv 2602.20796, SPEC 14.3): a cosine gate between task gradients.
+"""Update-magnitude control (arXiv 2602.20796, algorithms.md §14.3): a cosine gate between task gradients.
 
 **A reconstruction.** The paper publishes the rule in words only: at the start of task t, compare the
 current task's gradient g_t with the previous task's by cosine similarity; below a threshold the task is
@@ -30,7 +30,7 @@ MEMORY_RULES = ("previous", "ema")
 @config_keys("Update-magnitude control, spr magnitude_gate (models/sparse/gate.py)")
 class GateKeys:
     gate_threshold: float = key(
-        0.5, "magnitude_gate: cosine similarity below which a task gets the large budget (SPEC 14.3).", ge=-1, le=1
+        0.5, "magnitude_gate: cosine similarity below which a task gets the large budget (algorithms.md §14.3).", ge=-1, le=1
     )
     gate_budget_large: float = key(0.01, "magnitude_gate: selected fraction of the 'initialized' regime.", gt=0, le=1)
     gate_budget_small: float = key(0.001, "magnitude_gate: selected fraction of the 'frozen' regime.", gt=0, le=1)
@@ -74,7 +74,7 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 class MagnitudeGate:
-    """The cosine gate of SPEC 14.3 with its memory of past task gradients.
+    """The cosine gate of algorithms.md §14.3 with its memory of past task gradients.
 
     Args:
         threshold: tau; similarity < tau -> the large budget ("initialized" regime).

@@ -1,8 +1,8 @@
-"""GPS, Gradient-based Parameter Selection (Zhang et al., CVPR 2024), as a preset of the tuning phase (SPEC 19.5).
+"""GPS, Gradient-based Parameter Selection (Zhang et al., CVPR 2024), as a preset of the tuning phase (algorithms.md §19.5).
 
 Official code: github FightingFighting/GPS (``train_gps.py``, ``utils/pruning.py``, ``utils/loss_utils.py``). Before
 each task (the official code selects once, before fine-tuning; in front of a class-incremental host it is re-run
-per task, SPEC 19.5 "Port"):
+per task, algorithms.md §19.5 "Port"):
 
 1. **score**: one pass over the task's data, gradients of a supervised contrastive loss (Khosla et al. 2020; tau
    0.07, contrast mode "all", two views, L2-normalised backbone features) summed over the batches with their sign,
@@ -38,10 +38,10 @@ COSINE_MIN_LR = 1e-8  # GPS: cosine schedule's floor
 @config_keys("GPS preset (models/sparse/gps.py)")
 class GpsKeys:
     gps_k: int = key(1, "gps: input connections kept per output row of every weight matrix (official K: 1 on most "
-                        "VTAB tasks, 2 on CUB, 15 on Cars; SPEC 19.5).", min=1)
+                        "VTAB tasks, 2 on CUB, 15 on Cars; algorithms.md §19.5).", min=1)
     gps_lr: float = key(0.01, "gps: Adam learning rate of the selected entries and the CE head (official scripts "
-                              "train_scripts/vit/**/train_gps.sh: CIFAR-100 0.01, CUB 0.003, Stanford Cars 5e-4; SPEC "
-                              "19.5).", gt=0)
+                              "train_scripts/vit/**/train_gps.sh: CIFAR-100 0.01, CUB 0.003, Stanford Cars 5e-4; "
+                              "algorithms.md §19.5).", gt=0)
 
 
 def supervised_contrastive(features: torch.Tensor, labels: torch.Tensor, temperature: float = SUPCON_TEMPERATURE
@@ -87,11 +87,11 @@ def supcon(tuner, head: Optional[nn.Module], task) -> Callable[[Batch], torch.Te
 def signed_sum(sums: PassSums, network: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """s = |sum_b g_b|: the absolute value of the signed gradient sum over the pass's batches (GPS
     ``train_gps.py`` one epoch with ``zero_grad`` only before the loop; SPU ``trainer/spu.py`` with the port's
-    per-batch sum, SPEC 19.2, 19.5). Not a sum of |g_b| (SPEC 19.6 note 2)."""
+    per-batch sum, algorithms.md §19.2, §19.5). Not a sum of |g_b| (algorithms.md §19.6 note 2)."""
     return {name: v.abs() for name, v in sums.firsts.items()}
 
 
-ESTIMATORS.register("signed_sum", Estimator("signed_sum", signed_sum, source="GPS / SPU: |sum of gradients|, SPEC 19.5"))
+ESTIMATORS.register("signed_sum", Estimator("signed_sum", signed_sum, source="GPS / SPU: |sum of gradients|, algorithms.md §19.5"))
 
 
 def norm_parameters(module: nn.Module) -> set[str]:
@@ -119,7 +119,7 @@ def row_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 @SCOPES.register("per_row")
 def per_row(tuner, scores: Mapping[str, torch.Tensor], budget: float) -> tuple[dict[str, torch.Tensor], int]:
-    """GPS's selection (``utils/pruning.py``, SPEC 19.5), rules in order: norm layers, ``pos_embed``, ``cls_token``
+    """GPS's selection (``utils/pruning.py``, algorithms.md §19.5), rules in order: norm layers, ``pos_embed``, ``cls_token``
     (``reg_token``) -> frozen; names with ``head``, ``bias`` or ``gamma`` -> fully trainable; every other tensor ->
     the ``int(budget)`` largest scores of each output row. The projection head (``simclr``, not part of GPS) is
     frozen."""
@@ -160,5 +160,5 @@ register_preset("gps", loss="ce", score_loss="supcon", importance="signed_sum", 
                 optimizer="gps_adam", drop=False, overlap=False, freeze=False, exclude_embeddings=False,
                 strict_mask=True, gate=False, head="timm_linear", budget_key="gps_k", epochs_key="mi_epochs",
                 label="GPS", order=95, keys=("gps_k", "gps_lr"), compare=True,
-                source="GPS (github FightingFighting/GPS: train_gps.py, utils/pruning.py), SPEC 19.5",
+                source="GPS (github FightingFighting/GPS: train_gps.py, utils/pruning.py), algorithms.md §19.5",
                 lr_key="gps_lr")

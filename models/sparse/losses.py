@@ -1,6 +1,6 @@
 """MIST's objective: supervised NT-Xent on two views, and the batched on-device second-view augmentation.
 
-Sources: SPEC 4.2 (``simclr_aug``: flip, grayscale, random resized crop) and SPEC 4.3
+Sources: algorithms.md §4.2 (``simclr_aug``: flip, grayscale, random resized crop) and algorithms.md §4.3
 (``Supervised_NT_xent_n``), read from the official ``utils/contrastive_learning.py`` and ``utils/tao.py``.
 """
 
@@ -30,7 +30,7 @@ LUMA = (0.299, 0.587, 0.114)
 
 def supervised_nt_xent(proj: torch.Tensor, labels: torch.Tensor, temperature: float = TEMPERATURE,
                        exclude_self_positive: bool = False) -> torch.Tensor:
-    """Supervised NT-Xent of the official code (SPEC 4.3), on 2B projections of B originals and B views.
+    """Supervised NT-Xent of the official code (algorithms.md §4.3), on 2B projections of B originals and B views.
 
     With z_a = p_a / (||p_a|| + 1e-8), S = Z Z^T, S' = S - max_c S_ac (detached), E_ab = exp(S'_ab / tau)
     for b != a and E_aa = 0, D_a = sum_b E_ab, l_ab = -log(E_ab / (D_a + eps) + eps), y the labels
@@ -44,7 +44,7 @@ def supervised_nt_xent(proj: torch.Tensor, labels: torch.Tensor, temperature: fl
         proj: (2B, d) float projections; rows 0..B-1 originals, B..2B-1 their views in the same order.
         labels: (B,) int64 labels of the originals (only equality matters).
         temperature: tau (official 0.07).
-        exclude_self_positive: drop a from P(a) (fix for SPEC 9.5; default reproduces the original).
+        exclude_self_positive: drop a from P(a) (fix for algorithms.md §9.5; default reproduces the original).
 
     Returns:
         Scalar loss tensor.
@@ -73,7 +73,7 @@ def supervised_nt_xent(proj: torch.Tensor, labels: torch.Tensor, temperature: fl
 
 
 class SecondViewAugment(nn.Module):
-    """The official batched augmentation ``simclr_aug`` (SPEC 4.2), every sample drawn independently.
+    """The official batched augmentation ``simclr_aug`` (algorithms.md §4.2), every sample drawn independently.
 
     1. horizontal flip with p = 0.5 (an exact index mirror; the original resamples with an affine grid,
        which equals the mirror up to float rounding);
@@ -86,7 +86,7 @@ class SecondViewAugment(nn.Module):
        with bilinear interpolation, reflection padding, align_corners False.
 
     All draws come from ``generator`` (the original used numpy's global RNG for the crop and the CUDA RNG
-    for the rest; bitwise parity is not attainable either way, SPEC 9.19).
+    for the rest; bitwise parity is not attainable either way, algorithms.md §9.19).
 
     Args:
         generator: a torch generator on the images' device.
@@ -158,7 +158,7 @@ class SecondViewAugment(nn.Module):
 
 
 def two_views(x: torch.Tensor, augment: SecondViewAugment, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
-    """Pair formation of SPEC 4.2: concat(x, aug(x)) along the batch axis, originals first. (2B, 3, H, W).
+    """Pair formation of algorithms.md §4.2: concat(x, aug(x)) along the batch axis, originals first. (2B, 3, H, W).
 
     ``rows``: see :meth:`SecondViewAugment.forward` (one rank's share of a batch under torchrun).
     """
@@ -167,7 +167,7 @@ def two_views(x: torch.Tensor, augment: SecondViewAugment, rows: Optional[tuple[
 
 # ---- the tuning phase's losses, registered (``scoring_loss``): (tuner, CE head or None, task) -> batch -> loss ----
 def contrastive_loss(tuner, batch: Batch) -> torch.Tensor:
-    """MIST's loss: supervised NT-Xent of the projections of (x, aug(x)) (SPEC 4.2-4.3).
+    """MIST's loss: supervised NT-Xent of the projections of (x, aug(x)) (algorithms.md §4.2-4.3).
 
     Under torchrun (``batch.rows`` set) x and y are this process's share of a global batch: the views are drawn for
     the whole batch and the projections of every process are gathered (differentiably), so each process computes
@@ -178,7 +178,7 @@ def contrastive_loss(tuner, batch: Batch) -> torch.Tensor:
 
 
 def two_view_embeddings(tuner, batch: Batch, embed: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """``embed`` of (x, aug(x)) as (2B, d) float32, originals first, and the B labels (SPEC 4.2).
+    """``embed`` of (x, aug(x)) as (2B, d) float32, originals first, and the B labels (algorithms.md §4.2).
 
     Under torchrun (``batch.rows`` set) the views are drawn for the whole batch and the embeddings and labels of
     every process are gathered (differentiably), so each process computes the one-process loss from them.

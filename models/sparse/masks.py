@@ -1,4 +1,4 @@
-"""Masks of MIST (SPEC 4.4-4.7): which entries may train, the per-step random drop, and the across-task state.
+"""Masks of MIST (algorithms.md §4.4-4.7): which entries may train, the per-step random drop, and the across-task state.
 
 Vocabulary:
 - *selected*: per task, per tensor, the entries whose importance score is >= the (1 - select_rate) quantile;
@@ -30,9 +30,9 @@ from torch import nn
 
 from models.sparse.plan import GradientPlan
 
-EXEMPT_SUBSTRINGS = ("fc.weight", "fc.sigma", "bias", "norm", "simclr")  # official, SPEC 4.5
-OVERLAP_BASE = 0.9  # official penalty base, SPEC 4.6 step 3.2
-QUANTILE_MAX_NUMEL = 2**24  # torch.quantile refuses larger inputs (SPEC 9.12)
+EXEMPT_SUBSTRINGS = ("fc.weight", "fc.sigma", "bias", "norm", "simclr")  # official, algorithms.md §4.5
+OVERLAP_BASE = 0.9  # official penalty base, algorithms.md §4.6 step 3.2
+QUANTILE_MAX_NUMEL = 2**24  # torch.quantile refuses larger inputs (algorithms.md §9.12)
 MAX_COUNT = 255  # update counts are uint8 and saturate here (0.9**255 ~ 2e-12)
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
@@ -53,7 +53,7 @@ def is_always_trainable(name: str, param: torch.Tensor, rule: str = "name") -> b
 
 
 def quantile(values: torch.Tensor, q: float) -> torch.Tensor:
-    """``torch.quantile(values.flatten(), q)`` (linear interpolation) for any size (SPEC 9.12 fix).
+    """``torch.quantile(values.flatten(), q)`` (linear interpolation) for any size (algorithms.md §9.12 fix).
 
     Above 2^24 elements it interpolates between the two order statistics from ``kthvalue``.
     Returns a 0-dim tensor on ``values``' device.
@@ -73,7 +73,7 @@ def select_top(scores: torch.Tensor, rate: float) -> torch.Tensor:
     return scores >= quantile(scores, 1.0 - rate)
 
 
-#: parameter-name parts of input embeddings, never selected by the ported PIECE (SPEC 13.2, 13.7: the analogue of
+#: parameter-name parts of input embeddings, never selected by the ported PIECE (algorithms.md §13.2, §13.7: the analogue of
 #: an LLM's input embedding, which PIECE skips by ``"embed" in name`` in param_protection/extract_and_save_new.py
 #: and freezes in training/main.py): ViT patch/position embeddings, class and register tokens; a CNN's stem conv
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -93,12 +93,12 @@ def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 def overlap_penalty(counts: torch.Tensor) -> torch.Tensor:
-    """``0.9 ** count`` as float32, bitwise equal to the official ``0.9 ** int32_count`` (SPEC 9.11)."""
+    """``0.9 ** count`` as float32, bitwise equal to the official ``0.9 ** int32_count`` (algorithms.md §9.11)."""
     return torch.pow(OVERLAP_BASE, counts.float())
 
 
 class SparsityState:
-    """Per-entry state that persists across tasks: frozen sets and update counts (SPEC 4.1, 4.7).
+    """Per-entry state that persists across tasks: frozen sets and update counts (algorithms.md §4.1, §4.7).
 
     Args:
         params: the named parameters present at learner construction (backbone and projection head),
@@ -187,7 +187,7 @@ class SparsityState:
 
     # ---- per task ----------------------------------------------------------------------------
     def select(self, scores: Mapping[str, torch.Tensor], rate: float) -> dict[str, torch.Tensor]:
-        """Per-tensor selection masks (SPEC 4.5): exempt tensors full, others ``select_top(score, rate)``."""
+        """Per-tensor selection masks (algorithms.md §4.5): exempt tensors full, others ``select_top(score, rate)``."""
         return {name: torch.ones_like(s, dtype=torch.bool) if self.exempt.get(name, True) else select_top(s, rate)
                 for name, s in scores.items()}
 
@@ -238,7 +238,7 @@ class SparsityState:
     def end_task(self, scores: Mapping[str, torch.Tensor], selected: Mapping[str, torch.Tensor],
                  freeze_quantile: float, freeze: bool = True, count: bool = True) -> None:
         """Grow frozen sets by ``score >= quantile(score, freeze_quantile)`` (``freeze``) and add this task's
-        selection to the update counts (``count``), for every non-exempt tensor (SPEC 4.7; MIST does both)."""
+        selection to the update counts (``count``), for every non-exempt tensor (algorithms.md §4.7; MIST does both)."""
         for name, s in scores.items():
             if name not in self._frozen_bits:
                 continue

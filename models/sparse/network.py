@@ -66,18 +66,18 @@ def prototype_head(network: TunedNetwork, loader, task, device: torch.device, pr
 
 def official_head(dim: int, task, sigma: float, device: torch.device, random_rows: bool = False,
                   head_rows: Optional[torch.Tensor] = None) -> CosineLinear:
-    """The cosine head the CE ablations are computed on (official ``update_fc``, SPEC 3.2, 5).
+    """The cosine head the CE ablations are computed on (official ``update_fc``, algorithms.md §3.2, §5).
 
     Without ``head_rows``: a head over the task's new classes. With them (SimpleCIL): the learner's full head over
     every seen class, rows [0, known) holding ``head_rows`` (the class prototypes, (known, D) float32) and the new
-    rows zero from task 1 on (random on task 0, or always with ``random_rows``: the SPEC 9.24 fix), as the official
+    rows zero from task 1 on (random on task 0, or always with ``random_rows``: the algorithms.md §9.24 fix), as the official
     ``fc``; the CE then uses the new-class logits only, and every mask budget counts the whole tensor.
     """
     full = head_rows is not None
     head = CosineLinear(dim, task.seen if full else task.seen - task.known).to(device)
     with torch.no_grad():
         if task.task_id > 0 and not random_rows:
-            head.weight.zero_()  # official update_fc: new rows are zeros (SPEC 9.24)
+            head.weight.zero_()  # official update_fc: new rows are zeros (algorithms.md §9.24)
         if full:
             head.weight[: task.known] = head_rows.to(device)
         head.sigma.fill_(sigma)

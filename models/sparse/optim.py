@@ -1,4 +1,4 @@
-"""Optimizers of the tuning phase (``tuning_optimizer``) and the masked step with the fixes of SPEC 9.4.
+"""Optimizers of the tuning phase (``tuning_optimizer``) and the masked step with the fixes of algorithms.md §9.4.
 
 Each optimizer is a registered function ``make(tuner, head) -> (optimizer, scheduler)``, rebuilt every task.
 """
@@ -18,16 +18,16 @@ from utils.registry import OPTIMIZERS
 
 @config_keys("Adam tuning optimizer (models/sparse/optim.py)")
 class AdamKeys:
-    adam_lr: float = key(1e-5, "Adam tuning optimizer: backbone learning rate (PIECE's 1e-5, SPEC 13.5).", gt=0)
+    adam_lr: float = key(1e-5, "Adam tuning optimizer: backbone learning rate (PIECE's 1e-5, algorithms.md §13.5).", gt=0)
     adam_head_lr: float = key(1e-3, "Adam tuning optimizer: learning rate of the CE head and projection head.", gt=0)
     mist_lr: Optional[float] = key(
         None, "MIST's SGD (MIST, its ablations, dense CE fine-tuning): backbone learning rate; null: the official "
-        "module constant 1e-4 (SPEC 4.1).", gt=0)
+        "module constant 1e-4 (algorithms.md §4.1).", gt=0)
 
 
 @dataclass(frozen=True)
 class SGDSettings:
-    """The optimizer of SPEC 4.1, rebuilt every task: SGD with three parameter groups and MultiStepLR.
+    """The optimizer of algorithms.md §4.1, rebuilt every task: SGD with three parameter groups and MultiStepLR.
 
     The milestones are never reached in 20 epochs, so the learning rates are constant.
     """
@@ -35,14 +35,14 @@ class SGDSettings:
     backbone_lr: float = 1e-4
     head_lr: float = 1e-2  # fc and simclr groups
     momentum: float = 0.9
-    weight_decay: float = 5e-4  # module constant; the JSON weight_decay is not read (SPEC 1.2)
+    weight_decay: float = 5e-4  # module constant; the JSON weight_decay is not read (algorithms.md §1.2)
     milestones: tuple[int, ...] = (60, 100, 140)
     gamma: float = 0.1
 
 
 @dataclass(frozen=True)
 class AdamSettings:
-    """PIECE's optimizer (SPEC 13.4-13.5): Adam, betas (0.9, 0.95), weight decay 0, constant learning rate
+    """PIECE's optimizer (algorithms.md §13.4-13.5): Adam, betas (0.9, 0.95), weight decay 0, constant learning rate
     (github wanglingxiang0717/PIECE, training/PIECE/training/main.py and the scripts' ``--weight_decay 0.0``).
 
     With weight decay 0, an entry whose gradient is always zero keeps zero moments and never moves.
@@ -64,7 +64,7 @@ def _groups(tuner, head: Optional[nn.Module], backbone_lr: float, head_lr: float
 
 @OPTIMIZERS.register("mist_sgd")
 def mist_sgd(tuner, head: Optional[nn.Module] = None):
-    """SPEC 4.1: SGD with groups convnet (lr 1e-4, or ``mist_lr``), fc (lr 1e-2), simclr (lr 1e-2), momentum 0.9,
+    """algorithms.md §4.1: SGD with groups convnet (lr 1e-4, or ``mist_lr``), fc (lr 1e-2), simclr (lr 1e-2), momentum 0.9,
     weight decay 5e-4 (0 with ``sparse_weight_decay``: the step adds it where an entry may move), and MultiStepLR."""
     sgd = tuner.sgd
     wd = 0.0 if tuner.cfg.sparse_weight_decay else sgd.weight_decay
@@ -92,7 +92,7 @@ class ClippedAdam(torch.optim.Adam):
 
 @OPTIMIZERS.register("adam")
 def adam(tuner, head: Optional[nn.Module] = None):
-    """SPEC 13.4: Adam with betas (0.9, 0.95), weight decay 0, groups convnet (``adam_lr``), fc and simclr
+    """algorithms.md §13.4: Adam with betas (0.9, 0.95), weight decay 0, groups convnet (``adam_lr``), fc and simclr
     (``adam_head_lr``), constant learning rate; with the recipe's ``piece_port`` and ``piece_clip_norm`` > 0, the
     global gradient norm is clipped at ``piece_clip_norm`` before each step (:class:`ClippedAdam`)."""
     settings, cfg = AdamSettings(), tuner.cfg
@@ -104,7 +104,7 @@ def adam(tuner, head: Optional[nn.Module] = None):
 
 
 class MaskedStep:
-    """A step rule (``models.loop``) applying per-entry gradient multipliers, with the fixes of SPEC 9.4.
+    """A step rule (``models.loop``) applying per-entry gradient multipliers, with the fixes of algorithms.md §9.4.
 
     Before the optimizer step: each gradient is multiplied by its ``keep`` tensor (0 drops an entry; names absent
     keep their full gradient); with ``sparse_weight_decay`` the decay term is added only where the multiplier is

@@ -1,4 +1,4 @@
-"""The per-step-mask phase: the official CE ablations (SPEC 5) and dense CE fine-tuning.
+"""The per-step-mask phase: the official CE ablations (algorithms.md §5) and dense CE fine-tuning.
 
 ``epochs`` epochs of cross-entropy on a cosine head over the task's new classes (targets y - known; the head's rows
 start at zero from task 1 on, random on task 0; its sigma persists across tasks), each step's gradient multiplied by
@@ -83,7 +83,7 @@ class PerStepPhase:
                                     self.tuner.mask_generator)
 
     def run(self, loader, task, head_rows: Optional[torch.Tensor] = None) -> dict[str, Any]:
-        """Train the task (SPEC 5, 9.16, 9.24); returns its accounting for results.json. ``head_rows``: see
+        """Train the task (algorithms.md §5, §9.16, §9.24); returns its accounting for results.json. ``head_rows``: see
         :func:`models.sparse.network.official_head`."""
         tuner, cfg, t = self.tuner, self.tuner.cfg, task.task_id
         epochs = tuner.recipe.epochs

@@ -1,4 +1,4 @@
-"""The fast path of MIST's per-step gradient masking (SPEC 4.6; issue 7): a flat gradient buffer and a task's plan.
+"""The fast path of MIST's per-step gradient masking (algorithms.md §4.6; issue 7): a flat gradient buffer and a task's plan.
 
 - the gradients of every tuned parameter live in one flat buffer (:class:`models.loop.FlatGradients`), so a
   backward pass fills it directly, the torchrun all-reduce is one call, and a step's masking is a few operations;
@@ -6,7 +6,7 @@
   ``0.9 ** count`` factors; per step it draws the keep decisions for those entries only and masks the buffer with
   one gather, one fill and one scatter, with no host synchronisation.
 
-``models/sparse/reference.py`` holds the plain per-tensor sequence of SPEC 4.6 that this path is tested equal to
+``models/sparse/reference.py`` holds the plain per-tensor sequence of algorithms.md §4.6 that this path is tested equal to
 (``tests/test_sparse_fast.py``) and measured against (``bench/mist_step.py``).
 """
 
@@ -22,7 +22,7 @@ _GAP_MARGIN_SIGMAS, _GAP_MARGIN_ABS = 10.0, 64
 
 
 class GradientPlan:
-    """One task's gradient masking in compact form (SPEC 4.6), built by :meth:`SparsityState.plan`.
+    """One task's gradient masking in compact form (algorithms.md §4.6), built by :meth:`SparsityState.plan`.
 
     The eligible entries (selected and not frozen) of every tensor are listed by their position in the
     flat layout of all tuned parameters (``index``, int32, ascending within each tensor), with their
@@ -86,7 +86,7 @@ class GradientPlan:
     def apply_(self, flat_grad: torch.Tensor, positions: torch.Tensor, backbone_numel: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask a flat gradient in place: keep ``g * scale`` at the given eligible positions, zero elsewhere.
 
-        Bitwise equal to the official per-tensor sequence (SPEC 4.6) with the same keep decisions.
+        Bitwise equal to the official per-tensor sequence (algorithms.md §4.6) with the same keep decisions.
 
         Args:
             flat_grad: (N + 1,) float32 gradients in the flat layout plus the dummy slot (which is 0).

@@ -1,13 +1,13 @@
-"""The plain per-tensor reference of MIST's masked step (SPEC 4.6), the documented equivalent of the fast path.
+"""The plain per-tensor reference of MIST's masked step (algorithms.md §4.6), the documented equivalent of the fast path.
 
 ``plan.py`` (flat buffer, :class:`GradientPlan`) is the default; this module is what it is tested equal to
-(``tests/test_sparse_fast.py``) and measured against (``bench/mist_step.py``), written straight from SPEC.md:
+(``tests/test_sparse_fast.py``) and measured against (``bench/mist_step.py``), written straight from the official sequence (docs/algorithms.md §4.6):
 
 - :class:`ReferenceState` and :func:`reference_masked_grads_`: MIST's across-task state as the official code
   keeps it (bool frozen masks, int32 overlap counts, one per parameter) and its per-step gradient sequence,
-  tensor by tensor (SPEC 4.6): zero the frozen entries, draw the Bernoulli keep decisions on the selected
+  tensor by tensor (algorithms.md §4.6): zero the frozen entries, draw the Bernoulli keep decisions on the selected
   entries, multiply by mask and draw, by 0.9 ** count, zero the frozen entries again.
-- :class:`ReferenceMistTuner`: a whole MIST task (SPEC 4.4-4.7) on that state and sequence, for comparing
+- :class:`ReferenceMistTuner`: a whole MIST task (algorithms.md §4.4-4.7) on that state and sequence, for comparing
   masks, frozen sets, counts and weights with :class:`models.sparse.tuner.SparseTuner`.
 
 These are deliberately slow and literal; no learner runs them.
@@ -24,13 +24,13 @@ from models.sparse.estimators import mi_fisher, scoring_pass
 from models.sparse.masks import OVERLAP_BASE, quantile, select_top
 from models.sparse.tuner import SparseTuner
 
-ZERO_1_SKIP = ("fc.weight", "fc.sigma", "norm", "simclr")  # first frozen zeroing skips these names (SPEC 4.6.2)
+ZERO_1_SKIP = ("fc.weight", "fc.sigma", "norm", "simclr")  # first frozen zeroing skips these names (algorithms.md §4.6.2)
 ZERO_2_SKIP = ("fc.weight", "fc.sigma", "bias", "norm")  # zeroing inside masked_update skips these (4.6.3.3)
 EXEMPT = ("fc.weight", "fc.sigma", "bias", "norm", "simclr")  # full masks, never frozen (4.5, 4.7)
 
 
 class ReferenceState:
-    """Official MIST state: ``frozen[name]`` bool and ``overlap[name]`` int32 for every parameter (SPEC 4.1)."""
+    """Official MIST state: ``frozen[name]`` bool and ``overlap[name]`` int32 for every parameter (algorithms.md §4.1)."""
 
     def __init__(self, params) -> None:
         params = list(params)
@@ -42,13 +42,13 @@ class ReferenceState:
 
 
 def reference_select(scores: Mapping[str, torch.Tensor], rate: float) -> dict[str, torch.Tensor]:
-    """SPEC 4.5: full mask for exempt names, else score >= quantile(score, 1 - rate)."""
+    """algorithms.md §4.5: full mask for exempt names, else score >= quantile(score, 1 - rate)."""
     return {n: torch.ones_like(s, dtype=torch.bool) if any(e in n for e in EXEMPT) else select_top(s, rate)
             for n, s in scores.items()}
 
 
 def reference_draw(mask: torch.Tensor, keep_prob: float, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """SPEC 4.6.3.1: r = 0; r[mask] ~ Bernoulli(keep_prob) (float32, the mask's shape)."""
+    """algorithms.md §4.6.3.1: r = 0; r[mask] ~ Bernoulli(keep_prob) (float32, the mask's shape)."""
     r = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     probs = torch.full((int(mask.sum()),), keep_prob, device=mask.device)
     r[mask] = torch.bernoulli(probs, generator=generator)
@@ -57,7 +57,7 @@ def reference_draw(mask: torch.Tensor, keep_prob: float, generator: Optional[tor
 
 def reference_masked_grads_(grads: Mapping[str, torch.Tensor], selected: Mapping[str, torch.Tensor],
                             state: ReferenceState, keep: Mapping[str, torch.Tensor]) -> None:
-    """The official per-step sequence on each gradient, in place (SPEC 4.6 steps 2-3), given the draws ``keep``."""
+    """The official per-step sequence on each gradient, in place (algorithms.md §4.6 steps 2-3), given the draws ``keep``."""
     for name, g in grads.items():
         if g is None:
             continue
@@ -72,7 +72,7 @@ def reference_masked_grads_(grads: Mapping[str, torch.Tensor], selected: Mapping
 
 
 def reference_end_task(scores, selected, state: ReferenceState, freeze_quantile: float) -> None:
-    """SPEC 4.7: frozen |= score >= quantile(score, q_f); overlap += mask, for every non-exempt name."""
+    """algorithms.md §4.7: frozen |= score >= quantile(score, q_f); overlap += mask, for every non-exempt name."""
     for name, s in scores.items():
         if name in state.frozen and not any(e in name for e in EXEMPT):
             state.frozen[name] |= s >= quantile(s, freeze_quantile)

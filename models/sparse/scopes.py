@@ -5,8 +5,8 @@ Each scope is a registered function ``scope(tuner, scores, budget) -> (selection
 left fully trainable by PIECE's no-selection rule. Embeddings excluded by the recipe are zeroed afterwards by the
 phase (``selective.py``), whatever the scope.
 
-- ``per_tensor``: MIST's quantile rule per tensor (SPEC 4.5), exempt tensors full;
-- ``global``: PIECE's top-k over every candidate entry of the backbone (SPEC 13.3);
+- ``per_tensor``: MIST's quantile rule per tensor (algorithms.md §4.5), exempt tensors full;
+- ``global``: PIECE's top-k over every candidate entry of the backbone (algorithms.md §13.3);
 - ``per_block``: the top fraction inside each ``blocks.<i>`` of the backbone (one more group outside the blocks).
 """
 
@@ -37,7 +37,7 @@ def block_of(name: str) -> str:
 
 
 def select_global(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """PIECE's global selection (SPEC 13.3): exactly the ``k`` largest scores over all tensors of ``scores``.
+    """PIECE's global selection (algorithms.md §13.3): exactly the ``k`` largest scores over all tensors of ``scores``.
 
     The scores are flattened and concatenated in the mapping's order and ``torch.topk`` picks k positions
     (ties broken by topk, so exactly k entries are selected); the official code stores per-tensor index
@@ -69,7 +69,7 @@ def select_global(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch
 def select_per_block(scores: Mapping[str, torch.Tensor], rate: float) -> dict[str, torch.Tensor]:
     """Per-block selection: within each group of :func:`block_of`, the floor(rate * n_group) largest scores
     (PIECE's per-layer variant ``generation_mask_file_layer`` in training/PIECE/param_protection/
-    extract_and_save_new.py, not wired into its pipeline, SPEC 13.3; entries outside every block form one
+    extract_and_save_new.py, not wired into its pipeline, algorithms.md §13.3; entries outside every block form one
     more group)."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for name, s in scores.items():
@@ -84,13 +84,13 @@ def select_per_block(scores: Mapping[str, torch.Tensor], rate: float) -> dict[st
 
 @SCOPES.register("per_tensor")
 def per_tensor(tuner, scores: Mapping[str, torch.Tensor], budget: float) -> tuple[dict[str, torch.Tensor], int]:
-    """MIST (SPEC 4.5): in each non-exempt tensor, the scores >= the (1 - budget) quantile; exempt tensors full."""
+    """MIST (algorithms.md §4.5): in each non-exempt tensor, the scores >= the (1 - budget) quantile; exempt tensors full."""
     return tuner.state.select(scores, budget), 0
 
 
 @SCOPES.register("global")
 def global_top_k(tuner, scores: Mapping[str, torch.Tensor], budget: float) -> tuple[dict[str, torch.Tensor], int]:
-    """PIECE (SPEC 13.3): the top k = max(1, floor(budget * N)) scores over the candidate tensors, N the backbone's
+    """PIECE (algorithms.md §13.3): the top k = max(1, floor(budget * N)) scores over the candidate tensors, N the backbone's
     entries (the official ``extract_and_save_new.py`` takes at least one entry; it counts every entry of the model in
     N and zeroes the embedding scores)."""
     pool = {n: scores[n] for n in tuner.candidates()}
@@ -107,7 +107,7 @@ def per_block(tuner, scores: Mapping[str, torch.Tensor], budget: float) -> tuple
 def _complete(tuner, picked: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
     """Every tensor of the state: a candidate with no selected entry is fully trainable unless ``strict_mask``
     (PIECE's gradient hook uses ``torch.ones_like(grad)`` when a tensor has no index file: github
-    wanglingxiang0717/PIECE, training/PIECE/training/train_base_model.py; SPEC 13.4); the projection head is always
+    wanglingxiang0717/PIECE, training/PIECE/training/train_base_model.py; algorithms.md §13.4); the projection head is always
     trainable."""
     selected, fully_trainable = {}, 0
     for name, shape in tuner.state.shapes.items():

@@ -1,8 +1,8 @@
-"""The selective phase: score, select, then train through the task's mask (MIST, SPEC 4; PIECE, SPEC 13; the gate,
-SPEC 14).
+"""The selective phase: score, select, then train through the task's mask (MIST, algorithms.md §4; PIECE, algorithms.md §13; the gate,
+algorithms.md §14).
 
 Epoch 1 is a scoring pass without updates (``estimators.py``); the recipe's estimator scores every entry, its scope
-and budget (or the gate's) select a mask fixed for the task (``scopes.py``), the end-of-task bookkeeping of SPEC 4.7
+and budget (or the gate's) select a mask fixed for the task (``scopes.py``), the end-of-task bookkeeping of algorithms.md §4.7
 runs, and epochs 2..``epochs`` train through a :class:`~models.sparse.plan.GradientPlan` with MIST's drop, overlap
 penalty and frozen sets where the recipe has them (:class:`PlanRule`).
 """
@@ -25,9 +25,9 @@ logger = logging.getLogger(__name__)
 
 class PlanRule:
     """The step rule of the sparse epochs: each step draws its keep decisions for the eligible entries only (every
-    eligible entry when the recipe has no drop) and masks the flat buffer in place (the fast path of SPEC 4.6).
+    eligible entry when the recipe has no drop) and masks the flat buffer in place (the fast path of algorithms.md §4.6).
 
-    With ``masked`` (the SPEC 9.4 fixes, which act per tensor) the plan's per-tensor multipliers go through a
+    With ``masked`` (the algorithms.md §9.4 fixes, which act per tensor) the plan's per-tensor multipliers go through a
     :class:`~models.sparse.optim.MaskedStep` instead. ``shortfall`` counts the steps whose draws fell short (see
     :meth:`GradientPlan.sample`), on the device.
     """
@@ -64,14 +64,14 @@ class SelectivePhase:
         self.tuner = tuner
 
     def run(self, loader, task) -> dict[str, Any]:
-        """Score, select and train ``task`` (SPEC 4, 13, 14); returns its accounting for results.json."""
+        """Score, select and train ``task`` (algorithms.md §4, §13, §14); returns its accounting for results.json."""
         tuner, r, t = self.tuner, self.tuner.recipe, task.task_id
         epochs = r.epochs if tuner.cfg.tuning_steps is None else 2  # the scoring pass, then tuning_steps steps
         head = tuner.task_head(loader, task) if r.loss == "ce" else None
         forward = LOSSES.get(r.loss)(tuner, head, task)
         optimizer, scheduler = tuner.make_optimizer(head)
         estimator = ESTIMATORS.get(r.importance)
-        moments = r.gate or not estimator.mean_squares  # MIST's own pass (SPEC 4.4) otherwise, bit for bit
+        moments = r.gate or not estimator.mean_squares  # MIST's own pass (algorithms.md §4.4) otherwise, bit for bit
         score_forward = LOSSES.get(r.score_loss)(tuner, head, task) if r.score_loss else forward
         score_loader = tuner.scoring_loader(task) if r.piece_port and tuner.cfg.piece_scoring_batch_size else loader
         sums = scoring_pass(tuner.loop, tuner.network, score_loader, score_forward, tuner.state, moments,
@@ -100,7 +100,7 @@ class SelectivePhase:
             logger.info("Task %d update-magnitude gate: similarity %s, regime %s, budget %g", t,
                         "none" if decision.similarity is None else f"{decision.similarity:.4f}", decision.regime,
                         decision.budget)
-        # The end-of-task bookkeeping (SPEC 4.7) needs only the scores and the selection, and the plan already holds
+        # The end-of-task bookkeeping (algorithms.md §4.7) needs only the scores and the selection, and the plan already holds
         # the task-start state: apply it now so the float scores are released before the sparse epochs.
         if r.freeze or r.overlap:
             tuner.state.end_task(scores, selected, tuner.freeze_quantile, freeze=r.freeze, count=r.overlap)
@@ -127,7 +127,7 @@ class SelectivePhase:
 
     def select(self, scores: dict[str, torch.Tensor], budget: float) -> tuple[dict[str, torch.Tensor], int]:
         """The task's selection for every tensor of the sparsity state (the recipe's registered scope), with the
-        embeddings the recipe excludes never selected (SPEC 13.7), and the number of tensors left fully trainable
+        embeddings the recipe excludes never selected (algorithms.md §13.7), and the number of tensors left fully trainable
         by PIECE's no-selection rule."""
         tuner = self.tuner
         selected, fully_trainable = SCOPES.get(tuner.recipe.scope)(tuner, scores, budget)
@@ -137,7 +137,7 @@ class SelectivePhase:
 
     def sparse_epochs(self, loader, plan: GradientPlan, optimizer, scheduler, t: int, forward, head=None
                       ) -> tuple[list[float], int, int, int]:
-        """Epochs 2..``epochs`` (SPEC 4.6) through the task's plan (:class:`PlanRule`). Losses, non-zero counts
+        """Epochs 2..``epochs`` (algorithms.md §4.6) through the task's plan (:class:`PlanRule`). Losses, non-zero counts
         and the draw check stay on the device and are read once per epoch. A CE ``head`` keeps its own dense
         gradients (a second flat buffer).
 
@@ -154,9 +154,9 @@ class SelectivePhase:
         keep_prob = cfg.keep_prob if tuner.recipe.drop else 1.0
         params = tuner.named_trainables()
         masked = None
-        # an optimizer whose decoupled weight decay must not move unselected entries (SPU's port, SPEC 19.6 note 1)
+        # an optimizer whose decoupled weight decay must not move unselected entries (SPU's port, algorithms.md §19.6 note 1)
         keep_fixed = getattr(optimizer, "decays_masked_entries", True) is False
-        if cfg.sparse_weight_decay or cfg.hard_freeze or keep_fixed:  # the fixes act per tensor (SPEC 9.4)
+        if cfg.sparse_weight_decay or cfg.hard_freeze or keep_fixed:  # the fixes act per tensor (algorithms.md §9.4)
             masked = MaskedStep(params, dict, step_decay(tuner), cfg.sparse_weight_decay, cfg.hard_freeze or keep_fixed,
                                 tuner.device)
         rule = PlanRule(plan, keep_prob, tuner.drop_generator, tuner.backbone_numel, masked)

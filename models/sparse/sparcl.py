@@ -1,5 +1,5 @@
 """SparCL, Sparse Continual Learning (Wang et al., NeurIPS 2022), as a preset with re-selection inside a task
-(SPEC 19.4, "Port preset").
+(algorithms.md §19.4, "Port preset").
 
 Official code: github neu-spiral/SparCL (``retrain.py``, ``utils_pr.py``, ``main_sparse_train_w_data_gradient_efficient.py``);
 its port for pre-trained transformers in github wx-zhang/spu (``trainer/sparsecl.py``). Per task, over the phase's
@@ -48,7 +48,7 @@ SCHEDULE = ((0, 0.96, 0.95), (5, 0.95, 0.95))
 
 @config_keys("SparCL preset (models/sparse/sparcl.py)")
 class SparclKeys:
-    sparcl_lr: float = key(5e-6, "sparcl: AdamW learning rate (the pre-trained port's 5e-6; SPEC 19.4).", gt=0)
+    sparcl_lr: float = key(5e-6, "sparcl: AdamW learning rate (the pre-trained port's 5e-6; algorithms.md §19.4).", gt=0)
     sparcl_weight_decay: float = key(0.2, "sparcl: AdamW weight decay on the entries the mask lets move.", ge=0)
 
 
@@ -182,5 +182,5 @@ register_preset("sparcl", phase="sparcl", loss="ce", importance=None, scope=None
                 strict_mask=True, gate=False, head="prototypes", head_scale=CLIP_LOGIT_SCALE, budget_key=None,
                 epochs_key="mi_epochs",
                 label="SparCL", order=97, keys=("sparcl_lr", "sparcl_weight_decay"), compare=True,
-                source="SparCL (github neu-spiral/SparCL; port wx-zhang/spu trainer/sparsecl.py), SPEC 19.4",
+                source="SparCL (github neu-spiral/SparCL; port wx-zhang/spu trainer/sparsecl.py), algorithms.md §19.4",
                 lr_key="sparcl_lr")

@@ -1,7 +1,7 @@
-"""SPG, Soft-masking of Parameter-level Gradient flow (Konishi et al., ICML 2023), as a preset (SPEC 19.3).
+"""SPG, Soft-masking of Parameter-level Gradient flow (Konishi et al., ICML 2023), as a preset (algorithms.md §19.3).
 
 Authors' code: github UIC-Liu-Lab/spg (``approaches/spg/spg.py``, ``appr_spg.py``, ``other_tasks_loss.py``); a port
-for pre-trained models in github wx-zhang/spu (``trainer/spg.py``). SPEC 19.3's recommended port to our hosts:
+for pre-trained models in github wx-zhang/spu (``trainer/spg.py``). algorithms.md §19.3's recommended port to our hosts:
 
 1. **train** the task: ``mi_epochs`` epochs of cross-entropy on a new linear head over the task's classes (the
    authors' per-task ``nn.Linear`` heads, torch's default init), plain SGD (``spg_lr``; no momentum or weight decay,
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 @config_keys("SPG preset (models/sparse/spg.py)")
 class SpgKeys:
     spg_lr: float = key(1e-3, "spg: plain SGD learning rate of the backbone and the task's head (ours: the original "
-                              "0.25 trains an AlexNet from scratch; SPEC 19.3).", gt=0)
+                              "0.25 trains an AlexNet from scratch; algorithms.md §19.3).", gt=0)
 
 
 def standardised_importance(h: torch.Tensor) -> torch.Tensor:
@@ -153,5 +153,5 @@ register_preset("spg", phase="spg", loss="ce", importance=None, scope=None, step
                 drop=False, overlap=False, freeze=False, exclude_embeddings=False, strict_mask=False, gate=False,
                 head="linear", budget_key=None, epochs_key="mi_epochs", label="SPG", order=96,
                 keys=("spg_lr",), compare=True,
-                source="SPG (github UIC-Liu-Lab/spg approaches/spg; port wx-zhang/spu trainer/spg.py), SPEC 19.3",
+                source="SPG (github UIC-Liu-Lab/spg approaches/spg; port wx-zhang/spu trainer/spg.py), algorithms.md §19.3",
                 lr_key="spg_lr")

@@ -1,4 +1,4 @@
-"""SPU, Selective Parameter Update (Zhang, Janson, Aljundi, Elhoseiny, CVPR 2024), as a preset (SPEC 19.2).
+"""SPU, Selective Parameter Update (Zhang, Janson, Aljundi, Elhoseiny, CVPR 2024), as a preset (algorithms.md §19.2).
 
 Official code: github wx-zhang/spu (``trainer/spu.py``, ``trainer/finetune.py``, ``config/baseline/spu.yaml``), on
 CLIP. Per task:
@@ -12,7 +12,7 @@ CLIP. Per task:
 3. **train** the remaining epochs, the gradient masked every step, AdamW (lr 7.5e-6, weight decay 0.2, betas
    0.9/0.999), on cross-entropy over the same head (fixed, scale 100 as CLIP's contrastive logits).
 
-Port choices (SPEC 19.2 marks them F; each in docs/deviations.md section 6): gradients summed per batch (the shipped
+Port choices (algorithms.md §19.2 marks them F; each in docs/deviations.md section 6): gradients summed per batch (the shipped
 code never zeroes them, weighting early batches); weight decay only where the mask may move (the shipped AdamW also
 shrinks unselected ``fc1`` entries: ``spu_decay_masked_entries`` reproduces it); a constant learning rate (the
 shipped schedule runs epoch 0 at lr 0 and is flat within 0.3% afterwards).
@@ -45,11 +45,11 @@ ZERO_SCORE = 1e-12  # trainer/spu.py: the pass continues while an entry's |sum| 
 @config_keys("SPU preset (models/sparse/spu.py)")
 class SpuKeys:
     spu_rate: float = key(0.1, "spu: fraction of each first-MLP weight tensor selected per task (selection_rate, "
-                               "SPEC 19.2).", gt=0, le=1)
-    spu_lr: float = key(7.5e-6, "spu: AdamW learning rate (the official CLIP value; SPEC 19.2).", gt=0)
+                               "algorithms.md §19.2).", gt=0, le=1)
+    spu_lr: float = key(7.5e-6, "spu: AdamW learning rate (the official CLIP value; algorithms.md §19.2).", gt=0)
     spu_weight_decay: float = key(0.2, "spu: AdamW weight decay (official 0.2).", ge=0)
     spu_decay_masked_entries: bool = key(False, "spu: let AdamW's decoupled weight decay shrink the unselected "
-                                                "first-MLP entries too, as the shipped code does (SPEC 19.2).")
+                                                "first-MLP entries too, as the shipped code does (algorithms.md §19.2).")
 
 
 def is_first_mlp(name: str, names: set[str]) -> bool:
@@ -87,7 +87,7 @@ def spu_stop(k: int, n: int, rule: ScoringRule) -> bool:
 
 
 ESTIMATORS.register("spu", Estimator("spu", signed_sum, stop=spu_stop,
-                                     source="SPU (github wx-zhang/spu trainer/spu.py), SPEC 19.2"))
+                                     source="SPU (github wx-zhang/spu trainer/spu.py), algorithms.md §19.2"))
 
 
 @SCOPES.register("first_mlp")
@@ -114,7 +114,7 @@ def spu_adamw(tuner, head: Optional[nn.Module] = None):
     """SPU: AdamW (betas 0.9/0.999, eps 1e-8) at ``spu_lr`` over the first-MLP tensors, weight decay
     ``spu_weight_decay``, constant learning rate. The prototype head is not trained. Unless
     ``spu_decay_masked_entries``, the phase keeps every unselected entry fixed (decoupled weight decay would shrink
-    it; SPEC 19.6 note 1)."""
+    it; algorithms.md §19.6 note 1)."""
     cfg = tuner.cfg
     names = set(tuner.state.shapes)
     params = [p for n, p in tuner.network.named_parameters() if is_first_mlp(n, names)]
@@ -129,5 +129,5 @@ register_preset("spu", loss="ce", score_loss="logit_norm", importance="spu", sco
                 strict_mask=True, gate=False, head="prototypes", head_scale=CLIP_LOGIT_SCALE, budget_key="spu_rate",
                 epochs_key="mi_epochs",
                 label="SPU", order=93, keys=("spu_rate", "spu_lr", "spu_weight_decay", "spu_decay_masked_entries"),
-                compare=True, source="SPU (github wx-zhang/spu: trainer/spu.py, trainer/finetune.py), SPEC 19.2",
+                compare=True, source="SPU (github wx-zhang/spu: trainer/spu.py, trainer/finetune.py), algorithms.md §19.2",
                 lr_key="spu_lr")

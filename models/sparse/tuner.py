@@ -204,7 +204,7 @@ class SparseTuner:
         return head
 
     def scoring_loader(self, task):
-        """PIECE's scoring data (SPEC 13.5): the task's un-augmented training images (``task.train_eval``) in order, in
+        """PIECE's scoring data (algorithms.md §13.5): the task's un-augmented training images (``task.train_eval``) in order, in
         batches of ``piece_scoring_batch_size`` (shared out per global batch under torchrun, as training batches).
         Its own generator (stream "scoring") draws the loader's per-epoch seed, so the run's other streams do not
         shift."""
