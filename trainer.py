@@ -15,12 +15,11 @@ import dataclasses
 import datetime
 import json
 import logging
-import math
 import platform
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -33,13 +32,15 @@ from utils.config import ExperimentConfig, config_from_dict, inactive_keys, load
 from utils.data_manager import DataManager
 from utils.data_identity import differences, source_identity
 from utils.datasets import DataIntegrityError, default_norm, load_source
-from utils.metrics import grouped_accuracy, summarize, task_accuracies, topk_accuracy
 from utils.errors import CheckpointError, ConfigError, RunStopped, UserError  # noqa: F401 (RunStopped re-exported)
-from utils.run_folder import (OutputError, RunLock, check_checkpoint_meta, config_fingerprint, move_aside,
-                              remove_stale_temporaries)
+from utils.checkpoints import (CHECKPOINT_NAME, CheckpointUnreadable, load_checkpoint, read_checkpoint,  # noqa: F401
+                               save_checkpoint)
+from utils.results_file import record_task, write_json
+from utils.run_folder import (OutputError, RunLock, check_checkpoint_meta, check_seed_folders, config_fingerprint,
+                              move_aside, remove_stale_temporaries, seed_complete)
 from utils.registry import LEARNERS
-from utils.runtime import (OFFICIAL_TORCH_SEED, log_traceback, resolve_device, rng_state, runtime_info, seed_torch,
-                           set_rng_state, setup_logging)
+from utils.runtime import (OFFICIAL_TORCH_SEED, log_traceback, resolve_device, runtime_info, seed_torch,
+                           setup_logging)
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent
@@ -74,33 +75,6 @@ def _unique_dir(path: Path) -> Path:
         candidate = path.with_name(f"{path.name}-{n}")
     candidate.mkdir(parents=True)
     return candidate
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None  # NaN (e.g. accuracy over an empty class range) and infinities are not valid JSON
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write strict JSON atomically (NaN becomes null; a crash mid-write never leaves a truncated file)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_finite(data), indent=2, default=_json_default, allow_nan=False))
-    tmp.replace(path)
 
 
 def run(cfg: ExperimentConfig, output_dir: Path) -> list[Path]:
@@ -161,7 +135,7 @@ def resume(run_dir: Path, overrides: Sequence[str] = ()) -> list[Path]:
             raise ConfigError(f"--set {item}: '{key}' cannot change when resuming (it affects the results); only "
                               f"{', '.join(RESUMABLE_KEYS)} can.")
     cfg = config_from_dict(raw, str(seed_dirs[0] / "config.json"))
-    _check_seed_folders(run_dir, seed_dirs, saved, cfg)
+    check_seed_folders(run_dir, seed_dirs, saved, cfg.seed, fingerprint(cfg))
     for item in overrides:  # validated as on the command line, one key at a time
         key, _ = parse_override(item)
         cfg = dataclasses.replace(cfg, **{key: getattr(load_config(None, [item]), key)})
@@ -170,7 +144,7 @@ def resume(run_dir: Path, overrides: Sequence[str] = ()) -> list[Path]:
     with RunLock(run_dir, enabled=distributed.is_main()):
         for seed in cfg.seed:
             out = run_dir / f"seed{seed}"
-            if _complete(out / "results.json", fingerprint(cfg)):
+            if seed_complete(out / "results.json", fingerprint(cfg)):
                 logger.info("seed %d is complete; kept as it is", seed)
                 paths.append(out / "results.json")
                 continue
@@ -181,49 +155,6 @@ def resume(run_dir: Path, overrides: Sequence[str] = ()) -> list[Path]:
 def fingerprint(cfg: ExperimentConfig) -> str:
     """The run's :func:`~utils.run_folder.config_fingerprint`: every key but ``RESUMABLE_KEYS``, and the seeds."""
     return config_fingerprint(cfg.to_dict(), cfg.seed, RESUMABLE_KEYS)
-
-
-def _check_seed_folders(run_dir: Path, seed_dirs: list[Path], saved: dict, cfg: ExperimentConfig) -> None:
-    """Refuse a run folder whose seed folders disagree: another config or seed list in one of them, a seed folder
-    that the seed list does not hold, or a seed list edited after the run started.
-
-    Raises:
-        ConfigError: naming the files that differ.
-    """
-    first = seed_dirs[0] / "config.json"
-    for seed_dir in seed_dirs[1:]:
-        try:
-            other = json.loads((seed_dir / "config.json").read_text())
-            same = ({k: v for k, v in other["config"].items() if k != "seed"} ==
-                    {k: v for k, v in saved["config"].items() if k != "seed"} and other["seeds"] == saved["seeds"])
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            same = False
-        if not same:
-            raise ConfigError(f"--resume {run_dir}: {seed_dir / 'config.json'} and {first} hold different configs or "
-                              "seed lists; one of them was edited. Restore it or start a new run.")
-    listed = {f"seed{s}" for s in cfg.seed}
-    stray = [d.name for d in seed_dirs if d.name not in listed]
-    if stray:
-        raise ConfigError(f"--resume {run_dir}: the folder(s) {', '.join(stray)} are not in the seed list "
-                          f"{cfg.seed} of {first}; it was edited. Restore it or start a new run.")
-    try:  # the first results.json written records the fingerprint of the config the run started with
-        started = json.loads((seed_dirs[0] / "results.json").read_text()).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
-        started = None
-    if started is not None and started != fingerprint(cfg):
-        raise ConfigError(f"--resume {run_dir}: {first} no longer holds the config the run started with (a key that "
-                          "affects the results, or the seed list, was edited); restore it or start a new run.")
-
-
-def _complete(results_path: Path, expected: str) -> bool:
-    """True when results.json says complete, holds every task of its task sizes, and (when it has one) carries the
-    run's fingerprint; a hand-set status on a partial file is not complete."""
-    try:
-        data = json.loads(results_path.read_text())
-        done = data.get("status") == "complete" and len(data["tasks"]) == len(data["task_sizes"])
-        return bool(done) and data.get("fingerprint", expected) == expected
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
 
 
 def setup_processes(cfg: ExperimentConfig) -> torch.device:
@@ -442,112 +373,4 @@ def _run_task(learner, data: DataManager, t: int, ranges: list, results: dict) -
                     "" if embeddings is None else f", embeddings' share of the squared change {embeddings:.3f}",
                     "-" if drift["old_class_feature_drift_mean"] is None
                     else f"{drift['old_class_feature_drift_mean']:.4g} (cosine distance of test-set class means)")
-    _record_task(results, t, (known, seen), y_topk, y_true, ranges[: t + 1], report, seconds)
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoints
-# ---------------------------------------------------------------------------------------------
-CHECKPOINT_NAME = "checkpoint.pt"
-CHECKPOINT_FORMAT = "mist-cl checkpoint v1"
-
-
-class CheckpointUnreadable(CheckpointError):
-    """The checkpoint file cannot be read at all (truncated, e.g. by a killed write): the seed restarts."""
-
-
-def save_checkpoint(path: Path, learner, results: dict, next_task: int) -> None:
-    """Write everything the rest of the run needs, atomically (temporary file, then rename).
-
-    Holds the learner (backbone, heads, tuning state and its generators), the metrics so far (results.json
-    as text), every global random state (torch CPU and CUDA, numpy, Python) and ``meta``: the run's fingerprint,
-    seed and class order (checked on resume).
-
-    Raises:
-        OutputError: the file cannot be written (full disk, read-only folder); the message names it and the cause,
-            and no partial temporary file is left.
-    """
-    meta = {"fingerprint": results.get("fingerprint"), "seed": results.get("seed"),
-            "class_order": list(results.get("class_order", []))}
-    state = {"format": CHECKPOINT_FORMAT, "next_task": next_task, "meta": meta,
-             "results": json.dumps(_finite(results), default=_json_default),
-             "learner": learner.state_dict(), "rng": rng_state()}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        torch.save(state, tmp)
-        tmp.replace(path)
-    except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError of its zip writer
-        tmp.unlink(missing_ok=True)
-        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:200]
-        raise OutputError(f"cannot write the checkpoint {path} ({cause}); is the disk full? results.json holds every "
-                          "task finished so far.") from None
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """The checkpoint's contents (``weights_only=True``, on the CPU).
-
-    Raises:
-        CheckpointUnreadable: the file cannot be read (truncated, empty).
-        CheckpointError: it is not a mist-cl checkpoint.
-    """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, pickle of foreign objects, ...
-        raise CheckpointUnreadable(f"checkpoint {path} cannot be read ({type(exc).__name__}: "
-                                   f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"checkpoint {path} is not a mist-cl checkpoint (format {CHECKPOINT_FORMAT!r} expected).")
-    return state
-
-
-def load_checkpoint(path: Path, learner, state: Optional[dict] = None) -> tuple[dict, int]:
-    """Restore ``learner`` and the global random states from a checkpoint (read with :func:`read_checkpoint`
-    unless ``state`` is given).
-
-    Returns:
-        (results so far, index of the next task).
-
-    Raises:
-        CheckpointError: the file is unreadable, not a mist-cl checkpoint, does not fit this run's learner, or holds
-            malformed results.
-    """
-    state = read_checkpoint(path) if state is None else state
-    try:
-        learner.load_state_dict(state["learner"])
-    except (KeyError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"checkpoint {path} does not fit this run's learner ({exc}).") from None
-    try:
-        results, next_task = json.loads(state["results"]), int(state["next_task"])
-        set_rng_state(state["rng"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path}: malformed entry ({type(exc).__name__}: {str(exc)[:200]}).") \
-            from None
-    return results, next_task
-
-
-def _record_task(results: dict, t: int, classes: tuple[int, int], y_topk: np.ndarray, y_true: np.ndarray,
-                 ranges: list, report: dict, seconds: float) -> None:
-    """Compute one task's metrics, log the official lines (algorithms.md §8.2) and append them to ``results``."""
-    known, seen = classes
-    grouped = grouped_accuracy(y_topk[:, 0], y_true, nb_old=known, increment=10)
-    top1, top5 = grouped["total"], topk_accuracy(y_topk, y_true)
-    row = task_accuracies(y_topk[:, 0], y_true, ranges)
-    results["top1_curve"].append(top1)
-    results["top5_curve"].append(top5)
-    results["att_curve"].append(grouped["new"])
-    results["accuracy_matrix"].append(row)
-    results["tasks"].append({"task": t, "classes": [known, seen], "top1": top1, "top5": top5, "grouped": grouped,
-                             "old": grouped["old"], "new": grouped["new"], "task_accuracies": row,
-                             "seconds": round(seconds, 3), **report})
-    results.update(summarize(results["top1_curve"], results["att_curve"], results["accuracy_matrix"]))
-    logger.info("No NME accuracy.")
-    logger.info("CNN: %s", grouped)
-    logger.info("Att_curve: %s", results["att_curve"])
-    logger.info("CNN top1 curve: %s", results["top1_curve"])
-    logger.info("CNN top5 curve: %s\n", results["top5_curve"])
-    logger.info("Average Accuracy (CNN): %s", results["average_accuracy"])
-    logger.info("Last Average Accuracy: %s", results["last_accuracy"])
-    logger.info("A_tt: %s", results["a_tt"])
-    logger.info("Accuracy matrix row (task %d): %s; forgetting: %s; task time %.1f s", t, row,
-                results["forgetting"], seconds)
-
+    record_task(results, t, (known, seen), y_topk, y_true, ranges[: t + 1], report, seconds)

@@ -35,7 +35,8 @@ from models.heads import CosineLinear
 from models.loop import FlatGradients, TrainAccuracy, TuningLoop, cross_entropy
 from utils.config import config_keys, for_learners, key
 from utils.registry import LEARNERS
-from utils.runtime import Batch, GeneratorState, autocast, make_generator
+from utils.runtime import GeneratorState, autocast, make_generator
+from utils.loaders import Batch
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from utils import distributed
 from utils.errors import NonFiniteError
-from utils.runtime import Batch, batches
+from utils.loaders import Batch, batches
 
 logger = logging.getLogger(__name__)
 

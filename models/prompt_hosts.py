@@ -34,7 +34,8 @@ from utils import distributed
 from utils.config import config_keys, for_learners, key
 from utils.errors import ConfigError
 from utils.registry import LEARNERS
-from utils.runtime import Batch, autocast
+from utils.runtime import autocast
+from utils.loaders import Batch
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from models.sparse.losses import SecondViewAugment
 from tests.test_sparse_tuning import TINY, VIT
 from utils import distributed
 from utils.config import load_config
-from utils.runtime import make_loader, sample_seed
+from utils.loaders import make_loader, sample_seed
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")

@@ -21,7 +21,8 @@ import models.base as base
 from backbones import build_backbone
 from models import build_learner
 from models.base import TaskData
-from utils.runtime import _worker_init, default_prefetch_factor, make_generator, make_loader
+from utils.runtime import make_generator
+from utils.loaders import _worker_init, default_prefetch_factor, make_loader
 
 from conftest import TINY_VIT_KWARGS, TINY_VIT_NAME
 

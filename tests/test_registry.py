@@ -15,7 +15,8 @@ from utils.config import (CORE_FIELDS, FIELDS, README_END, README_START, config_
                           markdown_tables)
 from utils.errors import ConfigError, NonFiniteError
 from utils.registry import ALL, LEARNERS, PRESETS, Registry
-from utils.runtime import Batch, make_generator, stream_seed
+from utils.runtime import make_generator, stream_seed
+from utils.loaders import Batch
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ from models import build_learner
 from models.base import TaskData
 from models.slca import COV_RIDGE, SAMPLES_PER_CLASS, SLCA
 from utils.errors import RunStopped
-from utils.runtime import Batch
+from utils.loaders import Batch
 
 CPU = torch.device("cpu")
 

@@ -1,9 +1,11 @@
-"""One results.json as the report tool and the comparison runners read it (``utils/report.py``): every value they use
-checked (:func:`load_run`), the learner of a ``model_name`` and the method a run's config names."""
+"""One results.json: how trainer.py writes it after each task (:func:`record_task`, :func:`write_json`: strict JSON,
+atomic) and how the report tool and the comparison runners read it back (:func:`load_run`: every value they use
+checked), with the learner of a ``model_name`` and the method a run's config names."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -13,9 +15,11 @@ from typing import Any, Optional
 import numpy as np
 
 from utils.config import COMPOSITION_KEYS, FIELDS
+from utils.metrics import grouped_accuracy, summarize, task_accuracies, topk_accuracy
 from utils.registry import LEARNERS, PRESETS
 
 RESULTS_NAME = "results.json"
+logger = logging.getLogger("trainer")  # the task lines are the trainer's (the official log's "[trainer.py]" prefix)
 STAMP = re.compile(r"^(\d{8}-\d{6})(?:-(\d+))?$")
 
 
@@ -239,3 +243,58 @@ def load_run(path: Path) -> RunRecord:
     drift, run.groups = _drift_values(tasks)
     run.values.update(drift)
     return run
+
+
+# ---- writing: what trainer.py records after each task ----------------------------------------------------------
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None  # NaN (e.g. accuracy over an empty class range) and infinities are not valid JSON
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write strict JSON atomically (NaN becomes null; a crash mid-write never leaves a truncated file)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_finite(data), indent=2, default=_json_default, allow_nan=False))
+    tmp.replace(path)
+
+
+def record_task(results: dict, t: int, classes: tuple[int, int], y_topk: np.ndarray, y_true: np.ndarray,
+                 ranges: list, report: dict, seconds: float) -> None:
+    """Compute one task's metrics, log the official lines (algorithms.md §8.2) and append them to ``results``."""
+    known, seen = classes
+    grouped = grouped_accuracy(y_topk[:, 0], y_true, nb_old=known, increment=10)
+    top1, top5 = grouped["total"], topk_accuracy(y_topk, y_true)
+    row = task_accuracies(y_topk[:, 0], y_true, ranges)
+    results["top1_curve"].append(top1)
+    results["top5_curve"].append(top5)
+    results["att_curve"].append(grouped["new"])
+    results["accuracy_matrix"].append(row)
+    results["tasks"].append({"task": t, "classes": [known, seen], "top1": top1, "top5": top5, "grouped": grouped,
+                             "old": grouped["old"], "new": grouped["new"], "task_accuracies": row,
+                             "seconds": round(seconds, 3), **report})
+    results.update(summarize(results["top1_curve"], results["att_curve"], results["accuracy_matrix"]))
+    logger.info("No NME accuracy.")
+    logger.info("CNN: %s", grouped)
+    logger.info("Att_curve: %s", results["att_curve"])
+    logger.info("CNN top1 curve: %s", results["top1_curve"])
+    logger.info("CNN top5 curve: %s\n", results["top5_curve"])
+    logger.info("Average Accuracy (CNN): %s", results["average_accuracy"])
+    logger.info("Last Average Accuracy: %s", results["last_accuracy"])
+    logger.info("A_tt: %s", results["a_tt"])
+    logger.info("Accuracy matrix row (task %d): %s; forgetting: %s; task time %.1f s", t, row,
+                results["forgetting"], seconds)

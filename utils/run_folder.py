@@ -16,9 +16,9 @@ import logging
 import os
 import stat
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
-from utils.errors import CheckpointError, UserError
+from utils.errors import CheckpointError, ConfigError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -229,3 +229,47 @@ def _holder(path: Path) -> str:
         return f"process {int(path.read_text().strip())}"
     except (OSError, ValueError):
         return "another process"
+
+
+def check_seed_folders(run_dir: Path, seed_dirs: list[Path], saved: dict, seeds: Sequence[int], expected: str) -> None:
+    """Refuse a run folder whose seed folders disagree: another config or seed list in one of them, a seed folder
+    that the seed list ``seeds`` does not hold, or a config edited after the run started (its fingerprint is not
+    ``expected``, the one the first results.json recorded).
+
+    Raises:
+        ConfigError: naming the files that differ.
+    """
+    first = seed_dirs[0] / "config.json"
+    for seed_dir in seed_dirs[1:]:
+        try:
+            other = json.loads((seed_dir / "config.json").read_text())
+            same = ({k: v for k, v in other["config"].items() if k != "seed"} ==
+                    {k: v for k, v in saved["config"].items() if k != "seed"} and other["seeds"] == saved["seeds"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            same = False
+        if not same:
+            raise ConfigError(f"--resume {run_dir}: {seed_dir / 'config.json'} and {first} hold different configs or "
+                              "seed lists; one of them was edited. Restore it or start a new run.")
+    listed = {f"seed{s}" for s in seeds}
+    stray = [d.name for d in seed_dirs if d.name not in listed]
+    if stray:
+        raise ConfigError(f"--resume {run_dir}: the folder(s) {', '.join(stray)} are not in the seed list "
+                          f"{list(seeds)} of {first}; it was edited. Restore it or start a new run.")
+    try:  # the first results.json written records the fingerprint of the config the run started with
+        started = json.loads((seed_dirs[0] / "results.json").read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        started = None
+    if started is not None and started != expected:
+        raise ConfigError(f"--resume {run_dir}: {first} no longer holds the config the run started with (a key that "
+                          "affects the results, or the seed list, was edited); restore it or start a new run.")
+
+
+def seed_complete(results_path: Path, expected: str) -> bool:
+    """True when results.json says complete, holds every task of its task sizes, and (when it has one) carries the
+    run's fingerprint; a hand-set status on a partial file is not complete."""
+    try:
+        data = json.loads(results_path.read_text())
+        done = data.get("status") == "complete" and len(data["tasks"]) == len(data["task_sizes"])
+        return bool(done) and data.get("fingerprint", expected) == expected
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False

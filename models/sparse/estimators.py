@@ -22,7 +22,7 @@ from torch import nn
 
 from models.sparse.masks import SparsityState
 from models.loop import FlatGradients
-from utils.runtime import batches
+from utils.loaders import batches
 from utils.registry import ESTIMATORS
 
 Scores = dict[str, torch.Tensor]

@@ -29,7 +29,7 @@ from models.sparse.losses import two_view_embeddings
 from models.sparse.presets import register_preset
 from utils.config import config_keys, key
 from utils.registry import ESTIMATORS, LOSSES, OPTIMIZERS, SCOPES
-from utils.runtime import Batch
+from utils.loaders import Batch
 
 SUPCON_TEMPERATURE = 0.07  # GPS utils/loss_utils.py: temperature = base_temperature = 0.07
 COSINE_MIN_LR = 1e-8  # GPS: cosine schedule's floor

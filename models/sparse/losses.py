@@ -16,7 +16,8 @@ from torch import nn
 from models.loop import cross_entropy
 from utils import distributed
 from utils.registry import LOSSES
-from utils.runtime import Batch, autocast
+from utils.runtime import autocast
+from utils.loaders import Batch
 
 
 TEMPERATURE = 0.07  # official tau

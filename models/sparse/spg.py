@@ -31,7 +31,7 @@ from models.sparse.losses import head_logits
 from models.sparse.presets import register_preset
 from utils.config import config_keys, key
 from utils.registry import LOSSES, OPTIMIZERS, PHASES
-from utils.runtime import Batch
+from utils.loaders import Batch
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,8 @@ from models.sparse.scopes import is_embedding
 from models.sparse.selective import SelectivePhase
 from utils.config import warn_ignored
 from utils.registry import OPTIMIZERS, PHASES
-from utils.runtime import Batch, make_generator, make_loader
+from utils.runtime import make_generator
+from utils.loaders import Batch, make_loader
 
 logger = logging.getLogger(__name__)
 
