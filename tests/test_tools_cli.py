@@ -37,7 +37,7 @@ CASES = [  # (script or module, argv (tmp_path substituted for {tmp}), fragment 
     ("exps/update_magnitude/run.py", ["--epochs", "0", "--out", "{tmp}/um"], "--epochs is 0"),
     ("exps/update_magnitude/run.py", ["--threshold", "2", "--out", "{tmp}/um"], "--threshold is 2"),
     ("exps/update_magnitude/run.py", ["--rewrite", "--out", "{tmp}/um"], "does not exist"),
-    ("utils/config.py", ["--write-readme", "{tmp}/nowhere/README.md"], "--write-readme"),
+    ("utils/config_docs.py", ["--write-readme", "{tmp}/nowhere/README.md"], "--write-readme"),
     ("utils/report.py", ["{tmp}/nowhere", "--out", "{tmp}/r"], "does not exist"),
 ]
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+import exps.update_magnitude.report as um_report
 import exps.update_magnitude.run as um
 from models.sparse.gate import FROZEN, INITIALIZED, GateDecision
 from utils.datasets import Split
@@ -215,7 +216,7 @@ def test_quick_run_writes_json_and_markdown(tmp_path: Path, monkeypatch):
     for regime in um.REGIMES:
         for key in ("avg_acc", "task_acc", "forgetting"):
             assert set(payload["summary"][regime][key]) == {"values", "mean", "std"}
-    assert [c["name"] for c in payload["contrasts"]["avg_acc"]] == [f"{a} - {b}" for a, b in um.CONTRASTS]
+    assert [c["name"] for c in payload["contrasts"]["avg_acc"]] == [f"{a} - {b}" for a, b in um_report.CONTRASTS]
     by = {r["regime"]: r["metrics"]["avg_acc"] for r in payload["runs"]}
     first = payload["contrasts"]["avg_acc"][0]  # one seed: the difference itself, no interval
     assert first["n"] == 1 and first["mean"] == pytest.approx(by["adaptive"] - by["initialized"])

@@ -45,7 +45,6 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -60,75 +59,16 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 from timm.models.resnet import BasicBlock, ResNet  # noqa: E402
 
-from models.sparse.gate import FROZEN, INITIALIZED, MagnitudeGate  # noqa: E402
-from utils.cli import ToolError, run_tool, write_output  # noqa: E402
-from utils.contrasts import holm, paired  # noqa: E402
+from models.sparse.gate import MagnitudeGate  # noqa: E402
+from utils.cli import ToolError, run_tool  # noqa: E402
 from utils.datasets import Split, load_fmnist  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-ADAPTIVE, REINITIALIZED = "adaptive", "reinitialized"
-REGIMES = (INITIALIZED, FROZEN, REINITIALIZED, ADAPTIVE)
-WIDTHS = (16, 32, 64, 128)  # timm ResNet stage channels (the stem stays at timm's fixed 64)
-LAYERS = (2, 2, 2, 2)  # residual blocks per stage: 1 stem conv + 8 residual blocks = 9 conv blocks
-LAST = "layer4.1"  # the last residual block: the task-specific part (frozen, reinitialized)
-FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
-# algorithms.md §14.4, Table I (Avg.Acc / Forgetting, %) and Table II (Task.Acc, %); Fashion-MNIST is not in the paper.
-PAPER_TABLE_I = {
-    INITIALIZED: {"cifar10": (75.74, 23.30), "pmnist": (75.97, 30.76), "cifar100_task_acc": 60.72},
-    FROZEN: {"cifar10": (75.98, 21.10), "pmnist": (76.78, 29.21), "cifar100_task_acc": 57.37},
-    ADAPTIVE: {"cifar10": (80.55, 19.51), "pmnist": (77.99, 28.05), "cifar100_task_acc": 67.30},
-}
-
-
-@dataclass
-class Config:
-    """Run settings (the CLI flags); see the module docstring for their meaning."""
-
-    train_per_class: Optional[int] = 1000
-    test_per_class: Optional[int] = None
-    epochs: int = 3
-    batch_size: int = 64
-    lr: float = 0.01
-    momentum: float = 0.9
-    n_tasks: int = 5
-    classes_per_task: int = 2
-    seeds: tuple[int, ...] = tuple(range(10))
-    calibration_seed: int = 100
-    budget_large: float = 1.0  # gate labels only: the regime decides what trains
-    budget_small: float = 0.25
-    data_root: str = "./data"
-
-
-@dataclass
-class TaskData:
-    """One task: float32 images (N, 1, 28, 28), normalised, and int64 labels (N,) in {0, 1} (local to the task)."""
-
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-
-
-@dataclass
-class RunResult:
-    """One regime x seed.
-
-    Attributes:
-        acc_matrix: a[i][k] in % (k <= i), None above the diagonal.
-        metrics: :func:`task_metrics` of ``acc_matrix``.
-        regimes: the regime each task trained in.
-        similarities: the gate's cosine per task (None for task 0, and for non-adaptive runs).
-        update_norm: per task, L2 norm of the trunk's parameter change, {"lower": ..., "last_block": ...}.
-    """
-
-    regime: str
-    seed: int
-    acc_matrix: list[list[Optional[float]]]
-    metrics: dict[str, float]
-    regimes: list[str]
-    similarities: list[Optional[float]] = field(default_factory=list)
-    update_norm: list[dict[str, float]] = field(default_factory=list)
+from exps.update_magnitude.report import markdown_table, write_outputs  # noqa: E402
+from exps.update_magnitude.setting import (ADAPTIVE, FROZEN, INITIALIZED, LAST, LAYERS, REGIMES,  # noqa: E402,F401
+                                           FMNIST_MEAN, FMNIST_STD, REINITIALIZED, WIDTHS, Config, RunResult,
+                                           TaskData)
 
 
 class MultiHeadNet(nn.Module):
@@ -342,120 +282,6 @@ def calibrate(tasks: Sequence[TaskData], cfg: Config, seed: int) -> tuple[float,
         assert result.regimes[1:] == [forced] * (len(tasks) - 1)
         sims[forced] = [float(s) for s in result.similarities[1:]]
     return float(np.median(sims[INITIALIZED] + sims[FROZEN][1:])), sims
-
-
-def summarise(runs: Sequence[RunResult]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per regime and metric: the per-seed values, their mean and sample std (ddof 1; 0 for one seed)."""
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for regime in REGIMES:
-        rows = [r for r in runs if r.regime == regime]
-        if not rows:
-            continue
-        out[regime] = {}
-        for key in ("avg_acc", "task_acc", "forgetting"):
-            values = [r.metrics[key] for r in rows]
-            out[regime][key] = {"values": values, "mean": float(np.mean(values)),
-                                "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
-    return out
-
-
-def markdown_table(summary: dict[str, dict[str, dict[str, Any]]], seeds: Sequence[int]) -> str:
-    """Table I layout: rows Initialized / Frozen / Adaptive; ours (mean +- std) beside the paper's numbers."""
-    def cell(regime: str, key: str) -> str:
-        s = summary[regime][key]
-        return f"{s['mean']:.2f} ± {s['std']:.2f}"
-
-    lines = [f"| Method | Split Fashion-MNIST (ours, 5x2, seeds {', '.join(map(str, seeds))}) Avg.Acc / Forgetting "
-             "| Task.Acc (ours) | Paper Split CIFAR-10 Avg.Acc / Forgetting | Paper Split P-MNIST Avg.Acc / Forgetting "
-             "| Paper Split CIFAR-100 Task.Acc (Table II) |",
-             "|---|---|---|---|---|---|"]
-    for regime in REGIMES:
-        if regime not in summary:
-            continue
-        paper = PAPER_TABLE_I.get(regime)
-        theirs = ("- | - | -" if paper is None else f"{paper['cifar10'][0]:.2f} / {paper['cifar10'][1]:.2f} "
-                  f"| {paper['pmnist'][0]:.2f} / {paper['pmnist'][1]:.2f} | {paper['cifar100_task_acc']:.2f}")
-        lines.append(f"| {regime.capitalize()} | {cell(regime, 'avg_acc')} / {cell(regime, 'forgetting')} "
-                     f"| {cell(regime, 'task_acc')} | {theirs} |")
-    return "\n".join(lines) + "\n"
-
-
-def _matrix_md(result: RunResult) -> str:
-    rows = [f"| after task {i} | " + " | ".join("" if a is None else f"{a:.2f}" for a in row) + " |"
-            for i, row in enumerate(result.acc_matrix)]
-    head = "| | " + " | ".join(f"task {k}" for k in range(len(result.acc_matrix))) + " |"
-    return "\n".join([head, "|---" * (len(result.acc_matrix) + 1) + "|"] + rows) + "\n"
-
-
-#: the planned paired contrasts between regimes (same seed: same network at the start, same task 0, same data order)
-CONTRASTS = ((ADAPTIVE, INITIALIZED), (ADAPTIVE, FROZEN), (FROZEN, INITIALIZED), (REINITIALIZED, FROZEN),
-             (REINITIALIZED, INITIALIZED))
-
-
-def contrasts(runs: Sequence[RunResult]) -> dict[str, list[dict[str, Any]]]:
-    """Per metric, the planned contrasts of :data:`CONTRASTS` over the seeds both regimes ran: paired mean
-    difference, 95% t interval, p-value and Holm-adjusted p-value within the metric's family
-    (``utils.contrasts``)."""
-    by = {(r.regime, r.seed): r for r in runs}
-    out = {}
-    for key in ("avg_acc", "task_acc", "forgetting"):
-        cs = []
-        for a, b in CONTRASTS:
-            seeds = sorted(s for (g, s) in by if g == a and (b, s) in by)
-            if seeds:
-                cs.append(paired(f"{a} - {b}", [by[a, s].metrics[key] for s in seeds],
-                                 [by[b, s].metrics[key] for s in seeds]))
-        out[key] = [c.__dict__ for c in holm(cs)]
-    return out
-
-
-def contrasts_md(found: dict[str, list[dict[str, Any]]]) -> list[str]:
-    """Markdown table of :func:`contrasts`."""
-    lines = ["| contrast | n | Δ Avg.Acc [95% CI] | Holm p | Δ Task.Acc [95% CI] | Holm p | Δ Forgetting [95% CI] | Holm p |",
-             "|---|---|---|---|---|---|---|---|"]
-
-    def cell(c: dict[str, Any]) -> str:
-        ci = "" if c["low"] is None else f" [{c['low']:+.2f}, {c['high']:+.2f}]"
-        p = "-" if c["holm"] is None else ("< 0.001" if c["holm"] < 0.001 else f"{c['holm']:.3f}")
-        return f"{c['mean']:+.2f}{ci} | {p}"
-
-    for i, c in enumerate(found["avg_acc"]):
-        lines.append(f"| {c['name']} | {c['n']} | {cell(c)} | {cell(found['task_acc'][i])} | "
-                     f"{cell(found['forgetting'][i])} |")
-    return lines
-
-
-def write_outputs(out: Path, cfg: Config, tau: float, calibration: dict[str, list[float]],
-                  runs: Sequence[RunResult], wall_s: float) -> dict[str, Any]:
-    """Write ``results.json`` and ``results.md`` into ``out``; returns the JSON object.
-
-    Raises:
-        ToolError: ``out`` or a file in it cannot be written.
-    """
-    summary = summarise(runs)
-    payload = {"config": {**asdict(cfg), "seeds": list(cfg.seeds)},
-               "reconstruction": "see exps/update_magnitude/README.md",
-               "calibration": {"seed": cfg.calibration_seed, "similarities": calibration, "tau": tau},
-               "runs": [asdict(r) for r in runs], "summary": summary, "contrasts": contrasts(runs),
-               "paper_table_i": PAPER_TABLE_I, "wall_time_s": wall_s}
-    write_output(out / "results.json", json.dumps(payload, indent=2) + "\n")
-    md = ["# Update magnitude on Split Fashion-MNIST (reconstruction of arXiv 2602.20796, algorithms.md §14)", "",
-          f"train/class {cfg.train_per_class}, test/class {cfg.test_per_class or 'all'}, epochs {cfg.epochs}, "
-          f"SGD lr {cfg.lr} momentum {cfg.momentum}, batch {cfg.batch_size}; wall time {wall_s:.0f} s.", "",
-          f"Calibration seed {cfg.calibration_seed}: tau = {tau:.4f} (median of the pooled cosines, task 1 once; "
-          + "; ".join(f"{k}-probe {[round(s, 4) for s in v]}" for k, v in calibration.items()) + ").", "",
-          markdown_table(summary, cfg.seeds), "## Paired contrasts (same seed; Holm within each metric)", "",
-          *contrasts_md(payload["contrasts"]), "", "## Adaptive gate per seed", ""]
-    for r in runs:
-        if r.regime == ADAPTIVE:
-            md.append(f"- seed {r.seed}: " + ", ".join(
-                f"t{t} {g}" + ("" if s is None else f" (cos {s:+.4f})") for t, (g, s) in
-                enumerate(zip(r.regimes, r.similarities))))
-    md += ["", "## Accuracy matrices (%, row i = after task i)", ""]
-    for r in runs:
-        md += [f"### {r.regime}, seed {r.seed}", "", _matrix_md(r)]
-    write_output(out / "results.md", "\n".join(md))
-    return payload
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
