@@ -20,12 +20,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from utils.cli import ToolError, run_tool, write_output  # noqa: E402
+from utils.registry import LEARNERS  # noqa: E402
 from utils.contrasts import detectable_effect, holm, paired  # noqa: E402
 from utils.results_file import InvalidResults, load_run  # noqa: E402
 
-HOSTS = ("simplecil", "ranpac", "slca", "ease", "l2p", "dualprompt")
-TITLES = {"simplecil": "SimpleCIL", "ranpac": "RanPAC", "slca": "SLCA", "ease": "EASE", "l2p": "L2P",
-          "dualprompt": "DualPrompt"}
+#: the registered learners in report order, and their report titles (a new learner appears without an edit)
+HOSTS = tuple(name for name, cls in sorted(LEARNERS.items(), key=lambda item: item[1].ORDER))
+TITLES = {name: LEARNERS.get(name).TITLE or name for name in HOSTS}
 METRICS = (("last_accuracy", "A_B"), ("average_accuracy", "A-bar"))
 
 

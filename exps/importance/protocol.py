@@ -53,6 +53,7 @@ from jobs import Job, lr_tag, run_all  # noqa: E402
 from protocol_tables import metrics, table  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.errors import ConfigError  # noqa: E402
+from models.sparse.presets import compared_methods  # noqa: E402
 from utils.registry import LEARNERS, PRESETS  # noqa: E402
 import models  # noqa: E402,F401  (registers the learners and presets)
 
@@ -63,8 +64,8 @@ SIZES = {
     "none": {},
 }
 DEFAULT_BASE = [HERE / "fmnist_ranpac_none.json", HERE / "fmnist_simplecil_none.json"]
-DEFAULT_METHODS = ("ce_finetune", "mist_random", "piece_f", "piece_s", "magnitude_gate", "acl", "spu", "gps", "spg",
-                   "sparcl", "mist")
+#: the presets marked ``compare`` and MIST, in report order (models.sparse.presets.compared_methods)
+DEFAULT_METHODS = tuple(compared_methods()[1:])
 GRID_SGD, GRID_ADAM = (1e-4, 1e-3, 1e-2), (1e-5, 1e-4, 1e-3)
 REPORTED_SEEDS = tuple(range(2001, 2011))
 CALIBRATION_SEEDS = (1990, 1991)
