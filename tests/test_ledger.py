@@ -127,3 +127,72 @@ def test_against_ledger_skips_a_damaged_results_json_with_one_warning_and_compar
     warnings = [line for line in err.splitlines() if line.startswith("warning: skipped")]
     assert len(warnings) == 1 and str(bad) in warnings[0] and "Traceback" not in err
     assert str(good) in out  # the good run is still compared
+
+
+def test_a_run_that_overrides_a_key_the_shipped_file_leaves_at_its_default_is_not_that_configs_run(tiny_run, tmp_path):
+    """Matching compares resolved configs: the shipped file does not name ``hard_freeze``, so a run with
+    ``hard_freeze: true`` (or any other non-default value) is not its run."""
+    full_root, path = tiny_run
+    shipped = json.loads((full_root / "exps/tiny/ranpac.json").read_text())
+    assert shipped.pop("hard_freeze") is False  # the default: a shipped file would not name it
+    root = tmp_path / "repo"
+    (root / "exps/tiny").mkdir(parents=True)
+    (root / "exps/tiny/ranpac.json").write_text(json.dumps(shipped))
+    ledger = {"metrics": {}, "configs": {"exps/tiny/ranpac.json": {"reference": None, "why_none": "x"}}}
+    run_config = json.loads(path.read_text())["config"]
+    assert L.match(run_config, ledger, root) == "exps/tiny/ranpac.json"
+    assert L.match({**run_config, "hard_freeze": not run_config["hard_freeze"]}, ledger, root) is None
+    assert L.match({**run_config, "seed": 7, "device": "cuda"}, ledger, root) == "exps/tiny/ranpac.json"
+
+
+@pytest.fixture
+def ledger_copy(tmp_path, monkeypatch):
+    """The real ledger, docs and two shipped configs under tmp_path, with utils.ledger pointed at them."""
+    root = tmp_path / "repo"
+    for rel in ("exps/ranpac/cifar.json", "exps/simplecil/cifar.json"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text((L.REPO / rel).read_text())
+    data = L.load()
+    data["configs"] = {k: v for k, v in data["configs"].items() if k == "exps/simplecil/cifar.json"}
+    (root / "exps/ledger.json").write_text(json.dumps(data))
+    (root / "docs").mkdir()
+    monkeypatch.setattr(L, "REPO", root)
+    monkeypatch.setattr(L, "LEDGER", root / "exps/ledger.json")
+    monkeypatch.setattr(L, "DOCS", root / "docs/results.md")
+    monkeypatch.chdir(root)
+    return root
+
+
+def test_ledger_add_writes_an_entry_and_regenerates_the_docs(ledger_copy, capsys):
+    root = ledger_copy
+    assert L.main(["--add", "exps/ranpac/cifar.json", "--kind", "our_run", "--source", "a test run",
+                   "--a-bar", "90.5", "--a-last", "88.0", "--curve", "93", "88", "--seeds", "1993"]) == 0
+    entry = L.load(root / "exps/ledger.json")["configs"]["exps/ranpac/cifar.json"]["reference"]
+    assert (entry["kind"], entry["a_bar"], entry["a_last"], entry["curve"], entry["seeds"]) == (
+        "our_run", 90.5, 88.0, [93.0, 88.0], [1993])
+    docs = (root / "docs/results.md").read_text()
+    assert "| `exps/ranpac/cifar.json` | 90.50 | 88.00 | our_run | 1993 |" in docs
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--add", "exps/simplecil/cifar.json", "--why-none", "x"], "has an entry already"),
+    (["--add", "exps/ranpac/nope.json", "--why-none", "x"], "not a shipped config"),
+    (["--add", "exps/ranpac/cifar.json"], "give either --why-none or a reference"),
+    (["--add", "exps/ranpac/cifar.json", "--why-none", "x", "--kind", "paper", "--source", "s", "--a-bar", "1"],
+     "give either --why-none or a reference"),
+    (["--add", "exps/ranpac/cifar.json", "--kind", "paper", "--source", "s"], "needs a_bar or a_last"),
+    (["--add", "exps/ranpac/cifar.json", "--kind", "paper", "--source", "s", "--a-bar", "50", "--curve", "40", "41"],
+     "the curve's mean is not a_bar"),
+])
+def test_ledger_add_refuses_bad_entries_with_exit_2_and_writes_nothing(ledger_copy, capsys, argv, message):
+    before = (ledger_copy / "exps/ledger.json").read_text()
+    assert L.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert (ledger_copy / "exps/ledger.json").read_text() == before
+    assert not (ledger_copy / "docs/results.md").exists()
+
+
+def test_ledger_add_refuses_a_config_that_does_not_load(ledger_copy, capsys):
+    (ledger_copy / "exps/ranpac/broken.json").write_text(json.dumps({"learner": "ranpac", "no_such_key": 1}))
+    assert L.main(["--add", "exps/ranpac/broken.json", "--why-none", "x"]) == 2
+    assert "does not load" in capsys.readouterr().err

@@ -22,21 +22,34 @@ KINDS = ("paper", "official_log", "our_run")
 #: config keys that do not change what a run computes, or that a user sets for the machine: not compared when a
 #: run is matched to a shipped config
 IGNORED_KEYS = {"seed", "device", "data_root", "num_workers", "progress", "prefix", "eval_batch_size", "download",
-                "pretrained_path", "weights_path", "output_dir", "stop_after_task"}
+                "pretrained_path", "weights_path", "output_dir", "stop_after_task", "config", "verify_images",
+                "check_replicas"}
 
 
 class LedgerError(ValueError):
     """A ledger that does not cover the shipped configs, or a run that matches none of them."""
 
 
-def load(path: Path = LEDGER) -> dict[str, Any]:
+def load(path: Optional[Path] = None) -> dict[str, Any]:
     """The ledger, checked: every config it names exists, every reference has a known ``kind``, a source and at
     least one of A-bar / A_last, a curve (when given) ends at A_last and averages to A-bar (to 0.01).
 
     Raises:
         LedgerError: a malformed entry (the message names the config).
     """
+    path = path or LEDGER
     data = json.loads(path.read_text())
+    check(data, path)
+    return data
+
+
+def check(data: dict[str, Any], path: Optional[Path] = None) -> None:
+    """The checks of :func:`load` on a ledger's content.
+
+    Raises:
+        LedgerError: a malformed entry (the message names the config).
+    """
+    path = path or LEDGER
     for config, entry in data["configs"].items():
         ref = entry.get("reference")
         if ref is None:
@@ -53,34 +66,46 @@ def load(path: Path = LEDGER) -> dict[str, Any]:
                 raise LedgerError(f"{path}: {config}: curve ends at {curve[-1]}, a_last is {ref['a_last']}")
             if ref.get("a_bar") is not None and abs(sum(curve) / len(curve) - ref["a_bar"]) > 0.01:
                 raise LedgerError(f"{path}: {config}: the curve's mean is not a_bar {ref['a_bar']}")
-    return data
 
 
-def shipped_configs(root: Path = REPO) -> list[str]:
+def shipped_configs(root: Optional[Path] = None) -> list[str]:
     """Every shipped config, as ``exps/<folder>/<name>.json`` (the ledger file itself excluded)."""
+    root = root or REPO
     return sorted(str(p.relative_to(root)) for p in (root / "exps").glob("*/*.json"))
 
 
-def match(run_config: dict[str, Any], ledger: dict[str, Any], root: Path = REPO) -> Optional[str]:
-    """The shipped config a run's config came from: every key the shipped file sets (but ``IGNORED_KEYS``) has the
-    same value in the run; among several, the one that sets the most keys. None when none matches."""
-    best, best_n = None, -1
+def resolved(path: Path) -> dict[str, Any]:
+    """A shipped config with every key it does not set at its default (``load_config(path).to_dict()``).
+
+    Raises:
+        ConfigError: the file does not load.
+    """
+    from utils.config import load_config
+
+    return load_config(path).to_dict()
+
+
+def match(run_config: dict[str, Any], ledger: dict[str, Any], root: Optional[Path] = None) -> Optional[str]:
+    """The shipped config a run's config came from, compared on the resolved configs (defaults filled in, so a run
+    that overrides a key the shipped file leaves at its default, e.g. ``hard_freeze: true``, is not that config's
+    run): every key but ``IGNORED_KEYS`` has the same value, keys the run does not record (written by an older
+    version) aside. None when no shipped config matches."""
+    root = root or REPO
     for config in ledger["configs"]:
         path = root / config
         if not path.is_file():
             continue
-        shipped = json.loads(path.read_text())
-        keys = [k for k in shipped if k not in IGNORED_KEYS]
-        if all(run_config.get(k) == shipped[k] for k in keys) and len(keys) > best_n:
-            best, best_n = config, len(keys)
-    return best
+        shipped = resolved(path)
+        if all(run_config[k] == v for k, v in shipped.items() if k not in IGNORED_KEYS and k in run_config):
+            return config
+    return None
 
 
 def _fmt(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
-def against(results: Sequence[Path], ledger: Optional[dict] = None, root: Path = REPO
+def against(results: Sequence[Path], ledger: Optional[dict] = None, root: Optional[Path] = None
             ) -> tuple[list[str], int, list[tuple[Path, str]]]:
     """Lines comparing each complete results.json with its shipped config's reference, per task; how many runs had no
     reference (no matching config, or a config whose reference is None); and the files that could not be read, with
@@ -157,12 +182,65 @@ def markdown(ledger: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def add(ledger: dict[str, Any], config: str, why_none: Optional[str] = None,
+        reference: Optional[dict[str, Any]] = None, replace: bool = False, root: Optional[Path] = None) -> dict[str, Any]:
+    """``ledger`` with an entry for the shipped config ``config`` (``exps/<folder>/<name>.json``): a reference (kind,
+    source, a_bar and/or a_last, seeds, backbone, timm, curve, notes) or the reason there is none.
+
+    Raises:
+        LedgerError: the file is not a shipped config that loads, the entry exists (without ``replace``), both or
+            neither of ``why_none`` and ``reference`` are given, or the reference is incomplete.
+    """
+    from utils.errors import ConfigError
+
+    root = root or REPO
+    path = root / config
+    if config not in shipped_configs(root) or not path.is_file():
+        raise LedgerError(f"{config}: not a shipped config (expected exps/<folder>/<name>.json under {root})")
+    try:
+        resolved(path)
+    except ConfigError as exc:
+        raise LedgerError(f"{config} does not load: {exc}") from None
+    if config in ledger["configs"] and not replace:
+        raise LedgerError(f"{config} has an entry already; give --replace to overwrite it")
+    if (why_none is None) == (reference is None):
+        raise LedgerError("give either --why-none or a reference (--kind, --source and --a-bar and/or --a-last)")
+    entry = {"reference": None, "why_none": why_none} if reference is None else {"reference": reference}
+    candidate = {**ledger, "configs": dict(sorted({**ledger["configs"], config: entry}.items()))}
+    check(candidate)
+    return candidate
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m utils.ledger", description=__doc__.split("\n\n")[0])
     parser.add_argument("--write-docs", action="store_true", help=f"regenerate {DOCS.relative_to(REPO)}")
+    parser.add_argument("--add", metavar="CONFIG", help="add an entry for a shipped config (exps/<folder>/<name>.json) "
+                                                        "and regenerate the docs")
+    parser.add_argument("--why-none", help="--add: why the config has no reference number")
+    parser.add_argument("--kind", choices=KINDS, help="--add: the reference's kind")
+    parser.add_argument("--source", help="--add: where the reference number comes from (paper table, log, run)")
+    parser.add_argument("--a-bar", type=float, help="--add: the reference's A-bar (%%)")
+    parser.add_argument("--a-last", type=float, help="--add: the reference's A_last (%%)")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[], help="--add: the reference's seeds")
+    parser.add_argument("--backbone", default="", help="--add: the reference's backbone")
+    parser.add_argument("--timm", default=None, help="--add: the timm version of the reference run")
+    parser.add_argument("--curve", type=float, nargs="*", default=None, help="--add: the per-task curve (%%)")
+    parser.add_argument("--notes", default="", help="--add: notes")
+    parser.add_argument("--replace", action="store_true", help="--add: overwrite an existing entry")
     args = parser.parse_args(argv)
     try:
         ledger = load()
+        if args.add:
+            reference = None if args.kind is None else {
+                "kind": args.kind, "source": args.source, "seeds": args.seeds, "backbone": args.backbone,
+                "timm": args.timm, "a_bar": args.a_bar, "a_last": args.a_last, "curve": args.curve,
+                "notes": args.notes}
+            config = Path(args.add).resolve()
+            config = str(config.relative_to(REPO.resolve())) if config.is_relative_to(REPO.resolve()) else args.add
+            ledger = add(ledger, config, args.why_none, reference, args.replace)
+            LEDGER.write_text(json.dumps(ledger, indent=1, ensure_ascii=False) + "\n")
+            print(f"added {args.add} to {LEDGER}")
+            args.write_docs = True
     except LedgerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
