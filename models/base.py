@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
@@ -72,6 +73,9 @@ class Learner(abc.ABC):
     #: tuning phase (algorithms.md §5); None: every preset runs. Presets marked ``official=False`` always run.
     OFFICIAL_FILE: ClassVar[Optional[str]] = None
     OFFICIAL_DISPATCH: ClassVar[Optional[frozenset[str]]] = None
+    #: the classifier's state: names of attributes holding a tensor or None, saved in checkpoints by the default
+    #: :meth:`head_state` and counted by the default :meth:`head_parameter_count`
+    HEAD_STATE: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: ExperimentConfig, backbone: nn.Module, device: torch.device, seed: int) -> None:
         self.cfg = cfg
@@ -174,9 +178,18 @@ class Learner(abc.ABC):
         default (SimpleCIL and RanPAC keep their backbone as the tuning phase leaves it)."""
         return None
 
-    @abc.abstractmethod
     def announce(self, task: TaskData) -> None:
-        """Log the official lines that open a task (from the learner's own module, as the original)."""
+        """Log the official lines that open a task. Default: PILOT's ``Learning on {known}-{seen}``."""
+        self.log_info("Learning on %d-%d", task.known, task.seen)
+
+    def log_info(self, msg: str, *args: Any) -> None:
+        """An INFO line that names the learner's own file (``[simplecil.py] => ...``), as the official logs do
+        whichever class holds the code that writes it."""
+        module = type(self).__module__
+        log = logging.getLogger(module)
+        if log.isEnabledFor(logging.INFO):
+            path = getattr(sys.modules.get(module), "__file__", None) or module
+            log.handle(log.makeRecord(log.name, logging.INFO, path, 0, msg, args, None))
 
     @abc.abstractmethod
     def update_head(self, task: TaskData) -> Optional[dict[str, Any]]:
@@ -281,13 +294,19 @@ class Learner(abc.ABC):
             if obj is not None:
                 obj.load_state_dict(state[key])
 
-    @abc.abstractmethod
     def head_state(self) -> dict[str, Any]:
-        """The classifier's state for a checkpoint (tensors or None)."""
+        """The classifier's state for a checkpoint (tensors or None). Default: the ``HEAD_STATE`` attributes."""
+        return {name: getattr(self, name) for name in self.HEAD_STATE}
 
-    @abc.abstractmethod
     def load_head_state(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`head_state`, moving tensors to ``device``."""
+        """Restore :meth:`head_state`, moving tensors to ``device``.
+
+        Raises:
+            KeyError: the state lacks one of ``HEAD_STATE``.
+        """
+        for name in self.HEAD_STATE:
+            value = state[name]
+            setattr(self, name, None if value is None else value.to(self.device))
 
     def modules(self) -> list[nn.Module]:
         """Every module of ours holding parameters: what torchrun replicas compare (not what the logs count)."""
@@ -311,7 +330,7 @@ class Learner(abc.ABC):
         """Parameters counted besides backbone and heads: the tuning phase's extra modules (MIST's projection)."""
         return 0 if self.tuner is None else sum(p.numel() for m in self.tuner.extra_modules() for p in m.parameters())
 
-    @abc.abstractmethod
     def head_parameter_count(self) -> int:
         """Parameters of the classifier heads in the learner's current state (called at the start of a task, with
-        the previous task's heads, and after a head update)."""
+        the previous task's heads, and after a head update). Default: the entries of the ``HEAD_STATE`` tensors."""
+        return sum(0 if getattr(self, name) is None else getattr(self, name).numel() for name in self.HEAD_STATE)

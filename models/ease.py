@@ -145,9 +145,6 @@ class EASE(Learner):
     def tuned_module(self) -> nn.Module:
         return self.backbone.vit
 
-    def announce(self, task: TaskData) -> None:
-        logger.info("Learning on %d-%d", task.known, task.seen)
-
     def train_task(self, task: TaskData, loop: TuningLoop) -> dict[str, Any]:
         """Train a new adapter set and ``proxy_fc`` on the task (algorithms.md §18.1), the ViT frozen; then freeze the set."""
         cfg, t, net = self.cfg, task.task_id, self.backbone

@@ -58,6 +58,17 @@ def timm_linear_head(in_features: int, out_features: int, device: torch.device |
     return head.to(device)
 
 
+def linear_from(weight: torch.Tensor, bias: torch.Tensor, device: torch.device | str = "cpu") -> nn.Linear:
+    """An ``nn.Linear`` holding saved tensors (a checkpoint's head): weight (out, in) and bias (out,) float32, copied
+    onto ``device``. Built on the CPU and moved, as the learners did before (its throw-away initialisation draws from
+    the CPU's global random stream, which a resumed run's later draws follow)."""
+    head = nn.Linear(weight.shape[1], weight.shape[0]).to(device)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    return head
+
+
 def class_means(features: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """Mean feature of each class. features (N, D) float32, labels (N,) int64, classes (K,) -> (K, D)."""
     return torch.stack([features[labels == c].mean(dim=0) for c in classes.tolist()])

@@ -27,7 +27,7 @@ from torch import nn
 
 from backbones.vit_parts import frozen, vit_of
 from models.base import Learner, TaskData
-from models.heads import timm_linear_head
+from models.heads import linear_from, timm_linear_head
 from models.loop import FlatGradients, TrainAccuracy, TuningLoop, cross_entropy, global_mean
 from models.sparse.optim import ClippedAdam
 from utils import distributed
@@ -212,9 +212,6 @@ class PromptHost(Learner):
     def tuned_module(self) -> nn.Module:
         return self.backbone.vit
 
-    def announce(self, task: TaskData) -> None:
-        logger.info("Learning on %d-%d", task.known, task.seen)
-
     def train_ids(self, sim: torch.Tensor, task: TaskData) -> torch.Tensor:
         """The pool ids (B, k) used for a training batch (L2P: the selection; DualPrompt: the task's slot)."""
         return self.backbone.select(sim, self.cfg.batchwise_prompt, whole_batch=True)
@@ -290,7 +287,4 @@ class PromptHost(Learner):
         if state["weight"] is None:
             self.head = None
             return
-        self.head = nn.Linear(state["weight"].shape[1], state["weight"].shape[0]).to(self.device)
-        with torch.no_grad():
-            self.head.weight.copy_(state["weight"])
-            self.head.bias.copy_(state["bias"])
+        self.head = linear_from(state["weight"], state["bias"], self.device)

@@ -7,7 +7,6 @@ are never recomputed, even though the tuning phase keeps changing the backbone (
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Optional
 
 import torch
@@ -16,8 +15,6 @@ from models.base import Learner, TaskData
 from models.heads import PROJECTION_DIM, cosine_logits, grow_prototypes
 from utils.config import warn_ignored
 from utils.registry import LEARNERS
-
-logger = logging.getLogger(__name__)
 
 OFFICIAL_BATCH_SIZE = 32  # simplecil_mist.py module constant; the JSON batch_size is ignored (algorithms.md §9.2)
 
@@ -36,6 +33,7 @@ class SimpleCIL(Learner):
     DEFAULTS = {"freeze_quantile": 1.0, "batch_size": OFFICIAL_BATCH_SIZE}
     #: the official SimpleCIL-MIST ablations train on the learner's own fc (algorithms.md §5); ce_finetune (ours) does not
     OWN_HEAD_PRESETS = ("run", "rand", "l2", "grad")
+    HEAD_STATE = ("prototypes",)
 
     def __init__(self, cfg, backbone, device, seed) -> None:
         super().__init__(cfg, backbone, device, seed)
@@ -65,9 +63,6 @@ class SimpleCIL(Learner):
             return torch.zeros(0, self.feature_dim, device=self.device)
         return self.prototypes
 
-    def announce(self, task: TaskData) -> None:
-        logger.info("Learning on %d-%d", task.known, task.seen)
-
     def update_head(self, task: TaskData) -> None:
         feats, labels = self.extract_features(task.train_eval, shuffle=True, desc="prototypes")
         self.prototypes = grow_prototypes(self.prototypes, feats, labels, task.seen)
@@ -80,13 +75,6 @@ class SimpleCIL(Learner):
     def head_parameter_count(self) -> int:
         """Official ``fc`` = CosineLinear(D, seen): seen * D + 1 (sigma); None (0) before the first task."""
         return 0 if self.prototypes is None else self.prototypes.numel() + 1
-
-    def head_state(self) -> dict:
-        return {"prototypes": self.prototypes}
-
-    def load_head_state(self, state: dict) -> None:
-        protos = state["prototypes"]
-        self.prototypes = None if protos is None else protos.to(self.device)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return cosine_logits(features, self.prototypes)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from models.base import Learner, TaskData
-from models.heads import timm_linear_head
+from models.heads import linear_from, timm_linear_head
 from models.loop import FlatGradients, TrainAccuracy, TuningLoop, cross_entropy
 from utils.config import config_keys, for_learners, key
 from utils.registry import LEARNERS
@@ -101,9 +101,6 @@ class SLCA(Learner):
     def train_batch_size(self) -> int:
         """The slow learner's batch: 128 (official constant), or ``batch_size`` with ``use_config_batch_size``."""
         return self.cfg.batch_size if self.cfg.use_config_batch_size else OFFICIAL_BATCH_SIZE
-
-    def announce(self, task: TaskData) -> None:
-        logger.info("Learning on %d-%d", task.known, task.seen)
 
     # ---- stage 1: slow learner -----------------------------------------------------------------------
     def train_task(self, task: TaskData, loop: TuningLoop) -> dict[str, Any]:
@@ -263,14 +260,7 @@ class SLCA(Learner):
         def unpack(pairs):
             if pairs is None:
                 return None
-            heads = nn.ModuleList()
-            for weight, bias in pairs:
-                head = nn.Linear(weight.shape[1], weight.shape[0]).to(self.device)
-                with torch.no_grad():
-                    head.weight.copy_(weight)
-                    head.bias.copy_(bias)
-                heads.append(head)
-            return heads.requires_grad_(False)
+            return nn.ModuleList(linear_from(w, b, self.device) for w, b in pairs).requires_grad_(False)
 
         self.heads, self.aligned = unpack(state["heads"]), unpack(state["aligned"])
         self.means, self.covs = state["means"].to(self.device), state["covs"].to(self.device)

@@ -76,6 +76,12 @@ def test_tiny_run_writes_results_and_log(make_config, cub_root, tmp_path, model_
     assert "Average Accuracy (CNN)" in text
     assert "Last Average Accuracy" in text
     assert "A_tt" in text
+    # the official task-opening lines, each naming the learner's own file as the official logs do
+    opening = {"simplecil": ["[simplecil.py] => Learning on 0-3", "[simplecil.py] => Learning on 3-6"],
+               "ranpac": ["[ranpac.py] => Starting CIL Task 1", "[ranpac.py] => Learning on classes 0-2",
+                          "[ranpac.py] => Starting CIL Task 2", "[ranpac.py] => Learning on classes 3-5"]}
+    for line in opening[model_name]:
+        assert line in text
     config = json.loads((run_dir / "config.json").read_text())
     assert config["config"]["dataset"] == "cub"
 
