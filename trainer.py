@@ -183,10 +183,11 @@ def _data_manager(cfg: ExperimentConfig, seed: int) -> DataManager:
 
 def warn_config(cfg: ExperimentConfig) -> None:
     """Warn, at the start of a run (its log and stderr), about keys that have no effect: a key of a learner the run
-    does not use (``utils.config.inactive_keys``) and a ``*_mist`` learner name with ``spr`` none."""
-    for key, owner in inactive_keys(cfg):
-        logger.warning("Config key '%s' = %r has no effect: it belongs to %s, and this run's learner is %s.", key,
-                       getattr(cfg, key), owner, cfg.model_name)
+    does not use or a tuning preset's key that ``spr`` does not read (``utils.config.inactive_keys``), and a
+    ``*_mist`` learner name with ``spr`` none."""
+    for unread in inactive_keys(cfg):
+        logger.warning("Config key '%s' = %r has no effect: it belongs to %s, and %s.", unread.key,
+                       getattr(cfg, unread.key), unread.owner, unread.why)
     if cfg.model_name.endswith("_mist") and cfg.spr == "none":
         logger.warning("model_name '%s' names the learner with MIST, but spr is 'none': no tuning phase runs (set spr, "
                        "e.g. 'mist', or use '%s').", cfg.model_name, LEARNERS.resolve(cfg.model_name))

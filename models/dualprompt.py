@@ -22,7 +22,7 @@ from backbones.vit_parts import PREFIX_SLOT, add_prefix_slots, attached
 from models.base import TaskData
 from models.prompt_hosts import PromptedViT, PromptHost, init_prompt
 from utils import distributed
-from utils.config import config_keys, for_learners, key
+from utils.config import ConfigKeys, config_keys, for_learners, key
 from utils.errors import ConfigError
 from utils.registry import LEARNERS
 
@@ -46,7 +46,7 @@ def check_dualprompt(cfg, origin) -> None:
 
 
 @config_keys("DualPrompt (models/dualprompt.py)", validate=check_dualprompt, applies=for_learners("dualprompt"))
-class DualPromptKeys:
+class DualPromptKeys(ConfigKeys):
     g_prompt_layers: list[int] = key([0, 1], "DualPrompt: 0-based layers of the G-prompt prefix (official "
                                              "g_prompt_layer_idx).", min=0)
     g_prompt_length: int = key(5, "DualPrompt: G-prompt length (official key).", min=1)

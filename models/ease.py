@@ -33,7 +33,7 @@ from backbones.vit_parts import ADAPTER_SLOT, KEEP_SLOT, Adapter, add_adapter_sl
 from models.base import Learner, TaskData
 from models.heads import CosineLinear
 from models.loop import FlatGradients, TrainAccuracy, TuningLoop, cross_entropy
-from utils.config import config_keys, for_learners, key
+from utils.config import ConfigKeys, config_keys, for_learners, key
 from utils.registry import LEARNERS
 from utils.runtime import GeneratorState, autocast, make_generator
 from utils.loaders import Batch
@@ -45,7 +45,7 @@ ADAPTER_SCALE, ADAPTER_DROPOUT = 0.1, 0.1  # inc_net.py ffn_adapter_scalar, vit_
 
 
 @config_keys("EASE (models/ease.py)", applies=for_learners("ease"))
-class EASEKeys:
+class EASEKeys(ConfigKeys):
     init_epochs: int = key(20, "EASE: adapter epochs of the first task, and of every task when init_cls == increment "
                                "(official key and rule).", min=1)
     later_epochs: Optional[int] = key(None, "EASE: adapter epochs of the tasks after the first when init_cls != "

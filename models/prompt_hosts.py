@@ -31,7 +31,7 @@ from models.heads import linear_from, timm_linear_head
 from models.loop import FlatGradients, TrainAccuracy, TuningLoop, cross_entropy, global_mean
 from models.sparse.optim import ClippedAdam
 from utils import distributed
-from utils.config import config_keys, for_learners, key
+from utils.config import ConfigKeys, config_keys, for_learners, key
 from utils.errors import ConfigError
 from utils.registry import LEARNERS
 from utils.runtime import autocast
@@ -60,7 +60,7 @@ def check_prompt_pool(cfg, origin) -> None:
 
 @config_keys("L2P and DualPrompt (models/prompt_hosts.py)", validate=check_prompt_pool,
              applies=for_learners("l2p", "dualprompt"))
-class PromptKeys:
+class PromptKeys(ConfigKeys):
     prompt_epochs: Optional[int] = key(None, "L2P/DualPrompt: epochs per task; null = the learner's default (L2P 5, "
                                              "DualPrompt 5).", min=1)
     prompt_lr: Optional[float] = key(None, "L2P/DualPrompt: Adam learning rate as used (the ports scale a base rate "

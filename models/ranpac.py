@@ -24,7 +24,7 @@ from models.base import Learner, TaskData
 from models.heads import PROJECTION_DIM, cosine_logits, grow_prototypes
 from models.ridge import RIDGE_GRID, RidgeAccumulator, one_hot  # noqa: F401 (RIDGE_GRID re-exported)
 from models.ridge_search import select_ridge
-from utils.config import config_keys, for_learners, key
+from utils.config import ConfigKeys, config_keys, for_learners, key
 from utils.data_manager import task_sizes
 from utils.errors import ConfigError
 from utils.registry import LEARNERS
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 
 @config_keys("RanPAC (models/ranpac.py)", applies=for_learners("ranpac"))
-class RanPACKeys:
+class RanPACKeys(ConfigKeys):
     use_RP: bool = key(
         True, 'RanPAC random projection on/off (off: the official cosine-prototype classifier). Accepts true/false '
         'and the strings "True"/"False" (official key).',

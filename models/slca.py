@@ -32,7 +32,7 @@ from torch import nn
 from models.base import Learner, TaskData
 from models.heads import linear_from, timm_linear_head
 from models.loop import FlatGradients, TrainAccuracy, TuningLoop, cross_entropy
-from utils.config import config_keys, for_learners, key
+from utils.config import ConfigKeys, config_keys, for_learners, key
 from utils.registry import LEARNERS
 from utils.runtime import GeneratorState, autocast, make_generator
 from utils.loaders import Batch
@@ -47,7 +47,7 @@ NORM_EPS = 1e-7  # logit-norm epsilon (algorithms.md §17.6)
 
 
 @config_keys("SLCA (models/slca.py)", applies=for_learners("slca"))
-class SLCAKeys:
+class SLCAKeys(ConfigKeys):
     epochs: int = key(20, "SLCA: slow-learner epochs per task (official key; cifar 20, others 50).", min=1)
     milestones: list[int] = key([18], "SLCA: epochs after which the slow learner's learning rates are multiplied by "
                                       "0.1 (MultiStepLR; official key).", min=1)

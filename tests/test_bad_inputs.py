@@ -166,6 +166,14 @@ def case_l2p_top_k_above_pool(tmp):
     return _args(tmp, _config(tmp, model_name="l2p", M=10000), "pool_size=3", "top_k=4")
 
 
+def case_strict_keys_preset(tmp):
+    return _args(tmp, _config(tmp, spr="mist", strict_keys=True), "top_ratio=0.01")
+
+
+def case_strict_keys_learner(tmp):
+    return _args(tmp, _config(tmp, strict_keys=True, ca_epochs=3))
+
+
 def case_dualprompt_no_e_layers(tmp):
     return _args(tmp, _config(tmp, model_name="dualprompt", M=10000), "g_prompt_layers=[0]", "e_prompt_layers=[0]")
 
@@ -198,6 +206,8 @@ CASES: list[tuple[str, Callable, int, tuple[str, ...]]] = [
     ("L2P top_k above pool_size", case_l2p_top_k_above_pool, 2, ("'top_k' (4)", "'pool_size' (3)")),
     ("DualPrompt without an E-prompt layer", case_dualprompt_no_e_layers, 2, ("e_prompt_layers", "no E-prompt")),
     ("DualPrompt layer beyond the ViT", case_dualprompt_layer_beyond_the_vit, 2, ("layer(s) [7]", "2 blocks")),
+    ("strict_keys: another preset's key", case_strict_keys_preset, 2, ("--set top_ratio=0.01", "PIECE", "spr 'mist'")),
+    ("strict_keys: another learner's key", case_strict_keys_learner, 2, ("'ca_epochs' = 3", "SLCA", "ranpac")),
 ]
 
 
@@ -207,6 +217,9 @@ WARNINGS = [  # (overrides of the tiny config, fragment of the warning on stderr
                                                                   "SLCA"),
     (dict(model_name="ease", M=10000, init_epochs=1, pool_size=5), "Config key 'pool_size' = 5 has no effect"),
     (dict(model_name="simplecil_mist", M=10000), "names the learner with MIST, but spr is 'none'"),
+    (dict(spr="mist", mi_epochs=1, gps_k=3), "Config key 'gps_k' = 3 has no effect: it belongs to GPS preset "
+                                            "(models/sparse/gps.py), and spr 'mist' does not read it (read by gps)"),
+    (dict(select_rate=0.05), "Config key 'select_rate' = 0.05 has no effect: it belongs to MIST"),
 ]
 
 

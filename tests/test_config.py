@@ -201,3 +201,49 @@ def test_the_lower_floor_does_not_import_the_upper_one():
             if isinstance(node, ast.ImportFrom) and node.module:
                 assert node.module not in ("models", "models.base", "models.ranpac", "models.simplecil",
                                            "models.slca"), path.name
+
+
+def test_mist_keys_live_in_mists_group_with_their_official_names():
+    """Issue 27: select_rate, drop_rate, mi_epochs (official JSON keys), freeze_quantile and MIST's fixes are MIST's
+    component keys, not core fields; the official names still load and read as before."""
+    from models.sparse.presets import MistKeys
+    from utils.config import CORE_FIELDS, KEY_GROUPS
+
+    mist = {"select_rate", "drop_rate", "mi_epochs", "freeze_quantile", "exclude_self_positive", "sparse_weight_decay",
+            "hard_freeze"}
+    assert not mist & set(CORE_FIELDS)
+    (group,) = [g for g in KEY_GROUPS if g.title.startswith("MIST")]
+    assert set(group.names) == mist
+    cfg = config_from_dict({"select_rate": 0.2, "drop_rate": 0.5, "mi_epochs": 3})
+    assert (cfg.select_rate, cfg.drop_rate, cfg.mi_epochs, cfg.keep_prob) == (0.2, 0.5, 3, 0.5)
+    keys = MistKeys.of(cfg)
+    assert isinstance(keys, MistKeys) and (keys.select_rate, keys.mi_epochs, keys.hard_freeze) == (0.2, 3, False)
+    with pytest.raises(ConfigError, match="select_rate"):
+        config_from_dict({"select_rate": 0})
+
+
+@pytest.mark.parametrize("raw, unread", [
+    ({"spr": "mist", "top_ratio": 0.01}, {"top_ratio"}),  # PIECE's budget with MIST
+    ({"spr": "piece_f", "select_rate": 0.2, "top_ratio": 0.01}, {"select_rate"}),  # MIST's budget with PIECE
+    ({"spr": "none", "select_rate": 0.2, "gps_k": 3}, {"select_rate", "gps_k"}),  # no tuning phase reads anything
+    ({"spr": "gps", "gps_k": 3, "drop_rate": 0.5}, {"drop_rate"}),  # GPS has no random drop
+    ({"spr": "mist", "drop_rate": 0.5, "freeze_quantile": 0.9, "mist_lr": 1e-3}, set()),  # all MIST's
+    ({"spr": "ce_finetune", "mist_lr": 1e-3, "hard_freeze": True}, set()),  # its SGD's rate and the step's fix
+    ({"spr": "mist", "importance": "fisher", "top_ratio": 0.01}, set()),  # a composition key: parts unknown, no claim
+    ({"model_name": "ranpac", "ca_epochs": 3}, {"ca_epochs"}),  # SLCA's key with RanPAC
+])
+def test_keys_the_run_does_not_read_are_named(raw, unread):
+    from utils.config import inactive_keys
+
+    got = inactive_keys(config_from_dict(raw))
+    assert {k.key for k in got} == unread
+    for k in got:
+        assert k.owner and k.why
+
+
+def test_strict_keys_turns_an_unread_key_into_an_error_naming_key_owner_and_spr():
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"spr": "mist", "top_ratio": 0.01, "strict_keys": True}, "x.json")
+    msg = str(info.value)
+    assert "x.json: key 'top_ratio' = 0.01 has no effect" in msg and "PIECE" in msg and "spr 'mist'" in msg
+    assert config_from_dict({"spr": "piece_f", "top_ratio": 0.01, "strict_keys": True}).top_ratio == 0.01

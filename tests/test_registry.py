@@ -228,4 +228,4 @@ def test_the_extending_guide_adds_an_estimator_and_a_preset_in_one_file(tmp_path
         PRESETS._entries.pop("snr", None)
         ESTIMATORS._entries.pop("snr", None)
         config.EXTENSION_FIELDS.pop("snr_budget", None)
-        config.KEY_GROUPS[:] = [g for g in config.KEY_GROUPS if "snr" not in g.names]
+        config.KEY_GROUPS[:] = [g for g in config.KEY_GROUPS if "snr_budget" not in g.names]

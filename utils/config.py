@@ -20,8 +20,8 @@ from utils.config_json import _check_value, _coerce, _first_nonfinite, _read_jso
 # the config API: the schema's names are imported from here by the components and tools
 from utils.config_docs import README_END, README_START, markdown_tables  # noqa: F401
 from utils.config_schema import (COMPOSITION_KEYS, CORE_FIELDS, EXTENSION_FIELDS, FIELDS,  # noqa: F401
-                                 KEY_GROUPS, NONFINITE_NOTE, ExperimentConfig, KeyGroup, config_keys, for_learners,
-                                 inactive_keys, key, key_type)
+                                 KEY_GROUPS, NONFINITE_NOTE, ConfigKeys, ExperimentConfig, InactiveKey, KeyGroup,
+                                 config_keys, for_learners, inactive_keys, key, key_type)
 from utils.errors import ConfigError
 from utils.registry import DATASETS, LEARNERS, PRESETS
 
@@ -89,6 +89,12 @@ def _validate(cfg: ExperimentConfig, origin: Callable[[str], str]) -> None:
     for group in KEY_GROUPS:
         if group.validate is not None:
             group.validate(cfg, origin)
+    if cfg.strict_keys:
+        unread = inactive_keys(cfg)
+        if unread:
+            raise ConfigError("; ".join(f"{origin(k.key)}: key '{k.key}' = {getattr(cfg, k.key)!r} has no effect: it "
+                                        f"belongs to {k.owner}, and {k.why}" for k in unread)
+                              + " (strict_keys is true; remove the key(s) or set strict_keys false to only warn).")
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -61,9 +61,7 @@ class ExperimentConfig:
                           "(models/sparse/presets.py) or 'none' (or null), which disables it. As in the official "
                           "code, SimpleCIL ignores 'cerun' and RanPAC ignores 'run' (no tuning phase, with a warning). "
                           "The registered presets (README, docs/deviations.md):", registry="preset")
-    select_rate: float = _f(0.1, "Fraction of each maskable tensor selected by importance score (algorithms.md §4.5).", gt=0, le=1)
-    drop_rate: float = _f(0.9, "Probability of DROPPING a selected gradient entry at each step; keep prob = 1 - drop_rate.", ge=0, lt=1)
-    mi_epochs: int = _f(20, "MIST epochs per task, the scoring pass included (algorithms.md §4.4-4.6).", min=1)
+    # select_rate, drop_rate, mi_epochs (official keys too) are MIST's: models/sparse/presets.py, MistKeys
     # ---- official keys that the official code reads but ignores, or never reads ----
     prefix: str = _f("exp", "Run label. " + UNUSED)
     weight_decay: float = _f(0.0005, "EASE's SGD weight decay; MIST's tuning phase and SLCA use their official "
@@ -99,16 +97,9 @@ class ExperimentConfig:
     use_config_batch_size: bool = _f(
         False, "Use batch_size from the JSON where the official learner hard-codes one (SimpleCIL 32, SLCA 128)."
     )
-    freeze_quantile: Optional[float] = _f(
-        None, "Quantile of scores frozen at the end of a task; null = learner default (RanPAC 0.9995, SimpleCIL 1.0).",
-        ge=0, le=1,
-    )
-    exclude_self_positive: bool = _f(False, "NT-Xent: drop the anchor itself from its positive set (algorithms.md §9.5 fix).")
     exempt_rule: Literal["name", "ndim"] = _f(
         "name", "Always-trainable tensors: official name substrings, or structural (ndim < 2) for CNN backbones."
     )
-    sparse_weight_decay: bool = _f(False, "Apply weight decay only to entries the step may move (algorithms.md §9.4 fix).")
-    hard_freeze: bool = _f(False, "Restore every entry with a zero gradient multiplier after each step (algorithms.md §9.4 fix).")
     freeze_bn_stats: bool = _f(False, "Keep BatchNorm running statistics fixed while tuning and in SLCA's slow learner (CNN backbones; ViTs have none).")
     ablation_epochs: int = _f(
         20, "Epochs of the CE tuning phases rand/l2/grad/run/cerun/ce_finetune (official module constant 20).", min=1
@@ -173,6 +164,10 @@ class ExperimentConfig:
         None, "Stop after this task (0-based) as if interrupted, leaving a resumable run (testing resume).", min=0
     )
     check_replicas: bool = _f(False, "torchrun: compare a parameter checksum across ranks at the end of each task.")
+    strict_keys: bool = _f(
+        False, "A key of a component the run does not use (another learner's key, a key the spr preset does not read) "
+        "is an error instead of a warning."
+    )
     #: the values of the keys that components declare (``config_keys``), by key; read them as attributes
     extensions: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, metadata={"internal": True})
 
@@ -231,27 +226,46 @@ _EXTENSION_HINTS: dict[str, Any] = {}
 @dataclasses.dataclass(frozen=True)
 class KeyGroup:
     """The keys one component declares: README's table title, the key names, an optional whole-config check
-    ``validate(cfg, origin)`` (``origin(key)`` names where a key's value came from; raises ConfigError) and an
+    ``validate(cfg, origin)`` (``origin(key)`` names where a key's value came from; raises ConfigError), an
     optional ``applies(cfg)``: False when the run does not use the component (its keys then have no effect:
-    :func:`inactive_keys`)."""
+    :func:`inactive_keys`), and an optional ``uses(cfg, key)``: the same per key, with the reason when the key is
+    not read (``None``: it is read), e.g. a tuning preset's key when ``spr`` names another preset."""
 
     title: str
     names: tuple[str, ...]
     validate: Optional[Callable[[Any, Callable[[str], str]], None]] = None
     applies: Optional[Callable[[Any], bool]] = None
+    unused_because: Optional[Callable[[Any, str], Optional[str]]] = None
+
+
+T = typing.TypeVar("T", bound="ConfigKeys")
+
+
+class ConfigKeys:
+    """Base of a component's key class (:func:`config_keys`): ``MyKeys.of(cfg)`` is the component's keys with the
+    run's values, typed, e.g. ``SlcaKeys.of(cfg).ca_epochs`` (an ``int`` to a type checker; ``cfg.ca_epochs`` is
+    ``Any``)."""
+
+    @classmethod
+    def of(cls: type[T], cfg: "ExperimentConfig") -> T:
+        """The keys of this class with ``cfg``'s values (defaults where the config does not set them)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
 
 
 KEY_GROUPS: list[KeyGroup] = []
 
 
 def config_keys(title: str, validate: Optional[Callable[[Any, Callable[[str], str]], None]] = None,
-                applies: Optional[Callable[[Any], bool]] = None):
+                applies: Optional[Callable[[Any], bool]] = None,
+                unused_because: Optional[Callable[[Any, str], Optional[str]]] = None):
     """Class decorator: the annotated fields of the class (``name: type = key(default, help, **bounds)``) become
     config keys, validated and documented like the core ones and read as ``cfg.<name>``.
 
     A learner or tuning preset declares its keys in its own file this way, so adding one touches no list
-    elsewhere. ``title`` heads the keys' table in README.md (``python -m utils.config --markdown``); ``validate`` and
-    ``applies``: see :class:`KeyGroup` (e.g. ``applies=for_learners("slca")``).
+    elsewhere. Subclass :class:`ConfigKeys` for the typed accessor ``MyKeys.of(cfg)``. ``title`` heads the keys'
+    table in README.md (``python -m utils.config --markdown``); ``validate``, ``applies`` and ``unused_because``: see
+    :class:`KeyGroup` (e.g. ``applies=for_learners("slca")``; a tuning preset's keys:
+    ``unused_because=models.sparse.presets.unread_by_preset``).
 
     Raises:
         ValueError: a key name is taken.
@@ -266,7 +280,7 @@ def config_keys(title: str, validate: Optional[Callable[[Any, Callable[[str], st
             EXTENSION_FIELDS[f.name] = f
             _EXTENSION_HINTS[f.name] = hints[f.name]
             names.append(f.name)
-        KEY_GROUPS.append(KeyGroup(title, tuple(names), validate, applies))
+        KEY_GROUPS.append(KeyGroup(title, tuple(names), validate, applies, unused_because))
         return dc
 
     return wrap
@@ -278,12 +292,30 @@ def for_learners(*names: str) -> Callable[[Any], bool]:
     return lambda cfg: LEARNERS.resolve(cfg.model_name) in names
 
 
-def inactive_keys(cfg: "ExperimentConfig") -> list[tuple[str, str]]:
-    """(key, its component's title) for every component key set to a non-default value whose component the run does
-    not use (:class:`KeyGroup` ``applies``): the key has no effect (warned at the run's start)."""
+class InactiveKey(typing.NamedTuple):
+    """A key set to a non-default value that the run does not read: the key, its component's title, and why."""
+
+    key: str
+    owner: str
+    why: str
+
+
+def inactive_keys(cfg: "ExperimentConfig") -> list[InactiveKey]:
+    """Every component key set to a non-default value that the run does not read (:class:`KeyGroup` ``applies`` and
+    ``unused_because``): the key has no effect (warned at the run's start; an error with ``strict_keys``)."""
     load_components()
-    return [(name, group.title) for group in KEY_GROUPS if group.applies is not None and not group.applies(cfg)
-            for name in group.names if getattr(cfg, name) != _default(EXTENSION_FIELDS[name])]
+    out = []
+    for group in KEY_GROUPS:
+        for name in group.names:
+            if getattr(cfg, name) == _default(EXTENSION_FIELDS[name]):
+                continue
+            if group.applies is not None and not group.applies(cfg):
+                out.append(InactiveKey(name, group.title, f"this run's learner is {cfg.model_name}"))
+            elif group.unused_because is not None:
+                why = group.unused_because(cfg, name)
+                if why is not None:
+                    out.append(InactiveKey(name, group.title, why))
+    return out
 
 
 def _default(field: dataclasses.Field) -> Any:

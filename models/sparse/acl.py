@@ -25,8 +25,8 @@ from typing import Any, Optional
 import torch
 
 from models.loop import FlatGradients
-from models.sparse.presets import register_preset
-from utils.config import config_keys, key
+from models.sparse.presets import register_preset, unread_by_preset
+from utils.config import ConfigKeys, config_keys, key
 from utils.registry import LEARNERS, LOSSES, OPTIMIZERS, PHASES
 
 logger = logging.getLogger(__name__)
@@ -40,8 +40,8 @@ HOST_VALUES = {"simplecil": (1e-4, 5e-4), "ranpac": (1e-4, 5e-3), "l2p": (1e-6, 
 OTHER_HOST = HOST_VALUES["simplecil"]
 
 
-@config_keys("ACL preset (models/sparse/acl.py)")
-class AclKeys:
+@config_keys("ACL preset (models/sparse/acl.py)", unused_because=unread_by_preset)
+class AclKeys(ConfigKeys):
     warm_epochs: int = key(1, "acl: adaptation epochs per task (official 1, algorithms.md §19.1).", min=1)
     warm_lr: Optional[float] = key(None, "acl: SGD learning rate of the backbone; null: the host's value in ACL's "
                                          "configs (SimpleCIL and RanPAC 1e-4, L2P and DualPrompt 1e-6; 1e-4 for other "

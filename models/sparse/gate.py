@@ -21,14 +21,15 @@ from typing import Any, Optional
 
 import torch
 
-from utils.config import config_keys, key
+from models.sparse.presets import unread_by_preset
+from utils.config import ConfigKeys, config_keys, key
 
 INITIALIZED, FROZEN = "initialized", "frozen"
 MEMORY_RULES = ("previous", "ema")
 
 
-@config_keys("Update-magnitude control, spr magnitude_gate (models/sparse/gate.py)")
-class GateKeys:
+@config_keys("Update-magnitude control, spr magnitude_gate (models/sparse/gate.py)", unused_because=unread_by_preset)
+class GateKeys(ConfigKeys):
     gate_threshold: float = key(
         0.5, "magnitude_gate: cosine similarity below which a task gets the large budget (algorithms.md §14.3).", ge=-1, le=1
     )

@@ -26,8 +26,8 @@ from torch import nn
 
 from models.sparse.estimators import Estimator, PassSums
 from models.sparse.losses import two_view_embeddings
-from models.sparse.presets import register_preset
-from utils.config import config_keys, key
+from models.sparse.presets import register_preset, unread_by_preset
+from utils.config import ConfigKeys, config_keys, key
 from utils.registry import ESTIMATORS, LOSSES, OPTIMIZERS, SCOPES
 from utils.loaders import Batch
 
@@ -35,8 +35,8 @@ SUPCON_TEMPERATURE = 0.07  # GPS utils/loss_utils.py: temperature = base_tempera
 COSINE_MIN_LR = 1e-8  # GPS: cosine schedule's floor
 
 
-@config_keys("GPS preset (models/sparse/gps.py)")
-class GpsKeys:
+@config_keys("GPS preset (models/sparse/gps.py)", unused_because=unread_by_preset)
+class GpsKeys(ConfigKeys):
     gps_k: int = key(1, "gps: input connections kept per output row of every weight matrix (official K: 1 on most "
                         "VTAB tasks, 2 on CUB, 15 on Cars; algorithms.md §19.5).", min=1)
     gps_lr: float = key(0.01, "gps: Adam learning rate of the selected entries and the CE head (official scripts "

@@ -12,12 +12,13 @@ import torch
 from torch import nn
 
 from models.loop import FlatGradients
-from utils.config import config_keys, key
+from models.sparse.presets import unread_by_preset
+from utils.config import ConfigKeys, config_keys, key
 from utils.registry import OPTIMIZERS
 
 
-@config_keys("Adam tuning optimizer (models/sparse/optim.py)")
-class AdamKeys:
+@config_keys("Adam tuning optimizer (models/sparse/optim.py)", unused_because=unread_by_preset)
+class AdamKeys(ConfigKeys):
     adam_lr: float = key(1e-5, "Adam tuning optimizer: backbone learning rate (PIECE's 1e-5, algorithms.md §13.5).", gt=0)
     adam_head_lr: float = key(1e-3, "Adam tuning optimizer: learning rate of the CE head and projection head.", gt=0)
     mist_lr: Optional[float] = key(

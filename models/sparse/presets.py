@@ -26,12 +26,66 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from utils.config import COMPOSITION_KEYS, config_keys, key
+from utils.config import COMPOSITION_KEYS, ConfigKeys, config_keys, key
 from utils.registry import PRESETS
 
+#: keys a preset reads because one of its parts has this value (besides its own ``keys``, budget, epochs and
+#: learning-rate keys)
+PART_KEYS: dict[tuple[str, Any], tuple[str, ...]] = {
+    ("drop", True): ("drop_rate",), ("freeze", True): ("freeze_quantile",),
+    ("loss", "contrastive"): ("exclude_self_positive",), ("score_loss", "contrastive"): ("exclude_self_positive",),
+    ("optimizer", "mist_sgd"): ("mist_lr",), ("optimizer", "adam"): ("adam_lr", "adam_head_lr")}
+#: keys of the masked step that any tuning phase may read (never reported as unread while a phase runs)
+PHASE_KEYS = ("hard_freeze", "sparse_weight_decay")
 
-@config_keys("PIECE (models/sparse/presets.py)")
-class PieceKeys:
+
+def read_keys(preset: "Preset") -> set[str]:
+    """The tuning-phase keys a preset reads: its own ``keys``, its budget, epochs and learning-rate keys, the keys of
+    its parts (:data:`PART_KEYS`) and :data:`PHASE_KEYS`."""
+    out = {*preset.keys, *PHASE_KEYS} | {k for k in (preset.budget_key, preset.epochs_key, preset.lr_key) if k}
+    for (part, value), keys in PART_KEYS.items():
+        if preset.parts.get(part) == value:
+            out.update(keys)
+    return out
+
+
+def unread_by_preset(cfg, name: str) -> Optional[str]:
+    """``unused_because`` of the tuning presets' key groups (``utils.config.KeyGroup``): why the run does not read
+    tuning-phase key ``name`` (``spr`` none, or a preset that does not read it), or None. With a composition key set
+    (``importance``, ``tuning_optimizer``, ...) the parts differ from the preset's, so only ``spr`` none counts."""
+    if cfg.tuning is None:
+        return "spr is 'none' (no tuning phase)"
+    if any(getattr(cfg, k) is not None for k in COMPOSITION_KEYS) or cfg.spr not in PRESETS:
+        return None
+    preset = PRESETS.get(cfg.spr)
+    if name in read_keys(preset):
+        return None
+    readers = [n for n, p in PRESETS.items() if name in read_keys(p)]
+    return f"spr {cfg.spr!r} does not read it (read by {', '.join(readers)})"
+
+
+@config_keys("MIST (models/sparse/presets.py; select_rate, drop_rate and mi_epochs are official JSON keys)",
+             unused_because=unread_by_preset)
+class MistKeys(ConfigKeys):
+    select_rate: float = key(0.1, "Fraction of each maskable tensor selected by importance score (algorithms.md §4.5).",
+                             gt=0, le=1)
+    drop_rate: float = key(0.9, "Probability of DROPPING a selected gradient entry at each step; keep prob = "
+                                "1 - drop_rate.", ge=0, lt=1)
+    mi_epochs: int = key(20, "MIST epochs per task, the scoring pass included (algorithms.md §4.4-4.6); also the "
+                             "epochs of PIECE, SPU, SPG and GPS.", min=1)
+    freeze_quantile: Optional[float] = key(
+        None, "Quantile of scores frozen at the end of a task; null = learner default (RanPAC 0.9995, SimpleCIL 1.0).",
+        ge=0, le=1)
+    exclude_self_positive: bool = key(False, "NT-Xent: drop the anchor itself from its positive set (algorithms.md "
+                                             "§9.5 fix).")
+    sparse_weight_decay: bool = key(False, "Apply weight decay only to entries the step may move (algorithms.md §9.4 "
+                                           "fix).")
+    hard_freeze: bool = key(False, "Restore every entry with a zero gradient multiplier after each step (algorithms.md "
+                                   "§9.4 fix).")
+
+
+@config_keys("PIECE (models/sparse/presets.py)", unused_because=unread_by_preset)
+class PieceKeys(ConfigKeys):
     top_ratio: float = key(0.001, "PIECE: global fraction of backbone entries selected per task (algorithms.md §13.3).", gt=0, le=1)
     piece_scoring_batch_size: Optional[int] = key(
         4, "PIECE: batch size of the scoring pass, over the task's un-augmented images in order (official 4, "

@@ -31,10 +31,10 @@ from torch import nn
 
 from models.loop import FlatGradients
 from models.sparse.optim import MaskedStep
-from models.sparse.presets import register_preset
+from models.sparse.presets import register_preset, unread_by_preset
 from models.sparse.scopes import is_embedding
 from models.sparse.spu import CLIP_LOGIT_SCALE
-from utils.config import config_keys, key
+from utils.config import ConfigKeys, config_keys, key
 from utils.registry import LOSSES, OPTIMIZERS, PHASES
 from utils.runtime import make_generator
 
@@ -46,8 +46,8 @@ GRAD_WEIGHT = 0.5  # --sp-lmd
 SCHEDULE = ((0, 0.96, 0.95), (5, 0.95, 0.95))
 
 
-@config_keys("SparCL preset (models/sparse/sparcl.py)")
-class SparclKeys:
+@config_keys("SparCL preset (models/sparse/sparcl.py)", unused_because=unread_by_preset)
+class SparclKeys(ConfigKeys):
     sparcl_lr: float = key(5e-6, "sparcl: AdamW learning rate (the pre-trained port's 5e-6; algorithms.md §19.4).", gt=0)
     sparcl_weight_decay: float = key(0.2, "sparcl: AdamW weight decay on the entries the mask lets move.", ge=0)
 

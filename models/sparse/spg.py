@@ -28,16 +28,16 @@ from torch import nn
 from models.loop import FlatGradients
 from models.sparse.estimators import scoring_pass
 from models.sparse.losses import head_logits
-from models.sparse.presets import register_preset
-from utils.config import config_keys, key
+from models.sparse.presets import register_preset, unread_by_preset
+from utils.config import ConfigKeys, config_keys, key
 from utils.registry import LOSSES, OPTIMIZERS, PHASES
 from utils.loaders import Batch
 
 logger = logging.getLogger(__name__)
 
 
-@config_keys("SPG preset (models/sparse/spg.py)")
-class SpgKeys:
+@config_keys("SPG preset (models/sparse/spg.py)", unused_because=unread_by_preset)
+class SpgKeys(ConfigKeys):
     spg_lr: float = key(1e-3, "spg: plain SGD learning rate of the backbone and the task's head (ours: the original "
                               "0.25 trains an AlexNet from scratch; algorithms.md §19.3).", gt=0)
 

@@ -29,8 +29,8 @@ from models.loop import global_mean
 from models.sparse.estimators import Estimator, ScoringRule
 from models.sparse.gps import signed_sum
 from models.sparse.losses import head_logits
-from models.sparse.presets import register_preset
-from utils.config import config_keys, key
+from models.sparse.presets import register_preset, unread_by_preset
+from utils.config import ConfigKeys, config_keys, key
 from utils.registry import ESTIMATORS, LOSSES, OPTIMIZERS, SCOPES
 from utils.loaders import Batch
 
@@ -42,8 +42,8 @@ CLIP_LOGIT_SCALE = 100.0
 ZERO_SCORE = 1e-12  # trainer/spu.py: the pass continues while an entry's |sum| is below this
 
 
-@config_keys("SPU preset (models/sparse/spu.py)")
-class SpuKeys:
+@config_keys("SPU preset (models/sparse/spu.py)", unused_because=unread_by_preset)
+class SpuKeys(ConfigKeys):
     spu_rate: float = key(0.1, "spu: fraction of each first-MLP weight tensor selected per task (selection_rate, "
                                "algorithms.md §19.2).", gt=0, le=1)
     spu_lr: float = key(7.5e-6, "spu: AdamW learning rate (the official CLIP value; algorithms.md §19.2).", gt=0)
