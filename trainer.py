@@ -28,19 +28,25 @@ from backbones import backbone_mean_std
 from models import build_learner
 from models.base import TaskData
 from utils import distributed
+from utils.checkpoints import CHECKPOINT_NAME, CheckpointUnreadable, load_checkpoint, read_checkpoint, save_checkpoint  # noqa: F401
 from utils.config import ExperimentConfig, config_from_dict, inactive_keys, load_config, parse_override
-from utils.data_manager import DataManager
 from utils.data_identity import differences, source_identity
+from utils.data_manager import DataManager
 from utils.datasets import DataIntegrityError, default_norm, load_source
 from utils.errors import CheckpointError, ConfigError, RunStopped, UserError  # noqa: F401 (RunStopped re-exported)
-from utils.checkpoints import (CHECKPOINT_NAME, CheckpointUnreadable, load_checkpoint, read_checkpoint,  # noqa: F401
-                               save_checkpoint)
-from utils.results_file import record_task, write_json
-from utils.run_folder import (OutputError, RunLock, check_checkpoint_meta, check_seed_folders, config_fingerprint,
-                              move_aside, remove_stale_temporaries, seed_complete)
 from utils.registry import LEARNERS
-from utils.runtime import (OFFICIAL_TORCH_SEED, log_traceback, resolve_device, runtime_info, seed_torch,
-                           setup_logging)
+from utils.results_file import record_task, write_json
+from utils.run_folder import (
+    OutputError,
+    RunLock,
+    check_checkpoint_meta,
+    check_seed_folders,
+    config_fingerprint,
+    move_aside,
+    remove_stale_temporaries,
+    seed_complete,
+)
+from utils.runtime import OFFICIAL_TORCH_SEED, log_traceback, resolve_device, runtime_info, seed_torch, setup_logging
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent

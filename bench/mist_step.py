@@ -32,8 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backbones import build_backbone  # noqa: E402
-from models.sparse.reference import ReferenceState, reference_draw, reference_masked_grads_  # noqa: E402
 from models.loop import FlatGradients  # noqa: E402
+from models.sparse.reference import ReferenceState, reference_draw, reference_masked_grads_  # noqa: E402
 from models.sparse.tuner import SparseTuner  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.runtime import seed_torch  # noqa: E402

@@ -19,8 +19,8 @@ from models.loop import TuningLoop
 from models.sparse import build_tuner
 from utils import distributed
 from utils.config import ExperimentConfig
-from utils.runtime import GeneratorState, Stateful, autocast, make_generator
 from utils.loaders import make_loader
+from utils.runtime import GeneratorState, Stateful, autocast, make_generator
 
 logger = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ from models.sparse.optim import ClippedAdam
 from utils import distributed
 from utils.config import ConfigKeys, config_keys, for_learners, key
 from utils.errors import ConfigError
+from utils.loaders import Batch
 from utils.registry import LEARNERS
 from utils.runtime import autocast
-from utils.loaders import Batch
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,17 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from models.ridge import (RIDGE_GRID, RIDGE_TRAIN_FRACTION, SEARCH_TRUSTED_RHO, gram_trace, rounding_ratio, _check_solver, _cholesky_shifted, _cholesky_solve, _lower_gram)
+from models.ridge import (
+    RIDGE_GRID,
+    RIDGE_TRAIN_FRACTION,
+    SEARCH_TRUSTED_RHO,
+    _check_solver,
+    _cholesky_shifted,
+    _cholesky_solve,
+    _lower_gram,
+    gram_trace,
+    rounding_ratio,
+)
 
 logger = logging.getLogger(__name__)
 

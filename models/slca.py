@@ -33,9 +33,9 @@ from models.base import Learner, TaskData
 from models.heads import linear_from, timm_linear_head
 from models.loop import FlatGradients, TrainAccuracy, TuningLoop, cross_entropy
 from utils.config import ConfigKeys, config_keys, for_learners, key
+from utils.loaders import Batch
 from utils.registry import LEARNERS
 from utils.runtime import GeneratorState, autocast, make_generator
-from utils.loaders import Batch
 
 logger = logging.getLogger(__name__)
 

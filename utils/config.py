@@ -16,14 +16,29 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-from utils.config_json import _check_value, _coerce, _first_nonfinite, _read_json_file, _type_name, _unknown_key
 # the config API: the schema's names are imported from here by the components and tools
 from utils.config_docs import README_END, README_START, markdown_tables  # noqa: F401
-from utils.config_schema import (COMPOSITION_KEYS, CORE_FIELDS, EXTENSION_FIELDS, FIELDS,  # noqa: F401
-                                 KEY_GROUPS, NONFINITE_NOTE, ConfigKeys, ExperimentConfig, InactiveKey, KeyGroup,
-                                 config_keys, for_learners, inactive_keys, key, key_type)
+from utils.config_json import _check_value, _coerce, _first_nonfinite, _read_json_file, _type_name, _unknown_key
+from utils.config_schema import (  # noqa: F401
+    COMPOSITION_KEYS,
+    CORE_FIELDS,
+    EXTENSION_FIELDS,
+    FIELDS,
+    KEY_GROUPS,
+    NONFINITE_NOTE,
+    ConfigKeys,
+    ExperimentConfig,
+    InactiveKey,
+    KeyGroup,
+    config_keys,
+    for_learners,
+    inactive_keys,
+    key,
+    key_type,
+)
 from utils.errors import ConfigError
 from utils.registry import DATASETS, LEARNERS, PRESETS
+
 
 def config_from_dict(
     raw: Mapping[str, Any], where: str = "<config>", origins: Optional[Mapping[str, str]] = None

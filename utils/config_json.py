@@ -20,6 +20,7 @@ from utils.config_schema import DEVICE_FORMS, FIELDS, NONFINITE_NOTE, SEED_MAX, 
 from utils.errors import ConfigError
 from utils.registry import ALL as REGISTRIES
 
+
 # ---------------------------------------------------------------------------------------------
 # value coercion
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from utils.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 

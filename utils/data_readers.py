@@ -17,10 +17,9 @@ from typing import Sequence
 import numpy as np
 from torchvision import datasets as tv_datasets
 
+from utils.data_files import DataIntegrityError, Split
 from utils.errors import DataNotFoundError
 from utils.registry import DATASETS
-
-from utils.data_files import DataIntegrityError, Split
 
 logger = logging.getLogger(__name__)
 

@@ -17,11 +17,19 @@ from typing import Callable, Optional, Sequence, Union
 
 from torchvision import transforms as T
 
-from utils.registry import DATASETS
 from utils.data_files import DataIntegrityError, DataSource, ImageReadError, Split, open_image  # noqa: F401 (API)
 from utils.data_files import verify_images as _verify_images
-from utils.data_readers import (DEBIAN_FMNIST, IMAGE_FOLDERS, IMAGENET_MEAN, IMAGENET_STD, load_cifar224,  # noqa: F401
-                                load_fmnist, load_image_folder, read_idx)
+from utils.data_readers import (  # noqa: F401
+    DEBIAN_FMNIST,
+    IMAGE_FOLDERS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    load_cifar224,
+    load_fmnist,
+    load_image_folder,
+    read_idx,
+)
+from utils.registry import DATASETS
 
 logger = logging.getLogger(__name__)
 

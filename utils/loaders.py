@@ -10,8 +10,15 @@ from typing import Iterable, Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import (BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler,
-                              get_worker_info)
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    get_worker_info,
+)
 from torch.utils.data._utils.collate import default_collate
 
 from utils import distributed

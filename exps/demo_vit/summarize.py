@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from utils.cli import ToolError, run_tool, write_output  # noqa: E402
-from utils.registry import LEARNERS  # noqa: E402
 from utils.contrasts import detectable_effect, holm, paired  # noqa: E402
+from utils.registry import LEARNERS  # noqa: E402
 from utils.results_file import InvalidResults, load_run  # noqa: E402
 
 #: the registered learners in report order, and their report titles (a new learner appears without an edit)

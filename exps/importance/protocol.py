@@ -51,11 +51,12 @@ sys.path.insert(0, str(HERE))
 from arms import VARIANTS, Arm, arm_of, epoch_keys, grid, owned_keys, plan_config  # noqa: E402,F401
 from jobs import Job, lr_tag, run_all  # noqa: E402
 from protocol_tables import metrics, table  # noqa: E402
+
+import models  # noqa: E402,F401  (registers the learners and presets)
+from models.sparse.presets import compared_methods  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.errors import ConfigError  # noqa: E402
-from models.sparse.presets import compared_methods  # noqa: E402
 from utils.registry import LEARNERS, PRESETS  # noqa: E402
-import models  # noqa: E402,F401  (registers the learners and presets)
 
 #: the demo's size: Fashion-MNIST at 32 px, 60 training and 50 test images per class, batch 32
 SIZES = {

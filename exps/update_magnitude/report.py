@@ -10,8 +10,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from exps.update_magnitude.setting import (ADAPTIVE, FROZEN, INITIALIZED, PAPER_TABLE_I, REGIMES, REINITIALIZED,
-                                           Config, RunResult)
+from exps.update_magnitude.setting import (
+    ADAPTIVE,
+    FROZEN,
+    INITIALIZED,
+    PAPER_TABLE_I,
+    REGIMES,
+    REINITIALIZED,
+    Config,
+    RunResult,
+)
 from utils.cli import write_output
 from utils.contrasts import holm, paired
 

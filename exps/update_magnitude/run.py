@@ -66,9 +66,21 @@ from utils.datasets import Split, load_fmnist  # noqa: E402
 logger = logging.getLogger(__name__)
 
 from exps.update_magnitude.report import markdown_table, write_outputs  # noqa: E402
-from exps.update_magnitude.setting import (ADAPTIVE, FROZEN, INITIALIZED, LAST, LAYERS, REGIMES,  # noqa: E402,F401
-                                           FMNIST_MEAN, FMNIST_STD, REINITIALIZED, WIDTHS, Config, RunResult,
-                                           TaskData)
+from exps.update_magnitude.setting import (  # noqa: E402,F401
+    ADAPTIVE,
+    FMNIST_MEAN,
+    FMNIST_STD,
+    FROZEN,
+    INITIALIZED,
+    LAST,
+    LAYERS,
+    REGIMES,
+    REINITIALIZED,
+    WIDTHS,
+    Config,
+    RunResult,
+    TaskData,
+)
 
 
 class MultiHeadNet(nn.Module):

@@ -20,8 +20,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from models.sparse.masks import SparsityState
 from models.loop import FlatGradients
+from models.sparse.masks import SparsityState
 from utils.loaders import batches
 from utils.registry import ESTIMATORS
 

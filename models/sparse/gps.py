@@ -28,8 +28,8 @@ from models.sparse.estimators import Estimator, PassSums
 from models.sparse.losses import two_view_embeddings
 from models.sparse.presets import register_preset, unread_by_preset
 from utils.config import ConfigKeys, config_keys, key
-from utils.registry import ESTIMATORS, LOSSES, OPTIMIZERS, SCOPES
 from utils.loaders import Batch
+from utils.registry import ESTIMATORS, LOSSES, OPTIMIZERS, SCOPES
 
 SUPCON_TEMPERATURE = 0.07  # GPS utils/loss_utils.py: temperature = base_temperature = 0.07
 COSINE_MIN_LR = 1e-8  # GPS: cosine schedule's floor

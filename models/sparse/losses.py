@@ -15,10 +15,9 @@ from torch import nn
 
 from models.loop import cross_entropy
 from utils import distributed
+from utils.loaders import Batch
 from utils.registry import LOSSES
 from utils.runtime import autocast
-from utils.loaders import Batch
-
 
 TEMPERATURE = 0.07  # official tau
 NORM_EPS = 1e-8  # z = p / (||p|| + 1e-8)

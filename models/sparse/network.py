@@ -10,8 +10,8 @@ from torch import nn
 from models.heads import PROJECTION_DIM, CosineLinear
 from models.loop import keep_batchnorm_in_eval
 from utils import distributed
-from utils.runtime import autocast
 from utils.loaders import batches
+from utils.runtime import autocast
 
 
 class TunedNetwork(nn.Module):

@@ -30,8 +30,8 @@ from models.sparse.estimators import scoring_pass
 from models.sparse.losses import head_logits
 from models.sparse.presets import register_preset, unread_by_preset
 from utils.config import ConfigKeys, config_keys, key
-from utils.registry import LOSSES, OPTIMIZERS, PHASES
 from utils.loaders import Batch
+from utils.registry import LOSSES, OPTIMIZERS, PHASES
 
 logger = logging.getLogger(__name__)
 

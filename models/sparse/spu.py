@@ -31,8 +31,8 @@ from models.sparse.gps import signed_sum
 from models.sparse.losses import head_logits
 from models.sparse.presets import register_preset, unread_by_preset
 from utils.config import ConfigKeys, config_keys, key
-from utils.registry import ESTIMATORS, LOSSES, OPTIMIZERS, SCOPES
 from utils.loaders import Batch
+from utils.registry import ESTIMATORS, LOSSES, OPTIMIZERS, SCOPES
 
 SCORE_BATCH_PERCENTAGE = 0.25  # config/baseline/spu.yaml
 #: the scale of SPU's logits: OpenAI CLIP ViT-B/16's learned logit scale, exp(4.6052) = 100 (CLIP caps it there), which

@@ -30,9 +30,9 @@ from models.sparse.sanity import canonical, check_tuning_config
 from models.sparse.scopes import is_embedding
 from models.sparse.selective import SelectivePhase
 from utils.config import warn_ignored
+from utils.loaders import Batch, make_loader
 from utils.registry import OPTIMIZERS, PHASES
 from utils.runtime import make_generator
-from utils.loaders import Batch, make_loader
 
 logger = logging.getLogger(__name__)
 
