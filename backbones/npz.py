@@ -61,11 +61,11 @@ def _track_npz_reads(model: nn.Module) -> Iterator[Optional[list[_ReadTracker]]]
         return trackers[-1]
 
     with _TRACK_LOCK:
-        setattr(module, "_load_npz_checkpoint", tracking_opener)
+        module._load_npz_checkpoint = tracking_opener
         try:
             yield trackers
         finally:
-            setattr(module, "_load_npz_checkpoint", opener)
+            module._load_npz_checkpoint = opener
 
 
 def _npz_prefix(files: Sequence[str]) -> str:

@@ -6,7 +6,8 @@ stay those of the plain ViT), and adds the host's input while something is attac
 
 - :class:`AdapterBlock` (EASE, algorithms.md §18.1): a ``Block`` with a parallel adapter that reads the residual stream
   after attention, ``h + ls2(mlp(norm2(h))) + adapter(h)`` with ``h = x + ls1(attn(norm1(x)))``;
-- :class:`PrefixAttention` (DualPrompt, algorithms.md §18.3): an ``Attention`` whose keys and values get per-head prefixes;
+- :class:`PrefixAttention` (DualPrompt, algorithms.md §18.3):
+  an ``Attention`` whose keys and values get per-head prefixes;
 - :func:`forward_with_tokens` (L2P, algorithms.md §18.2): ``forward_features`` with prompt tokens after the [CLS] token.
 
 Attached inputs live in the module's ``__dict__`` (not registered as submodules or buffers), only for the duration
@@ -31,8 +32,8 @@ ADAPTER_SLOT, PREFIX_SLOT, KEEP_SLOT = "_host_adapter", "_host_prefix", "_host_k
 
 
 class Adapter(nn.Module):
-    """EASE's AdaptFormer bottleneck (algorithms.md §18.1; github sun-hailong/CVPR24-Ease ``backbone/vit_ease.py`` Adapter with
-    ``ffn_option="parallel"``, no LayerNorm, ``init_option="lora"``).
+    """EASE's AdaptFormer bottleneck (algorithms.md §18.1; github sun-hailong/CVPR24-Ease ``backbone/vit_ease.py``
+    Adapter with ``ffn_option="parallel"``, no LayerNorm, ``init_option="lora"``).
 
     ``x`` (B, N, D) float32 -> ``scale * up(dropout(relu(down(x))))`` (B, N, D). ``down.weight`` is
     kaiming-uniform (a = sqrt 5); ``down.bias``, ``up.weight`` and ``up.bias`` are zero, so a new adapter adds zero.
@@ -69,7 +70,8 @@ class AdapterBlock(Block):
     """timm ``Block``; with an adapter attached, the block output gets ``adapter(h)`` added, ``h`` the residual stream
     after attention (before ``norm2``), as EASE's ``Block.forward`` (algorithms.md §18.1)."""
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
         adapter = self.__dict__.get(ADAPTER_SLOT)
         if adapter is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
@@ -80,9 +82,11 @@ class AdapterBlock(Block):
 class PrefixAttention(Attention):
     """timm ``Attention``; with a prefix attached, ``(p_K, p_V)`` of shape (2, B, L, H, d_head) are concatenated in
     front of every head's keys and values (raw per-head vectors, not projected); the queries, and so the output
-    length, stay those of the real tokens (DualPrompt's prefix tuning, algorithms.md §18.3; ``attention.py`` PreT_Attention)."""
+    length, stay those of the real tokens (DualPrompt's prefix tuning, algorithms.md §18.3;
+    ``attention.py`` PreT_Attention)."""
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
         prefix = self.__dict__.get(PREFIX_SLOT)
         if prefix is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
@@ -108,7 +112,8 @@ def vit_of(model: nn.Module, host: str) -> VisionTransformer:
                   and b.attn.gate is None for b in model.blocks))
     if not ok:
         raise ConfigError(f"{host} needs a timm VisionTransformer with a class token and standard blocks "
-                          f"(convnet_type e.g. vit_base_patch16_224_in21k or dinov2_vits14), got {type(model).__name__}")
+                          f"(convnet_type e.g. vit_base_patch16_224_in21k or dinov2_vits14), "
+                          f"got {type(model).__name__}")
     return model
 
 
@@ -166,7 +171,8 @@ def forward_with_tokens(vit: VisionTransformer, x: torch.Tensor, tokens: torch.T
 @contextlib.contextmanager
 def frozen(module: nn.Module) -> Iterator[None]:
     """``module``'s parameters without gradients for the ``with`` block (a host trains its prompts or adapters on a
-    frozen backbone, algorithms.md §18), then their ``requires_grad`` flags as they were (the tuning phase needs them)."""
+    frozen backbone, algorithms.md §18), then their ``requires_grad`` flags as they were
+    (the tuning phase needs them)."""
     params = list(module.parameters())
     flags = [p.requires_grad for p in params]
     try:

@@ -1,8 +1,8 @@
 """MIST's per-step gradient masking and its tuning state, fast path against the plain reference, on ViT-B/16.
 
 Figures (one per line, ``mist_step.<figure>: <value>`` and ``mist_state.<figure>: <value>``):
-- ``mask.reference_ms``: the official per-tensor sequence of algorithms.md §4.6 (models/sparse/reference.py: zero frozen,
-  Bernoulli draws on the selected entries through boolean indexing, mask x draw, 0.9 ** count, zero frozen);
+- ``mask.reference_ms``: the official per-tensor sequence of algorithms.md §4.6 (models/sparse/reference.py: zero
+  frozen, Bernoulli draws on the selected entries through boolean indexing, mask x draw, 0.9 ** count, zero frozen);
 - ``mask.previous_ms``: the implementation before issue 7 (a uniform draw for every entry of every tensor,
   times dense per-task multipliers, ``grad.mul_``);
 - ``mask.fast_ms``: :class:`models.sparse.masks.GradientPlan` (geometric-gap draws for the eligible entries

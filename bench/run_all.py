@@ -5,8 +5,11 @@ ratio; absolute times on a shared machine are noise, the ratios are the figures.
 
     .venv/bin/python bench/run_all.py --quick               # CPU, under 10 minutes on 2 cores
     .venv/bin/python bench/run_all.py --full --device cuda  # GPU, paper-scale sizes
+    .venv/bin/python bench/run_all.py --gpu-check           # bench/gpu_check.py: the figures a GPU must measure
+    .venv/bin/python bench/run_all.py --gpu-check --shrink --device cpu  # its CPU form (tests/test_gpu_check.py)
 
-Exit status 1 if a bench failed (its error is printed); the others still run.
+Exit status 1 if a bench failed (its error is printed); the others still run. With ``--gpu-check`` the exit status is
+gpu_check.py's (1 if one of its sections failed).
 """
 
 from __future__ import annotations
@@ -16,10 +19,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 # (script, takes --device): sparsity counts entries on the CPU
 BENCHES = (("mist_step.py", True), ("ridge.py", True), ("extraction.py", True), ("sparsity_vitb16.py", False))
+
+
+def gpu_check(device: Optional[str], shrink: bool) -> int:
+    """Run ``bench/gpu_check.py`` (its output streams through); returns its exit status."""
+    cmd = [sys.executable, str(HERE / "gpu_check.py")] + (["--device", device] if device else []) \
+        + (["--shrink"] if shrink else [])
+    print(f"# {' '.join(cmd[1:])}", flush=True)
+    return subprocess.run(cmd).returncode
 
 
 def main() -> int:
@@ -27,9 +39,17 @@ def main() -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="small repeats, CPU sizes (default)")
     mode.add_argument("--full", action="store_true", help="paper-scale sizes and more repeats (GPU)")
-    parser.add_argument("--device", default="cpu")
+    mode.add_argument("--gpu-check", action="store_true",
+                      help="run bench/gpu_check.py instead of the benches (one GPU, under 8 minutes)")
+    parser.add_argument("--device", default=None, help="default: cpu; with --gpu-check, cuda when available")
+    parser.add_argument("--shrink", action="store_true", help="with --gpu-check: its CPU-sized form")
     parser.add_argument("--only", nargs="*", default=None, help="run only these scripts, e.g. ridge.py")
     args = parser.parse_args()
+    if args.shrink and not args.gpu_check:
+        parser.error("--shrink goes with --gpu-check")
+    if args.gpu_check:
+        return gpu_check(args.device, args.shrink)
+    args.device = args.device or "cpu"
     flag = "--full" if args.full else "--quick"
     failed = []
     start = time.perf_counter()

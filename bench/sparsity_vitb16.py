@@ -8,7 +8,9 @@ every entry with random positive numbers (selection depends only on per-tensor r
   (measured on dense all-ones gradients over several steps), against the paper's "< 0.5%";
 - the entries frozen per task for the RanPAC (quantile 0.9995) and SimpleCIL (1.0) rules.
 
-Usage: ``.venv/bin/python bench/sparsity_vitb16.py [--quick] [--steps 5] [--select-rate 0.1 --drop-rate 0.9]``\n\nThis bench counts entries; it times nothing (the step's speed is bench/mist_step.py).
+Usage: ``.venv/bin/python bench/sparsity_vitb16.py [--quick] [--steps 5] [--select-rate 0.1 --drop-rate 0.9]``
+
+This bench counts entries; it times nothing (the step's speed is bench/mist_step.py).
 """
 
 from __future__ import annotations

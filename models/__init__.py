@@ -1,8 +1,8 @@
 """The learners, and the one function that builds the learner a config names.
 
 Learners register in ``utils.registry.LEARNERS`` (``@LEARNERS.register(name, aliases=...)``); importing this
-package imports every module in ``models/`` and ``models/sparse/`` (``utils.registry.import_submodules``), so a new learner or
-tuning-phase part is one new file.
+package imports every module in ``models/`` and ``models/sparse/`` (``utils.registry.import_submodules``), so a new
+learner or tuning-phase part is one new file.
 """
 
 from __future__ import annotations

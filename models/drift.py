@@ -120,7 +120,8 @@ class FeatureDrift:
         per_class = 1.0 - torch.nn.functional.cosine_similarity(now[:known], self.means, dim=1) if known else None
         out: dict[str, Any] = {"old_class_feature_drift": [], "old_class_feature_drift_mean": None}
         if per_class is not None:
-            out["old_class_feature_drift"] = [float(per_class[a:b].mean()) for a, b in zip(self.bounds, self.bounds[1:])]
+            out["old_class_feature_drift"] = [float(per_class[a:b].mean())
+                                              for a, b in zip(self.bounds, self.bounds[1:])]
             out["old_class_feature_drift_mean"] = float(per_class.mean())
         self.means = torch.cat([self.means.reshape(known, now.shape[1]), now[known:seen]])
         self.bounds.append(seen)

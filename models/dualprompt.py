@@ -6,8 +6,8 @@ uses E-prompt t (``use_prompt_mask``), which starts as a copy of E-prompt t - 1 
 the query (frozen pretrained ViT's [CLS]) picks the E-prompt whose key is nearest. The head reads the [CLS] token.
 Prompts, keys and the head train with CE on the task's classes minus 1.0 times cos(q, k_t) (models/prompt_hosts.py).
 
-The port's E-prefix reshape (algorithms.md §18.3 bug: the first half of a batch gets K = V = the K prefix, the second half
-the V prefix) is reproduced; ``dualprompt_prefix_fix`` gives every image its own K and V prefix.
+The port's E-prefix reshape (algorithms.md §18.3 bug: the first half of a batch gets K = V = the K prefix, the second
+half the V prefix) is reproduced; ``dualprompt_prefix_fix`` gives every image its own K and V prefix.
 Differences from the official code: docs/deviations.md, section "L2P and DualPrompt".
 """
 
@@ -120,8 +120,8 @@ class DualPromptNet(PromptedViT):
 @LEARNERS.register("dualprompt", aliases=("dualprompt_mist",))
 class DualPrompt(PromptHost):
     """DualPrompt with an optional tuning phase (``spr``) before each task; the query model stays the pretrained ViT
-    unless ``query_model: tuned`` (algorithms.md §18.4). Training never reads the query to choose a prompt (task t uses slot t
-    while t < ``pool_size``); only the key-matching term and test-time selection do."""
+    unless ``query_model: tuned`` (algorithms.md §18.4). Training never reads the query to choose a prompt (task t uses
+    slot t while t < ``pool_size``); only the key-matching term and test-time selection do."""
 
     TITLE, ORDER = "DualPrompt", 60
     PROMPT_DEFAULTS = {"prompt_epochs": 5, "prompt_lr": 0.03 * 24 / 256, "pull_constraint_coeff": 1.0, "top_k": 1}
@@ -136,7 +136,8 @@ class DualPrompt(PromptHost):
         return DualPromptNet(super().build_backbone(cfg), cfg, cfg.prompt_length or 5)
 
     def before_training(self, task: TaskData) -> None:
-        """``shared_prompt_pool``: E-prompt slot t starts as a copy of slot t - 1 (every layer, K and V; not the key)."""
+        """``shared_prompt_pool``: E-prompt slot t starts as a copy of slot t - 1 (every layer, K and V;
+        not the key)."""
         t, pool = task.task_id, self.backbone.e_prompt
         if 0 < t < pool.shape[2]:
             with torch.no_grad():

@@ -1,13 +1,15 @@
-"""EASE: Expandable Subspace Ensemble (Zhou et al., CVPR 2024; algorithms.md §18.1; github sun-hailong/CVPR24-Ease@6d67508).
+"""EASE: Expandable Subspace Ensemble (Zhou et al., CVPR 2024; algorithms.md §18.1; github
+sun-hailong/CVPR24-Ease@6d67508).
 
 Per task T (after the tuning phase ``spr``, if any, which tunes the plain ViT, adapters detached):
 
 1. **a new subspace** (:meth:`EASE.train_task`): a fresh set of adapters, one per block (:class:`Adapter`, parallel
    to the MLP, zero output at start), and a new cosine head over the task's classes (``proxy_fc``, sigma learnable)
    train on the frozen ViT (adapter dropout 0.1, its masks drawn for the whole batch from the run's ``ease_dropout``
-   stream, so that torchrun gives the one-process result): CE(head(f_T(x)), y - known), SGD (momentum 0.9, ``weight_decay``), CosineAnnealingLR to
-   ``min_lr`` over the task's epochs (``init_epochs``/``init_lr`` on task 0 and on every task when init_cls ==
-   increment, ``later_*`` otherwise: :func:`task_schedule`); the adapters are then frozen for good;
+   stream, so that torchrun gives the one-process result): CE(head(f_T(x)), y - known), SGD (momentum 0.9,
+   ``weight_decay``), CosineAnnealingLR to ``min_lr`` over the task's epochs (``init_epochs``/``init_lr`` on task 0 and
+   on every task when init_cls == increment, ``later_*`` otherwise: :func:`task_schedule`);
+   the adapters are then frozen for good;
 2. **prototypes** (:meth:`EASE.update_head`): the mean unnormalised [CLS] feature of each new class in every subspace
    i = 0..T (its training images under test transforms, backbone with adapter set i);
 3. **semantic-guided completion**: an old class o of task t gets in each later subspace s the prototype
@@ -146,7 +148,8 @@ class EASE(Learner):
         return self.backbone.vit
 
     def train_task(self, task: TaskData, loop: TuningLoop) -> dict[str, Any]:
-        """Train a new adapter set and ``proxy_fc`` on the task (algorithms.md §18.1), the ViT frozen; then freeze the set."""
+        """Train a new adapter set and ``proxy_fc`` on the task (algorithms.md §18.1), the ViT frozen;
+        then freeze the set."""
         cfg, t, net = self.cfg, task.task_id, self.backbone
         adapters = net.add_adapters()
         self.feature_dim = net.out_dim * len(net.adapters)
@@ -185,7 +188,8 @@ class EASE(Learner):
         return {"method": "ease", "steps": steps, "epoch_losses": losses}
 
     def update_head(self, task: TaskData) -> None:
-        """Prototypes of the new classes in every subspace, then the completion of the old ones (algorithms.md §18.1)."""
+        """Prototypes of the new classes in every subspace, then the completion of the old ones
+        (algorithms.md §18.1)."""
         dim = self.backbone.out_dim
         n_sub = len(self.backbone.adapters)
         feats, labels = self.extract_features(task.train_eval, shuffle=False, desc="prototypes")

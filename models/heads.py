@@ -14,7 +14,8 @@ LINEAR_HEAD_STD = 0.02  # timm's ViT head init (init_weights_vit_timm): trunc_no
 
 
 class CosineLinear(nn.Module):
-    """Cosine classifier ``logits = sigma * normalize(x) @ normalize(W)^T`` (official ``CosineLinear``, algorithms.md §3.2).
+    """Cosine classifier ``logits = sigma * normalize(x) @ normalize(W)^T`` (official ``CosineLinear``,
+    algorithms.md §3.2).
 
     Args:
         in_features: feature width D.

@@ -114,7 +114,8 @@ class LossMonitor:
         """
         total, bad = torch.stack([self.total, self.first_bad.double()]).tolist()
         if bad >= 0:
-            raise NonFiniteError(f"{self.where}, step {int(bad)}: the loss is {total if total != total else 'not finite'}"
+            raise NonFiniteError(f"{self.where}, step {int(bad)}: the loss is "
+                                 f"{total if total != total else 'not finite'}"
                                  " (NaN or infinite); stopping. Lower the learning rates, use precision fp32, or "
                                  "check the inputs and weights.")
         return total / max(n_steps, 1)

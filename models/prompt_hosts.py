@@ -1,5 +1,5 @@
-"""What L2P and DualPrompt share (algorithms.md §18.2-18.4): a frozen query model, a pool of keys, prompt selection by cosine,
-the training of prompts, keys and a linear head on a frozen ViT, and their config keys.
+"""What L2P and DualPrompt share (algorithms.md §18.2-18.4): a frozen query model, a pool of keys, prompt selection by
+cosine, the training of prompts, keys and a linear head on a frozen ViT, and their config keys.
 
 - The **query** of an image is the [CLS] feature of a frozen copy of the pretrained ViT (``original_model`` of the
   ports), taken before any tuning phase; ``query_model: tuned`` reads the tuned backbone instead (algorithms.md §18.4).
@@ -79,13 +79,14 @@ class PromptKeys(ConfigKeys):
                                        "(official key; DualPrompt imagenetr false).")
     batchwise_prompt_eval: Optional[bool] = key(None, "L2P/DualPrompt: the batch vote at test time; null = "
                                                       "batchwise_prompt; false: each test image selects alone.")
-    query_model: Literal["pretrained", "tuned"] = key("pretrained", "L2P/DualPrompt: the query is the [CLS] feature of "
-                                                                    "a frozen copy of the pretrained ViT (official), or "
-                                                                    "of the tuned backbone (algorithms.md §18.4).")
+    query_model: Literal["pretrained", "tuned"] = key(
+        "pretrained", "L2P/DualPrompt: the query is the [CLS] feature of "
+                      "a frozen copy of the pretrained ViT (official), or "
+                      "of the tuned backbone (algorithms.md §18.4).")
     prompt_vote_ties: Literal["official", "smaller_id"] = key(
-        "official", "L2P/DualPrompt: how the batch vote breaks a tie between ids of equal count: as the ports' prompt.py "
-                    "(torch.topk over the torch.unique counts on the run's device: on the CPU the larger id wins), or "
-                    "the smaller id first.")
+        "official", "L2P/DualPrompt: how the batch vote breaks a tie between ids of equal count: as the ports' "
+                    "prompt.py (torch.topk over the torch.unique counts on the run's device: on the CPU the larger id "
+                    "wins), or the smaller id first.")
     prompt_init: Literal["uniform", "jax"] = key("uniform", "L2P/DualPrompt: prompts, keys and prefixes drawn from "
                                                             "U(-1, 1) (PyTorch ports) or U[0, 0.01) (JAX official).")
 

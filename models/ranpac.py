@@ -171,8 +171,8 @@ class RanPAC(Learner):
         self.prototypes = grow_prototypes(self.prototypes, feats, labels, task.seen)
 
     def extra_parameter_count(self) -> int:
-        """The official network is always built with the projection head ``simclr`` = Linear(D, 128) (algorithms.md §3.2),
-        counted whether or not a tuning phase runs."""
+        """The official network is always built with the projection head ``simclr`` = Linear(D, 128)
+        (algorithms.md §3.2), counted whether or not a tuning phase runs."""
         return self.feature_dim * PROJECTION_DIM + PROJECTION_DIM
 
     def head_parameter_count(self) -> int:

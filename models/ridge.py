@@ -21,10 +21,10 @@ RIDGE_GRID = tuple(10.0 ** np.arange(-8, 9))  # 1e-8 .. 1e8, 17 values (algorith
 RIDGE_TRAIN_FRACTION = 0.8
 RIDGE_SOLVERS = ("fast", "official")  # config key ``ridge_solver``
 # How far a float32 solve with (Gram + lambda I) may be from the official LU, by rho = eps * (s_max + lambda) /
-# lambda (s_max the Gram matrix's largest eigenvalue, bounded above by its trace). Measured on RanPAC features (bench/ridge.py inputs, M =
-# 5000, k = 4000): the official hold-out loss is off by ~3e-4 rho relative for rho <= 1 and is pure rounding
-# (x1e3 and more) from rho ~ 50. Search candidates with rho <= SEARCH_TRUSTED_RHO keep their fast loss; others
-# get the official loss when they could win. The final solve uses Cholesky only for rho <= SOLVE_TRUSTED_RHO,
+# lambda (s_max the Gram matrix's largest eigenvalue, bounded above by its trace). Measured on RanPAC features
+# (bench/ridge.py inputs, M = 5000, k = 4000): the official hold-out loss is off by ~3e-4 rho relative for rho <= 1 and
+# is pure rounding (x1e3 and more) from rho ~ 50. Search candidates with rho <= SEARCH_TRUSTED_RHO keep their fast loss;
+# others get the official loss when they could win. The final solve uses Cholesky only for rho <= SOLVE_TRUSTED_RHO,
 # where W_o stays within 1e-4 of the official LU; otherwise the official LU itself (bit for bit).
 SEARCH_TRUSTED_RHO = 1.0
 SOLVE_TRUSTED_RHO = 1e-3
@@ -120,7 +120,8 @@ class RidgeAccumulator:
         self.G += H.T @ H
 
     def solve(self, ridge: float, solver: str = "fast") -> torch.Tensor:
-        """W_o = ((G + ridge I)^-1 Q)^T, shape (C, M), in G's dtype (float32) and on G's device (algorithms.md §6, step 5).
+        """W_o = ((G + ridge I)^-1 Q)^T, shape (C, M), in G's dtype (float32) and on G's device (algorithms.md §6,
+        step 5).
 
         Args:
             ridge: lambda > 0 (the value chosen by :func:`select_ridge`).

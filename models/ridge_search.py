@@ -1,5 +1,5 @@
-"""RanPAC's ridge-lambda search (algorithms.md §6, step 6.3.4): the hold-out loss of every candidate of the grid on an 80/20
-split of the current task's rows, official (17 dense solves, bit for bit) or fast (one factorisation per distinct
+"""RanPAC's ridge-lambda search (algorithms.md §6, step 6.3.4): the hold-out loss of every candidate of the grid on an
+80/20 split of the current task's rows, official (17 dense solves, bit for bit) or fast (one factorisation per distinct
 candidate of the smaller of the kernel / Gram matrices, the official loss wherever rounding could decide)."""
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ class SimpleCIL(Learner):
     OFFICIAL_FILE = "SimpleCIL-MIST"
     OFFICIAL_DISPATCH = frozenset({"mist", "run", "rand", "l2", "grad"})
     DEFAULTS = {"freeze_quantile": 1.0, "batch_size": OFFICIAL_BATCH_SIZE}
-    #: the official SimpleCIL-MIST ablations train on the learner's own fc (algorithms.md §5); ce_finetune (ours) does not
+    #: the official SimpleCIL-MIST ablations train on the learner's own fc (algorithms.md §5); ce_finetune
+    #: (ours) does not
     OWN_HEAD_PRESETS = ("run", "rand", "l2", "grad")
     HEAD_STATE = ("prototypes",)
 
@@ -46,9 +47,9 @@ class SimpleCIL(Learner):
         return self.cfg.batch_size if self.cfg.use_config_batch_size else OFFICIAL_BATCH_SIZE
 
     def tune(self, task: TaskData) -> dict[str, Any]:
-        """The tuning phase; the official CE ablations train on the learner's own head (algorithms.md §5): its old rows are the
-        old prototypes (official ``update_fc`` before ``_sparse_training``), and stay them after the phase (moved by
-        weight decay and momentum)."""
+        """The tuning phase; the official CE ablations train on the learner's own head (algorithms.md §5): its old rows
+        are the old prototypes (official ``update_fc`` before ``_sparse_training``), and stay them after the phase
+        (moved by weight decay and momentum)."""
         rows = self.tuning_head_rows(task)
         report = self.tuner.tune(self.tuning_loader(task), task, head_rows=rows)
         if rows is not None and self.tuner.trained_rows.shape[0]:
@@ -68,8 +69,8 @@ class SimpleCIL(Learner):
         self.prototypes = grow_prototypes(self.prototypes, feats, labels, task.seen)
 
     def extra_parameter_count(self) -> int:
-        """The official network is always built with the projection head ``simclr`` = Linear(D, 128) (algorithms.md §3.2),
-        counted whether or not a tuning phase runs."""
+        """The official network is always built with the projection head ``simclr`` = Linear(D, 128)
+        (algorithms.md §3.2), counted whether or not a tuning phase runs."""
         return self.feature_dim * PROJECTION_DIM + PROJECTION_DIM
 
     def head_parameter_count(self) -> int:

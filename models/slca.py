@@ -1,13 +1,14 @@
-"""SLCA: Slow Learner with Classifier Alignment (Zhang et al., ICCV 2023; algorithms.md §17; github GengDavid/SLCA@169d4e6).
+"""SLCA: Slow Learner with Classifier Alignment (Zhang et al., ICCV 2023; algorithms.md §17;
+github GengDavid/SLCA@169d4e6).
 
 Per task (algorithms.md §17.1): the tuning phase (``spr``, e.g. MIST) if any, then
 
-1. **slow learner** (:meth:`SLCA.train_task`, algorithms.md §17.4): the whole backbone and a new linear head over the task's
-   classes train with SGD (momentum 0.9, weight decay 5e-4 on every parameter), the backbone at
+1. **slow learner** (:meth:`SLCA.train_task`, algorithms.md §17.4): the whole backbone and a new linear head over the
+   task's classes train with SGD (momentum 0.9, weight decay 5e-4 on every parameter), the backbone at
    ``slca_lr * bcb_lrscale`` = 1e-4 and the head at ``slca_lr`` = 1e-2, MultiStepLR(gamma 0.1) at ``milestones``,
    ``epochs`` epochs, batch 128 (official module constant), loss CE(new head's logits, y - known);
-2. **class statistics** (:meth:`SLCA.update_head`, algorithms.md §17.5): per new class, the mean and the unbiased covariance
-   (+ 1e-4 I) of the features of its training images under test transforms;
+2. **class statistics** (:meth:`SLCA.update_head`, algorithms.md §17.5): per new class, the mean and the unbiased
+   covariance (+ 1e-4 I) of the features of its training images under test transforms;
 3. **classifier alignment** (algorithms.md §17.6, tasks t >= 1, ``ca_epochs`` > 0): a copy of every head is trained on
    features sampled from the stored Gaussians (256 per class per epoch, means of older tasks shrunk by
    0.9 + 0.1 (t_c + 1) / (t + 1)), loss CE(z / (mean_k ||z_k|| * tau), y) with z_k the logits of task k, SGD
@@ -39,7 +40,8 @@ from utils.runtime import GeneratorState, autocast, make_generator
 
 logger = logging.getLogger(__name__)
 
-OFFICIAL_BATCH_SIZE = 128  # slca.py module constant (algorithms.md §17.4); use_config_batch_size uses the JSON batch_size
+# slca.py module constant (algorithms.md §17.4); use_config_batch_size uses the JSON batch_size
+OFFICIAL_BATCH_SIZE = 128
 MOMENTUM, WEIGHT_DECAY, GAMMA = 0.9, 5e-4, 0.1  # slca.py (algorithms.md §17.4, §17.6)
 COV_RIDGE = 1e-4  # added to every class covariance (base.py, algorithms.md §17.5)
 SAMPLES_PER_CLASS = 256  # pseudo-features per class per alignment epoch (algorithms.md §17.6)
@@ -142,7 +144,8 @@ class SLCA(Learner):
 
     # ---- class statistics and classifier alignment ------------------------------------------------------
     def update_head(self, task: TaskData) -> None:
-        """Gaussian statistics of the new classes (algorithms.md §17.5), then classifier alignment from task 1 on (17.6)."""
+        """Gaussian statistics of the new classes (algorithms.md §17.5), then classifier alignment from task 1 on
+        (17.6)."""
         self.add_class_statistics(task)
         if task.task_id > 0 and self.cfg.ca_epochs > 0:
             self.aligned = self.align(task)
@@ -204,8 +207,8 @@ class SLCA(Learner):
         return cross_entropy(logits, targets, batch)
 
     def align(self, task: TaskData) -> nn.ModuleList:
-        """A copy of every head trained on sampled features for ``ca_epochs`` epochs (algorithms.md §17.6); the raw heads and
-        the backbone do not change."""
+        """A copy of every head trained on sampled features for ``ca_epochs`` epochs (algorithms.md §17.6); the raw
+        heads and the backbone do not change."""
         cfg, t = self.cfg, task.task_id
         aligned = copy.deepcopy(self.heads).requires_grad_(True)
         optimizer = torch.optim.SGD(aligned.parameters(), lr=cfg.slca_lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)

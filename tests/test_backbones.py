@@ -1,4 +1,5 @@
-"""backbones: official names, random init, local weight files, missing weights, EfficientNet-Lite0 (algorithms.md §3.1, §15, §16)."""
+"""backbones: official names, random init, local weight files, missing weights, EfficientNet-Lite0
+(algorithms.md §3.1, §15, §16)."""
 
 from __future__ import annotations
 

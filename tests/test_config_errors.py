@@ -4,7 +4,6 @@ expected; none ends in a raw traceback. Origins: the file path, or ``--set KEY=V
 from __future__ import annotations
 
 import json
-import typing
 from pathlib import Path
 
 import pytest
@@ -49,7 +48,8 @@ FILE_CASES = [
     ("seed-float-in-list", '{"seed": [1, 2.5]}', ["{path}", "'seed'", "2.5", "expected an integer"]),
     ("seed-bool", '{"seed": [true]}', ["{path}", "'seed'", "True", "expected an integer"]),
     # 5. duplicate seeds
-    ("seed-duplicates", '{"seed": [1993, 1993]}', ["{path}", "'seed'", "[1993, 1993]", "1993 more than once", "distinct"]),
+    ("seed-duplicates", '{"seed": [1993, 1993]}',
+     ["{path}", "'seed'", "[1993, 1993]", "1993 more than once", "distinct"]),
     # 6. duplicate keys
     ("duplicate-key", '{"M": 1000, "M": 2000}', ["{path}", "'M'", "more than once", "1000 and 2000"]),
     ("duplicate-key-same-value", '{"dataset": "cub", "dataset": "cub"}', ["{path}", "'dataset'", "more than once"]),
@@ -57,7 +57,8 @@ FILE_CASES = [
      ["{path}", "'backbone_kwargs'", "'depth'", "more than once", "1 and 2"]),
     # 8. backbone_kwargs must be an object
     ("backbone-kwargs-list", '{"backbone_kwargs": [1, 2]}', ["{path}", "'backbone_kwargs'", "[1, 2]", "an object"]),
-    ("backbone-kwargs-string", '{"backbone_kwargs": "depth=2"}', ["{path}", "'backbone_kwargs'", "'depth=2'", "an object"]),
+    ("backbone-kwargs-string", '{"backbone_kwargs": "depth=2"}',
+     ["{path}", "'backbone_kwargs'", "'depth=2'", "an object"]),
     ("backbone-kwargs-null", '{"backbone_kwargs": null}', ["{path}", "'backbone_kwargs'", "None", "an object"]),
     # 9. other odd input
     ("device-object", '{"device": {}}', ["{path}", "'device'", "{}", '"cpu"']),
@@ -277,8 +278,8 @@ def test_no_odd_value_escapes_as_another_exception(tmp_path, key):
     for value in ODD_VALUES:
         text = json.dumps(value)
         path.write_text(json.dumps({key: value}))
-        for call in (lambda: config_from_dict({key: value}), lambda: load_config(path),
-                     lambda: load_config(None, [f"{key}={text}"])):
+        for call in (lambda value=value: config_from_dict({key: value}), lambda: load_config(path),
+                     lambda text=text: load_config(None, [f"{key}={text}"])):
             try:
                 call()
             except ConfigError:
@@ -328,7 +329,8 @@ def test_shipped_configs_exist():
         ('{"device": -1}', [], lambda c: c.device == ["-1"]),
         ('{"device": ["0", "1"]}', [], lambda c: c.device == ["0", "1"]),
         ('{"min_lr": 0, "select_rate": 1}', [], lambda c: c.min_lr == 0.0 and c.select_rate == 1.0),
-        ('{"select_rate": 1e-1, "freeze_quantile": 1E0}', [], lambda c: (c.select_rate, c.freeze_quantile) == (0.1, 1.0)),
+        ('{"select_rate": 1e-1, "freeze_quantile": 1E0}', [],
+         lambda c: (c.select_rate, c.freeze_quantile) == (0.1, 1.0)),
         ('{"M": -1, "increment": 100000000000000000000}', [], lambda c: c.M == -1 and c.increment == 10**20),
         ('{"prefix": "NaN Infinity 1e400"}', [], lambda c: c.prefix == "NaN Infinity 1e400"),
         ('{"backbone_kwargs": {"depth": 2, "nested": {"a": [1, "x", null]}}}', [],

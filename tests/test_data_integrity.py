@@ -22,7 +22,6 @@ import pytest
 import torch
 
 import utils.data_readers as data_readers
-import utils.datasets as datasets
 from utils.data_manager import DataManager
 from utils.data_files import DataIntegrityError, ImageReadError, Split, verify_images
 from utils.data_readers import read_idx

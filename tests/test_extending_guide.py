@@ -29,7 +29,8 @@ def guide_steps(text: str) -> tuple[dict[str, str], list[str]]:
     """
     files, commands = {}, []
     blocks = list(re.finditer(r"^<!-- (file: (\S+)|run) -->\n```\w*\n(.*?)```", text, flags=re.S | re.M))
-    assert len(blocks) == len(re.findall(r"^<!-- (?:file: \S+|run) -->", text, flags=re.M)), "a marker without its block"
+    assert len(blocks) == len(re.findall(r"^<!-- (?:file: \S+|run) -->", text,
+                                         flags=re.M)), "a marker without its block"
     for match in blocks:
         if match.group(2):
             files[match.group(2)] = match.group(3)

@@ -1,4 +1,5 @@
-"""Heads against closed forms: streaming ridge, ridge search, class means, cosine logits (algorithms.md §3.2, §6, §7)."""
+"""Heads against closed forms: streaming ridge, ridge search, class means, cosine logits
+(algorithms.md §3.2, §6, §7)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""EASE, L2P and DualPrompt (models/ease.py, models/l2p.py, models/dualprompt.py; algorithms.md §18) on a tiny random ViT, CPU:
-the timm parts they add, what trains, the selection and completion formulas against hand computations, and each host
-with and without MIST end to end, checkpointed and resumed (issue 13)."""
+"""EASE, L2P and DualPrompt (models/ease.py, models/l2p.py, models/dualprompt.py; algorithms.md §18) on a tiny random
+ViT, CPU: the timm parts they add, what trains, the selection and completion formulas against hand computations, and
+each host with and without MIST end to end, checkpointed and resumed (issue 13)."""
 
 from __future__ import annotations
 

@@ -84,7 +84,6 @@ def test_mi_fisher_from_the_sums_equals_mists_own_pass():
     """sum_b g_b^2 / n_b^2 from S2 matches the MIST pass (a different float order, so to rounding)."""
     tuner = tuner_for_cfg()
     loader = make_loader(n=16, batch=8)
-    task = make_task(0, loader)
     gen_state = tuner.augment.generator.get_state()
     forward = lambda batch: tuner.loss(batch.x, batch.y, batch.rows)  # noqa: E731
     own = scoring_pass(tuner.loop, tuner.network, loader, forward, tuner.state, moments=False)
@@ -303,7 +302,8 @@ def test_magnitude_gate_writes_its_decisions_and_resumes_exactly(images, tmp_pat
     resumed = json.loads(resumed_path.read_text())
     assert [t["tuning"]["gate"] for t in resumed["tasks"]] == gates
     assert resumed["top1_curve"] == full["top1_curve"]
-    assert [t["tuning"]["epoch_losses"] for t in resumed["tasks"]] == [t["tuning"]["epoch_losses"] for t in full["tasks"]]
+    assert ([t["tuning"]["epoch_losses"] for t in resumed["tasks"]]
+            == [t["tuning"]["epoch_losses"] for t in full["tasks"]])
 
 
 @pytest.mark.parametrize("learner", ["ranpac", "simplecil"])
@@ -334,7 +334,7 @@ def test_comparison_runner_jobs_and_configs():
         assert cfg.seed == [1993, 1994, 1995] and cfg.dataset == "fmnist"
         if cfg.spr == "ce_finetune":
             assert cfg.ablation_epochs == cfg.mi_epochs - 1
-    assert seen == {(l, m) for l in ("ranpac", "simplecil") for m in run.METHODS}
+    assert seen == {(learner, m) for learner in ("ranpac", "simplecil") for m in run.METHODS}
     base = repo / "exps" / "ranpac" / "cub.json"
     jobs = run.jobs([], [base], ["mist", "ce_finetune"])
     assert [extra for _, _, extra in jobs] == [["spr=mist"], ["spr=ce_finetune", "ablation_epochs=19"]]

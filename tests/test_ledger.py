@@ -4,7 +4,6 @@ official MIST logs' rows are there, and ``--against-ledger`` prints a run beside
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -10,7 +10,6 @@ import torch
 
 from models.sparse.tuner import SparseTuner
 from test_sparse_tuning import CPU, RANPAC_DEFAULTS, TINY_ENTRIES, make_cfg, make_loader, make_task, tiny_backbone
-from utils.errors import ConfigError
 
 SANITY = "models.sparse.sanity"
 

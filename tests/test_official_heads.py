@@ -150,7 +150,7 @@ CASES = [("ranpac", "mist", True, 64), ("ranpac", "none", True, 64), ("ranpac", 
 
 
 @pytest.mark.parametrize("model_name,spr,use_rp,M", CASES)
-def test_logged_parameter_counts_are_the_official_networks(images, tmp_path, model_name, spr, use_rp, M):
+def test_logged_parameter_counts_are_the_official_networks(images, tmp_path, model_name, spr, use_rp, M):  # noqa: F811 (images: the pytest fixture imported above)
     from tests.test_sparse_tuning import tiny_overrides
 
     cfg = load_config(None, tiny_overrides(images, model_name, spr=spr, use_RP=use_rp, M=M, mi_epochs=1))
@@ -181,7 +181,7 @@ def test_counts_do_not_depend_on_the_tuner_object(make_config, tmp_path, tiny_vi
 # ---------------------------------------------------------------------------------------------
 # checkpoints: use_RP false resumes to the uninterrupted result
 # ---------------------------------------------------------------------------------------------
-def test_ranpac_without_rp_resumes_to_the_uninterrupted_run(images, tmp_path):  # noqa: F811
+def test_ranpac_without_rp_resumes_to_the_uninterrupted_run(images, tmp_path):  # noqa: F811 (images: the pytest fixture imported above)
     import json
 
     full_cfg = load_config(None, overrides(images, "ranpac", "spr=mist", "use_RP=false"))

@@ -203,7 +203,7 @@ def main() -> None:
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
     data = json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {"cases": {}, "exact": {}}
-    todo = [(l, s) for l, s in CASES if "--platform" in sys.argv or f"{l}/{s}" not in data["cases"]]
+    todo = [(learner, s) for learner, s in CASES if "--platform" in sys.argv or f"{learner}/{s}" not in data["cases"]]
     with tempfile.TemporaryDirectory() as tmp:
         root = write_image_folder(Path(tmp) / "images")
         for learner, spr in todo:

@@ -141,7 +141,8 @@ def test_table_contrasts_cover_the_verdicts():
     old = {c["name"]: c for c in summary["contrasts"]["old"]}
     assert old["mist - ce_finetune"]["mean"] == pytest.approx(3.0)
     assert old["mist - none"]["p"] is None  # every difference is 1: no test, not p = 0
-    assert summary["detectable_a_last"]["family_size"] == sum(c["p"] is not None for c in summary["contrasts"]["a_last"])
+    assert summary["detectable_a_last"]["family_size"] == sum(c["p"] is not None
+                                                              for c in summary["contrasts"]["a_last"])
 
 
 def test_calibration_grows_the_grid_until_the_best_rate_is_interior(monkeypatch, tmp_path):
@@ -222,7 +223,8 @@ def test_ridge_lambdas_by_seed(tmp_path):
 
     root = write_image_folder(tmp_path / "images")
     n_tasks = 2
-    cfg = load_config(None, tiny_overrides(root, "ranpac", spr="none", ridge_lambdas_by_seed={"1993": [10.0] * n_tasks}))
+    cfg = load_config(None, tiny_overrides(root, "ranpac", spr="none",
+                                           ridge_lambdas_by_seed={"1993": [10.0] * n_tasks}))
     (path,) = trainer.run(cfg, tmp_path / "out")
     tasks = json.loads(path.read_text())["tasks"]
     assert [t["head"] for t in tasks] == [{"ridge_lambda": 10.0, "ridge_fixed": True}] * n_tasks

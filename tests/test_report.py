@@ -275,7 +275,7 @@ def test_composed_and_reparametrised_presets_are_separate_methods(tmp_path):
         data["config"].update(extra)
         path.write_text(json.dumps(data))
     col = run_groups.collect([runs])
-    cells = {(l, m): c for (l, m, d), c in col.cells.items()}
+    cells = {(learner, m): c for (learner, m, d), c in col.cells.items()}
     assert set(m for _, m in cells) == {"magnitude_gate", "magnitude_gate (gate_threshold=0.05)",
                                         'mist (importance="random")', "mist"}
     assert cells[("ranpac", "magnitude_gate")].values("average_accuracy")[1] == [70.0]

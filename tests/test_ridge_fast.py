@@ -1,4 +1,5 @@
-"""The fast RanPAC ridge search and solve (``ridge_solver: "fast"``) against the official dense solves (algorithms.md §6).
+"""The fast RanPAC ridge search and solve (``ridge_solver: "fast"``) against the official dense solves
+(algorithms.md §6).
 
 The fast search must choose the official lambda (first argmin in grid order, ties included) in the kernel
 form (k < M), the primal form (k >= M) and at the boundary k == M; the fast solve must give W_o within 1e-4

@@ -58,7 +58,7 @@ def test_spu_score_is_the_signed_gradient_sum_of_the_logit_norm_over_a_quarter_o
     head = tuner.prototype_head(loader, task)
     tuner.network.train()
     want = {}
-    for i, (_, x, y) in enumerate(loader):
+    for i, (_, x, _) in enumerate(loader):
         if i == math.floor(0.25 * len(loader)) + 2:
             break
         tuner.network.zero_grad(set_to_none=True)

@@ -92,7 +92,8 @@ PROMPT_SOURCES = {
                                    prompt_clip_norm=1.0, prompt_length=20, batchwise_prompt=False),
 }
 #: (learner, data set) -> source; the data sets without an official config take the source named in deviations §7
-PROMPT_CONFIG_SOURCE = {("l2p", "imagenetr"): "PILOT l2p_inr", ("dualprompt", "cifar224"): "dualprompt-pytorch cifar100"}
+PROMPT_CONFIG_SOURCE = {("l2p", "imagenetr"): "PILOT l2p_inr",
+                        ("dualprompt", "cifar224"): "dualprompt-pytorch cifar100"}
 PROMPT_DEFAULT_SOURCE = {"l2p": "l2p-pytorch cifar100", "dualprompt": "dualprompt-pytorch imr"}
 
 

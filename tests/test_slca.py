@@ -1,5 +1,5 @@
-"""SLCA (models/slca.py; algorithms.md §17) on a tiny random ViT, CPU: learning rates, statistics, sampling, alignment, and
-SLCA +- MIST end to end with checkpoint and resume (issue 12)."""
+"""SLCA (models/slca.py; algorithms.md §17) on a tiny random ViT, CPU: learning rates, statistics, sampling, alignment,
+and SLCA +- MIST end to end with checkpoint and resume (issue 12)."""
 
 from __future__ import annotations
 

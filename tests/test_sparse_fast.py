@@ -1,4 +1,5 @@
-"""The compact sparse-gradient step (issue 7) against the plain per-tensor reference of algorithms.md §4.6 (models/sparse/reference.py).
+"""The compact sparse-gradient step (issue 7) against the plain per-tensor reference of algorithms.md §4.6
+(models/sparse/reference.py).
 
 - given the same keep decisions, the masked gradients equal the reference's bit for bit, on a tiny ViT's
   parameter set and on odd shapes (1 entry, primes, 4-D);

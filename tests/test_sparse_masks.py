@@ -30,7 +30,8 @@ def vit_b16_params() -> list[tuple[str, torch.Tensor]]:
     """Named parameters of the official network: ``convnet.*`` (timm ViT-B/16) + ``simclr`` (768 -> 128)."""
     model = _meta_model("vit_base_patch16_224")
     params = [(f"convnet.{n}", p) for n, p in model.named_parameters()]
-    params += [("simclr.weight", torch.empty(128, 768, device="meta")), ("simclr.bias", torch.empty(128, device="meta"))]
+    params += [("simclr.weight", torch.empty(128, 768, device="meta")),
+               ("simclr.bias", torch.empty(128, device="meta"))]
     return params
 
 
@@ -290,7 +291,8 @@ def test_state_dict_holds_frozen_and_counts():
     other, _ = _state()
     other.load_state_dict(sd)
     for n, _ in params:
-        assert torch.equal(other.frozen[n], state.frozen[n]) and torch.equal(other.update_count[n], state.update_count[n])
+        assert (torch.equal(other.frozen[n], state.frozen[n])
+                and torch.equal(other.update_count[n], state.update_count[n]))
     with pytest.raises(ValueError, match="update_count"):
         other.load_state_dict({"frozen": sd["frozen"], "update_count": {}})
 

@@ -31,7 +31,7 @@ from models.sparse.estimators import mi_fisher, scoring_pass
 from models.sparse.losses import SecondViewAugment, supervised_nt_xent, two_views
 from models.sparse.masks import SparsityState
 from models.sparse.optim import MaskedStep, SGDSettings, step_decay
-from models.sparse.tuner import SparseTuner
+from models.sparse.tuner import OFFICIAL_SGD, SparseTuner
 from utils.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +94,7 @@ def make_task(t: int, loader: DataLoader, n_classes: int = 4) -> TaskData:
     return TaskData(t, t * n_classes, (t + 1) * n_classes, 2 * n_classes, ds, ds, ds)
 
 
-def make_tuner(cfg, sgd: SGDSettings = SGDSettings(), seed: int = 7, defaults=None, backbone_seed: int = 0):
+def make_tuner(cfg, sgd: SGDSettings = OFFICIAL_SGD, seed: int = 7, defaults=None, backbone_seed: int = 0):
     return SparseTuner(cfg, tiny_backbone(backbone_seed), CPU, seed, defaults or RANPAC_DEFAULTS, sgd=sgd)
 
 
@@ -580,7 +580,7 @@ def test_ce_ablation_runs_and_masks(record_masks, spr):
             continue
         assert set(masks) == set(grads)
         if spr == "rand":  # per tensor, max(1, int(0.05 n)) uniformly random entries
-            for n, m in masks.items():
+            for m in masks.values():
                 assert int(m.sum()) == max(1, int(0.05 * m.numel())) and torch.equal(m, (m > 0).float())
         elif spr == "l2":  # per tensor, the int(0.005 n) largest |theta|; none when that is 0
             for n, m in masks.items():
@@ -757,9 +757,9 @@ def test_ranpac_cifar_headline_config_runs_on_cpu(tmp_path, record_select):
     assert official.use_RP is True and official.seed == [1993]
 
     root = write_fake_cifar100(tmp_path / "data")
-    cfg = load_config(path, [f"data_root={root}", "device=cpu", "pretrained=false", f"backbone_kwargs={json.dumps(TINY)}",
-                             "input_size=32", "mi_epochs=2", "M=64", "num_workers=0", "progress=false",
-                             "download=false"])
+    cfg = load_config(path, [f"data_root={root}", "device=cpu", "pretrained=false",
+                             f"backbone_kwargs={json.dumps(TINY)}", "input_size=32", "mi_epochs=2", "M=64",
+                             "num_workers=0", "progress=false", "download=false"])
     (results_path,) = trainer.run(cfg, tmp_path / "runs")
     res = json.loads(results_path.read_text())
     assert res["complete"] is True

@@ -137,7 +137,8 @@ def test_reinitialized_draws_the_last_block_afresh_and_keeps_the_lower_layers(ti
     assert torch.equal(block.conv1.weight, want)
     assert torch.equal(block.bn1.weight, torch.ones_like(block.bn1.weight))
     assert torch.equal(block.bn2.weight, torch.ones_like(block.bn2.weight)) and not block.bn2.bias.any()
-    assert not block.bn1.running_mean.any() and torch.equal(block.bn1.running_var, torch.ones_like(block.bn1.running_var))
+    assert (not block.bn1.running_mean.any()
+            and torch.equal(block.bn1.running_var, torch.ones_like(block.bn1.running_var)))
     assert all(torch.equal(lower[k], v) for k, v in lower_state(net).items())
     run = um.run_regime(um.REINITIALIZED, tasks, cfg, 0)
     frozen = um.run_regime(FROZEN, tasks, cfg, 0)
@@ -224,5 +225,6 @@ def test_quick_run_writes_json_and_markdown(tmp_path: Path, monkeypatch):
     assert um.main(["--rewrite", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "results.md").read_text() == before
     md = (tmp_path / "results.md").read_text()
-    for row in ("| Initialized |", "| Frozen |", "| Reinitialized |", "| Adaptive |", "Avg.Acc / Forgetting", "Task.Acc", "tau ="):
+    for row in ("| Initialized |", "| Frozen |", "| Reinitialized |", "| Adaptive |", "Avg.Acc / Forgetting",
+                "Task.Acc", "tau ="):
         assert row in md

@@ -89,8 +89,8 @@ def _validate(cfg: ExperimentConfig, origin: Callable[[str], str]) -> None:
         raise ConfigError(f"{where}: key 'weights_path' is set but key 'pretrained' is false; remove one of them.")
     LEARNERS.get(cfg.model_name, origin("model_name"))
     if Path(cfg.data_root).expanduser().is_file():
-        raise ConfigError(f"{origin('data_root')}: key 'data_root' is {cfg.data_root}, a file; expected the folder that "
-                          "holds the data sets (README, Data sets).")
+        raise ConfigError(f"{origin('data_root')}: key 'data_root' is {cfg.data_root}, a file; expected the folder "
+                          "that holds the data sets (README, Data sets).")
     for name in COMPOSITION_KEYS:
         if getattr(cfg, name) is not None and (recipe is None or not recipe.selective):
             selective = [name for name, r in PRESETS.items() if r.selective]
@@ -175,8 +175,8 @@ def load_config(path: Optional[Union[str, Path]], overrides: Sequence[str] = ())
 def warn_ignored(name: str, value: Any, used: Any, reason: str = "") -> None:
     """Log that a JSON key is ignored in favour of the official constant, when the two differ (STYLE 3.2)."""
     if value != used:
-        logging.getLogger(__name__).warning("Config key '%s' = %r is ignored: %r is used, as the official code does. %s",
-                                           name, value, used, reason)
+        logging.getLogger(__name__).warning("Config key '%s' = %r is ignored: %r is used, as the official code "
+                                           "does. %s", name, value, used, reason)
 
 
 if __name__ == "__main__":  # run as utils.config, the module the components register their keys in

@@ -29,8 +29,8 @@ README_START, README_END = "<!-- config-keys:start -->", "<!-- config-keys:end -
 
 def markdown_tables() -> str:
     """Every config key as README's markdown tables: the core sections, then each component's keys (titled by the
-    component, in title order), each row ``| `key` | `default` | help |``. README.md holds this text between ``README_START`` and
-    ``README_END`` (``python -m utils.config --write-readme``; a test checks they agree)."""
+    component, in title order), each row ``| `key` | `default` | help |``. README.md holds this text between
+    ``README_START`` and ``README_END`` (``python -m utils.config --write-readme``; a test checks they agree)."""
     load_components()
     starts = {first: title for title, first in CORE_SECTIONS}
     groups: list[tuple[str, list[str]]] = []

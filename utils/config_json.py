@@ -129,7 +129,8 @@ def _check_range(key: str, value: Any, where: str) -> None:
     if "choices" in meta and value is not None and value not in meta["choices"]:
         close = difflib.get_close_matches(str(value), meta["choices"], n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"{where}: key '{key}' has value {value!r}; expected one of {', '.join(meta['choices'])}{hint}.")
+        raise ConfigError(f"{where}: key '{key}' has value {value!r}; "
+                          f"expected one of {', '.join(meta['choices'])}{hint}.")
     if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
         return
     checks = [("min", lambda v, b: v >= b, ">="), ("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),

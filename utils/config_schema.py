@@ -22,7 +22,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     ``utils.registry.ALL``: the value must be registered there, or null).
     """
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"help": help, **kw})
+        return dataclasses.field(default_factory=lambda d=default: json.loads(json.dumps(d)),
+                                 metadata={"help": help, **kw})
     return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
@@ -53,9 +54,11 @@ class ExperimentConfig:
         "Backbone: an official name (mapped to its exact timm name and tag), efficientnet_lite0, or any timm name.",
     )
     batch_size: int = _f(
-        56, "Loader batch size. RanPAC uses it; SimpleCIL uses 32 unless use_config_batch_size (algorithms.md §9.2).", min=1
+        56, "Loader batch size. RanPAC uses it; SimpleCIL uses 32 unless use_config_batch_size (algorithms.md §9.2).",
+        min=1
     )
-    device: list[str] = _f(["0"], 'Device: ["0"] (cuda:0), "cpu", -1 (cpu), "cuda:N" or "mps". Only the first entry is used.')
+    device: list[str] = _f(["0"], 'Device: ["0"] (cuda:0), "cpu", -1 (cpu), "cuda:N" or "mps". '
+                                  "Only the first entry is used.")
     # ---- official keys: sparse tuning (algorithms.md §4, §5) ----
     spr: str = _f("mist", "Tuning phase before the learner's own training and head update, a registered preset "
                           "(models/sparse/presets.py) or 'none' (or null), which disables it. As in the official "
@@ -80,16 +83,20 @@ class ExperimentConfig:
     # ---- extras: backbone ----
     backbone_type: Optional[str] = _f(None, "Alias of convnet_type (LAMDA-PILOT spelling); if set it wins.")
     pretrained: bool = _f(True, "Load pretrained weights; false gives a random init (tests, timing).")
-    weights_path: Optional[str] = _f(None, "Local weights file (.npz, .safetensors, .pth, .bin) instead of the model hub.")
-    backbone_kwargs: dict[str, Any] = _f({}, "Extra keyword arguments for timm.create_model (e.g. a tiny ViT for tests).")
+    weights_path: Optional[str] = _f(None, "Local weights file (.npz, .safetensors, .pth, .bin) "
+                                           "instead of the model hub.")
+    backbone_kwargs: dict[str, Any] = _f({}, "Extra keyword arguments for timm.create_model "
+                                             "(e.g. a tiny ViT for tests).")
     # ---- extras: data ----
     data_root: str = _f("./data", "Folder holding the data sets (layout in README.md).")
     download: bool = _f(True, "Let torchvision download cifar224/fmnist when missing and the internet is reachable.")
     input_size: int = _f(224, "Image side length fed to the backbone (official: 224).", min=8)
-    train_per_class: Optional[int] = _f(None, "Keep only the first N training images of each class (quick runs).", min=1)
+    train_per_class: Optional[int] = _f(None, "Keep only the first N training images of each class (quick runs).",
+                                        min=1)
     test_per_class: Optional[int] = _f(None, "Keep only the first N test images of each class (quick runs).", min=1)
     use_input_norm: Optional[bool] = _f(
-        None, "Normalise inputs with the backbone's mean/std; null = dataset default (only cars normalises, algorithms.md §2.1)."
+        None, "Normalise inputs with the backbone's mean/std; null = dataset default (only cars normalises, "
+        "algorithms.md §2.1)."
     )
     num_workers: int = _f(8, "DataLoader worker processes (official: 8).", min=0)
     # ---- extras: sparse tuning options and fixes (algorithms.md §4, §9) ----
@@ -100,11 +107,13 @@ class ExperimentConfig:
     exempt_rule: Literal["name", "ndim"] = _f(
         "name", "Always-trainable tensors: official name substrings, or structural (ndim < 2) for CNN backbones."
     )
-    freeze_bn_stats: bool = _f(False, "Keep BatchNorm running statistics fixed while tuning and in SLCA's slow learner (CNN backbones; ViTs have none).")
+    freeze_bn_stats: bool = _f(False, "Keep BatchNorm running statistics fixed while tuning and in SLCA's slow learner "
+                                      "(CNN backbones; ViTs have none).")
     ablation_epochs: int = _f(
         20, "Epochs of the CE tuning phases rand/l2/grad/run/cerun/ce_finetune (official module constant 20).", min=1
     )
-    ablation_random_init_rows: bool = _f(False, "Ablations: random instead of zero new cosine rows (algorithms.md §9.24 fix).")
+    ablation_random_init_rows: bool = _f(False, "Ablations: random instead of zero new cosine rows "
+                                                "(algorithms.md §9.24 fix).")
     tuning_batch_size: Optional[int] = _f(
         None, "Batch size of the tuning phase's loader, any preset (e.g. a rival's official batch: SPU 128, SPG 64, "
         "SparCL 32, GPS 32, ACL 128; docs/deviations.md section 6); null = the learner's batch size.", min=1
@@ -130,7 +139,8 @@ class ExperimentConfig:
         None, "Optimizer of the tuning phase, a registered name (models/sparse/optim.py); null = the preset's.",
         registry="optimizer",
     )
-    gradient_drop: Optional[bool] = _f(None, "MIST's per-step random drop of selected gradients on/off; null = preset's.")
+    gradient_drop: Optional[bool] = _f(None, "MIST's per-step random drop of selected gradients on/off; "
+                                             "null = preset's.")
     overlap_penalty: Optional[bool] = _f(None, "MIST's 0.9**count overlap penalty on/off; null = the preset's.")
     freeze_rule: Optional[bool] = _f(None, "MIST's end-of-task frozen sets on/off; null = the preset's.")
     exclude_embeddings: Optional[bool] = _f(
@@ -141,7 +151,8 @@ class ExperimentConfig:
         "algorithms.md §13.4); null = the preset's (piece_f/piece_s false, magnitude_gate true).",
     )
     # ---- extras: runtime ----
-    seed_torch_with_seed: bool = _f(False, "Seed torch with the run seed instead of the official constant 1 (algorithms.md §9.22).")
+    seed_torch_with_seed: bool = _f(False, "Seed torch with the run seed instead of the official constant 1 "
+                                           "(algorithms.md §9.22).")
     allow_tf32: bool = _f(True, "TF32 matmuls on Ampere+ GPUs (PyTorch 1.11, used by the original, had them on).")
     precision: Literal["fp32", "bf16"] = _f(
         "fp32", "Backbone forwards in fp32 (official, TF32 per allow_tf32) or bfloat16 autocast (faster, not faithful)."

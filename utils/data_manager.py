@@ -119,7 +119,8 @@ class DataManager:
             raise ValueError(f"source/mode must be 'train' or 'test', got {source!r}/{mode!r}")
         split = getattr(self.source, source)
         all_labels = self._labels[source]
-        idx = np.concatenate([np.flatnonzero(all_labels == c) for c in labels]) if len(labels) else np.zeros(0, np.int64)
+        idx = (np.concatenate([np.flatnonzero(all_labels == c) for c in labels]) if len(labels)
+               else np.zeros(0, np.int64))
         transform = self.source.train_transform if mode == "train" else self.source.test_transform
         return TaskDataset(split, idx, all_labels[idx], transform)
 

@@ -1,7 +1,7 @@
-"""The on-disk formats of the data sets (algorithms.md §2.1, §16): CIFAR-100's pickles through torchvision, Fashion-MNIST's IDX
-files (plain or .gz, the Debian package included), ImageFolder trees (CUB, ImageNet-R, ImageNet-A, Cars) with their
-link and class-folder checks; a missing data set is a :class:`DataNotFoundError` naming the path, the layout and the
-source, damaged data a :class:`DataIntegrityError` naming the files."""
+"""The on-disk formats of the data sets (algorithms.md §2.1, §16): CIFAR-100's pickles through torchvision,
+Fashion-MNIST's IDX files (plain or .gz, the Debian package included), ImageFolder trees (CUB, ImageNet-R, ImageNet-A,
+Cars) with their link and class-folder checks; a missing data set is a :class:`DataNotFoundError` naming the path, the
+layout and the source, damaged data a :class:`DataIntegrityError` naming the files."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # Cars normalisation in the official code (algorithms.md §2.1)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist (algorithms.md §16)
-FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                "t10k-labels-idx1-ubyte")
 APER_SOURCE = "the APER archives linked in the MIST README (github.com/zhoudw-zdw/RevisitingCIL)"
 
 # ImageFolder data sets: folder under data_root, official test-folder name, where to get it.

@@ -1,4 +1,5 @@
-"""Data sets and their transforms (algorithms.md §2.1, §16): where the files live, how they load, what to do when missing.
+"""Data sets and their transforms (algorithms.md §2.1, §16): where the files live, how they load,
+what to do when missing.
 
 Each loader returns a :class:`DataSource`: the train and test :class:`Split` (images or file paths
 plus integer labels 0..C-1) and the torchvision transforms of the official code. Loading goes
@@ -59,7 +60,8 @@ def build_transforms(dataset: str, size: int, norm: Optional[tuple[Sequence[floa
         train = [T.Resize((size, size)), T.RandomHorizontalFlip(0.5)]
         test = [T.Resize((size, size))]
     else:  # "random_resized_crop": the official recipe of the other data sets
-        train = [T.RandomResizedCrop(size, scale=(0.05, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)), T.RandomHorizontalFlip(0.5)]
+        train = [T.RandomResizedCrop(size, scale=(0.05, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)),
+                 T.RandomHorizontalFlip(0.5)]
         test = [T.Resize(resize_test, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
     tail: list = [T.ToTensor()]
     if norm is not None:
@@ -68,7 +70,8 @@ def build_transforms(dataset: str, size: int, norm: Optional[tuple[Sequence[floa
 
 
 def default_norm(dataset: str) -> Optional[tuple[Sequence[float], Sequence[float]]]:
-    """The official normalisation of a data set: ImageNet mean/std for cars, none otherwise (algorithms.md §2.1, §9.18)."""
+    """The official normalisation of a data set: ImageNet mean/std for cars, none otherwise
+    (algorithms.md §2.1, §9.18)."""
     return DATASETS.get(dataset).norm
 
 

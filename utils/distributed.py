@@ -190,7 +190,8 @@ def check_replicas(parameters, where: str) -> None:
     if not active():
         return
     params = list(parameters)
-    stats = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().pow(2).sum()]) for p in params]).sum(0)
+    stats = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().pow(2).sum()])
+                         for p in params]).sum(0)
     gathered = [torch.empty_like(stats) for _ in range(world_size())]
     dist.all_gather(gathered, stats)
     if any(not torch.equal(g, gathered[0]) for g in gathered):

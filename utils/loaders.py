@@ -243,7 +243,8 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
     if distributed.active() and shard == "order":
         sampled = _ShardedOrder(tagged, batch_size)
     kwargs = dict(num_workers=num_workers, generator=generator, pin_memory=pin_memory,
-                  worker_init_fn=_worker_init if workers else None, prefetch_factor=prefetch_factor if workers else None,
+                  worker_init_fn=_worker_init if workers else None,
+                  prefetch_factor=prefetch_factor if workers else None,
                   persistent_workers=workers and persistent_workers)
     if distributed.active() and shard == "batch":
         kwargs.update(batch_sampler=_ShardedBatches(sampled, batch_size), collate_fn=collate_or_none)

@@ -1,4 +1,5 @@
-"""Accuracy metrics: the official grouped accuracy and curves (algorithms.md §8) plus the accuracy matrix and forgetting.
+"""Accuracy metrics: the official grouped accuracy and curves
+(algorithms.md §8) plus the accuracy matrix and forgetting.
 
 Definitions, with T tasks and a_t the top-1 accuracy on all classes seen after task t:
 - average accuracy (A-bar) = (1/T) sum_t a_t  (official "Average Accuracy (CNN)");
@@ -65,7 +66,7 @@ def forgetting(acc_matrix: Sequence[Sequence[Optional[float]]]) -> Optional[floa
     T = len(acc_matrix)
     if T < 2:
         return None
-    drops = [max(acc_matrix[l][j] for l in range(j, T - 1)) - acc_matrix[T - 1][j] for j in range(T - 1)]
+    drops = [max(acc_matrix[i][j] for i in range(j, T - 1)) - acc_matrix[T - 1][j] for j in range(T - 1)]
     return float(np.around(np.mean(drops), decimals=2))
 
 

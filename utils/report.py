@@ -14,8 +14,8 @@ of the preset and the preset's own keys set to a non-default value, e.g. ``mist 
 
 - ``table.md``: one table per metric (rows grouped by learner, one column per data set), each cell
   ``mean ± sample std (n=seeds)``; the paired differences of each method from the same learner's ``none``
-  runs (per seed, so the same class order: Ā, A_B, forgetting); then the incomplete runs, the duplicate runs that were ignored, the
-  files that could not be read, the runs used, and the plots.
+  runs (per seed, so the same class order: Ā, A_B, forgetting); then the incomplete runs, the duplicate runs that were
+  ignored, the files that could not be read, the runs used, and the plots.
 - ``table.csv``: long format, one row per (learner, method, dataset, metric) with mean, std, n, the seeds
   and their values, and the number of seeds that have only incomplete runs.
 - ``curves_<dataset>.png``: top-1 accuracy after each task, one line per learner/method (mean over seeds,

@@ -67,11 +67,12 @@ def plot_curves(col: Collection, out_dir: Path) -> list[Path]:
     markers = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
     written = []
     for dataset in col.datasets:
-        learners = [l for l in col.learners if any(col.cells.get((l, m, dataset)) and col.cells[(l, m, dataset)].runs
-                                                   for m in col.methods(l))]
+        learners = [learner for learner in col.learners
+                    if any(col.cells.get((learner, m, dataset)) and col.cells[(learner, m, dataset)].runs
+                           for m in col.methods(learner))]
         if not learners:
             continue
-        n_lines = max(len(col.methods(l)) for l in learners)
+        n_lines = max(len(col.methods(learner)) for learner in learners)
         fig = _figure(5.2 * len(learners), 4.2 + 0.22 * ((n_lines + 1) // 2))
         axes = fig.subplots(1, len(learners), sharey=True, squeeze=False)[0]
         for ax, learner in zip(axes, learners):

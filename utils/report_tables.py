@@ -195,15 +195,15 @@ def markdown(col: Collection, plots: Sequence[Path], command: str = "") -> str:
             "- Backbone updated per step / selected: mean over the tasks that ran a tuning phase of "
             "`updated_fraction_per_step` / `selected_fraction`, in % of the backbone's entries "
             "(`-`: no tuning phase, or the method reports no selection).",
-            "- Backbone entries moved / relative weight change: mean over the tuned tasks of `moved_fraction` (share of "
-            "entries whose value the tuning phase changed; weight decay moves unselected entries too) and of "
+            "- Backbone entries moved / relative weight change: mean over the tuned tasks of `moved_fraction` "
+            "(share of entries whose value the tuning phase changed; weight decay moves unselected entries too) and of "
             "`relative_change` (||theta - theta_0|| / ||theta_0|| over the task's phase).",
-            "- Old-class accuracy: top-1 accuracy on the test images of the classes of every task before the last, after "
-            "the last task. Old-class feature drift: mean over those classes of 1 - cos between their test-set mean "
-            "feature (the module the tuning phase tunes) after the last task and after the task that introduced them "
-            "(`tasks[i].drift`, evaluation data only; `-`: not measured). Embeddings' share: mean over the tasks that "
-            "moved the backbone of ||d theta_embeddings||^2 / ||d theta||^2 over the whole task (tuning phase and the "
-            "learner's own training).",
+            "- Old-class accuracy: top-1 accuracy on the test images of the classes of every task before the last, "
+            "after the last task. Old-class feature drift: mean over those classes of 1 - cos between their test-set "
+            "mean feature (the module the tuning phase tunes) after the last task and after the task that introduced "
+            "them (`tasks[i].drift`, evaluation data only; `-`: not measured). Embeddings' share: mean over the tasks "
+            "that moved the backbone of ||d theta_embeddings||^2 / ||d theta||^2 over the whole task (tuning phase and "
+            "the learner's own training).",
             "- Wall time: sum over tasks of each task's `seconds` (learning and evaluation).",
             "- Paired differences: for each seed where both ran, the method's value minus the same learner's `none` "
             "run (same class order); mean ± sample std over those seeds, and how many differences are > 0. A "

@@ -98,7 +98,8 @@ def check_checkpoint_meta(path: Path, state: dict[str, Any], fingerprint: str, s
             raise CheckpointError(f"checkpoint {path} was written for another class order; it does not belong to "
                                   "this run.")
         if meta.get("fingerprint") != fingerprint:
-            raise CheckpointError(f"checkpoint {path} was written with another config than {path.parent / 'config.json'}"
+            raise CheckpointError(f"checkpoint {path} was written with another config than "
+                                  f"{path.parent / 'config.json'}"
                                   " now holds (a key that affects the results was edited, or the checkpoint comes "
                                   "from another run); restore the config or start a new run.")
     next_task = state.get("next_task")

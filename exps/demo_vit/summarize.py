@@ -56,7 +56,8 @@ def fmt(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
 
 
 def report(runs: dict) -> str:
-    lines = ["| host | tuning | seeds | A_B | A-bar | forgetting | wall s / run | moved % / task | rel. change / task |",
+    lines = ["| host | tuning | seeds | A_B | A-bar | forgetting | wall s / run | moved % / task "
+             "| rel. change / task |",
              "|---|---|---|---|---|---|---|---|---|"]
     for host in HOSTS:
         for method in ("none", "mist"):

@@ -206,7 +206,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.quick:
-        args.size, args.seeds, args.calibration_seeds, args.epochs = "quick", args.seeds[:3], args.calibration_seeds[:1], 1
+        args.size, args.seeds, args.calibration_seeds, args.epochs = (
+            "quick", args.seeds[:3], args.calibration_seeds[:1], 1)
         args.grid_sgd, args.grid_adam = args.grid_sgd[1:], args.grid_adam[1:]
     return args
 

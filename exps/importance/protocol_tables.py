@@ -150,7 +150,8 @@ def table(rows: dict[str, dict[int, Any]], arms: list[str], seeds: list[int], lr
         name = f"{a} - {b}"
         if name not in by_name["a_last"]:
             continue
-        parts = [f"Δ {label} {ci(by_name[m].get(name))} (Holm {pv(by_name[m][name].holm if name in by_name[m] else None)})"
+        parts = [f"Δ {label} {ci(by_name[m].get(name))} "
+                 f"(Holm {pv(by_name[m][name].holm if name in by_name[m] else None)})"
                  for m, label in FAMILIES if name in by_name[m]]
         lines.append(f"- {labels.get(a, a)} − {labels.get(b, b)} ({why}): " + "; ".join(parts) + ".")
     for metric, label in FAMILIES[:2]:

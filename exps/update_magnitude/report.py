@@ -91,7 +91,8 @@ def contrasts(runs: Sequence[RunResult]) -> dict[str, list[dict[str, Any]]]:
 
 def contrasts_md(found: dict[str, list[dict[str, Any]]]) -> list[str]:
     """Markdown table of :func:`contrasts`."""
-    lines = ["| contrast | n | Δ Avg.Acc [95% CI] | Holm p | Δ Task.Acc [95% CI] | Holm p | Δ Forgetting [95% CI] | Holm p |",
+    lines = ["| contrast | n | Δ Avg.Acc [95% CI] | Holm p | Δ Task.Acc [95% CI] | Holm p "
+             "| Δ Forgetting [95% CI] | Holm p |",
              "|---|---|---|---|---|---|---|---|"]
 
     def cell(c: dict[str, Any]) -> str:

@@ -1,4 +1,5 @@
-"""Update magnitude vs forgetting (arXiv 2602.20796, algorithms.md §14): Initialized / Frozen / Adaptive on Split Fashion-MNIST.
+"""Update magnitude vs forgetting (arXiv 2602.20796, algorithms.md §14):
+Initialized / Frozen / Adaptive on Split Fashion-MNIST.
 
 **A scaled-down reconstruction**, not the paper's code (none is public; algorithms.md §14.1). The paper trains a
 ResNet-style CNN from scratch (9 conv layers: one stem conv, then residual blocks; average pool; FC) on
@@ -247,7 +248,8 @@ def run_regime(regime: str, tasks: Sequence[TaskData], cfg: Config, seed: int,
     torch.manual_seed(seed)
     net = MultiHeadNet(len(tasks), cfg.classes_per_task)
     shuffle = torch.Generator().manual_seed(seed)
-    fresh = torch.Generator().manual_seed(1_000_003 + seed)  # the reinitialized regime's draws, apart from the data order
+    # the reinitialized regime's draws, apart from the data order
+    fresh = torch.Generator().manual_seed(1_000_003 + seed)
     gate = None
     if regime == ADAPTIVE:
         if threshold is None:
@@ -297,7 +299,7 @@ def calibrate(tasks: Sequence[TaskData], cfg: Config, seed: int) -> tuple[float,
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("runs/update_magnitude"), help="output folder")
     p.add_argument("--train-per-class", type=int, default=Config.train_per_class,
                    help="training images per class (first N in file order; 0 = all)")

@@ -1,5 +1,5 @@
-"""The update-magnitude experiment's setting (``exps/update_magnitude/run.py``): the regimes, the run settings, one task's
-data and one run's results (shared by the runner and its report)."""
+"""The update-magnitude experiment's setting (``exps/update_magnitude/run.py``): the regimes, the run settings, one
+task's data and one run's results (shared by the runner and its report)."""
 
 from __future__ import annotations
 

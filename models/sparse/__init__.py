@@ -1,4 +1,5 @@
-"""The tuning phase (``spr``; algorithms.md §4-5, §13, §14), run by every learner before its own training and head update.
+"""The tuning phase (``spr``; algorithms.md §4-5, §13, §14),
+run by every learner before its own training and head update.
 
 - ``presets.py``: :class:`Recipe` (the parts of a phase) and the registered ``spr`` presets;
 - ``estimators.py``: the scoring pass and the registered importance estimators;
@@ -10,7 +11,8 @@
 - ``optim.py``: the registered optimizers and the masked step with the algorithms.md §9.4 fixes;
 - ``gate.py``: update-magnitude control's cosine gate (algorithms.md §14.3);
 - ``network.py``: backbone + projection head, and the cosine CE heads;
-- ``acl.py``, ``spu.py``, ``gps.py``, ``spg.py``, ``sparcl.py``: the rivals in MIST's slot (algorithms.md §19), one file each;
+- ``acl.py``, ``spu.py``, ``gps.py``, ``spg.py``, ``sparcl.py``: the rivals in MIST's slot (algorithms.md §19),
+  one file each;
 - ``tuner.py``: :class:`SparseTuner`, which owns the state across tasks and runs a phase per task.
 
 Which ``spr`` values build a tuner for which learner is decided here, in :func:`tuner_for` (algorithms.md §5).

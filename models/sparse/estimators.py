@@ -4,8 +4,8 @@ The pass (:class:`ScoringRule` in the project's :class:`~models.loop.TuningLoop`
 after the frozen entries of every gradient are zeroed and the gradient is summed over the torchrun processes:
 
 - ``mean_squares`` (MIST's own pass, algorithms.md §4.4): A += g_b^2 / n_b;
-- ``moments`` (PIECE, algorithms.md §13.2; and whenever the gate needs the task's mean gradient): S1 += g_b, S2 += g_b^2,
-  with each batch's NaN gradient entries set to 0 first, as PIECE's gradient hook does.
+- ``moments`` (PIECE, algorithms.md §13.2; and whenever the gate needs the task's mean gradient): S1 += g_b,
+  S2 += g_b^2, with each batch's NaN gradient entries set to 0 first, as PIECE's gradient hook does.
 
 Each estimator is a registered :class:`Estimator`: the pass it wants and a function from the pass's sums to
 float32 scores of every scored parameter's shape. Adding one is one ``ESTIMATORS.register`` call
@@ -66,8 +66,9 @@ class Estimator:
 
 
 def mi_fisher(sums: PassSums, network: nn.Module, generator: torch.Generator) -> Scores:
-    """MIST (algorithms.md §4.4): R = sum_b g_b^2 / n_b^2, the mean squared mini-batch gradient divided once more by n_b (the
-    original divides twice; per-tensor quantiles do not depend on the scale, algorithms.md §9.6). Not a per-sample Fisher."""
+    """MIST (algorithms.md §4.4): R = sum_b g_b^2 / n_b^2, the mean squared mini-batch gradient divided once more by n_b
+    (the original divides twice; per-tensor quantiles do not depend on the scale, algorithms.md §9.6).
+    Not a per-sample Fisher."""
     n = sums.n_batches
     if sums.scaled:
         return {name: a / n for name, a in sums.squares.items()}
@@ -75,14 +76,15 @@ def mi_fisher(sums: PassSums, network: nn.Module, generator: torch.Generator) ->
 
 
 def fisher(sums: PassSums, network: nn.Module, generator: torch.Generator) -> Scores:
-    """PIECE-F (algorithms.md §13.2): the empirical diagonal Fisher as PIECE computes it, F = S2 = sum_b g_b^2 (a sum, not a
-    mean). NaN -> 0. Official: github wanglingxiang0717/PIECE, training/PIECE/param_protection/process_mask_file.py."""
+    """PIECE-F (algorithms.md §13.2): the empirical diagonal Fisher as PIECE computes it, F = S2 = sum_b g_b^2 (a sum,
+    not a mean). NaN -> 0. Official: github wanglingxiang0717/PIECE,
+    training/PIECE/param_protection/process_mask_file.py."""
     return {name: torch.nan_to_num(v, nan=0.0) for name, v in sums.squares.items()}
 
 
 def second_order(sums: PassSums, network: nn.Module, generator: torch.Generator) -> Scores:
-    """PIECE-S (algorithms.md §13.2): s = |S1| / sqrt(S2 + 1) with sums over the batches (not means). NaN -> 0. Official:
-    github wanglingxiang0717/PIECE, training/PIECE/param_protection/get_parameters_import_files.py."""
+    """PIECE-S (algorithms.md §13.2): s = |S1| / sqrt(S2 + 1) with sums over the batches (not means). NaN -> 0.
+    Official: github wanglingxiang0717/PIECE, training/PIECE/param_protection/get_parameters_import_files.py."""
     s1, s2 = sums.firsts, sums.squares
     return {name: torch.nan_to_num(s1[name].abs() / torch.sqrt(s2[name] + 1.0), nan=0.0) for name in s1}
 
@@ -98,7 +100,8 @@ def random_scores(sums: PassSums, network: nn.Module, generator: torch.Generator
             for name, p in network.named_parameters() if p.requires_grad}
 
 
-ESTIMATORS.register("mi_fisher", Estimator("mi_fisher", mi_fisher, mean_squares=True, source="MIST, algorithms.md §4.4"))
+ESTIMATORS.register("mi_fisher", Estimator("mi_fisher", mi_fisher, mean_squares=True,
+                                           source="MIST, algorithms.md §4.4"))
 ESTIMATORS.register("fisher", Estimator("fisher", fisher, source="PIECE-F, algorithms.md §13.2"))
 ESTIMATORS.register("second_order", Estimator("second_order", second_order, source="PIECE-S, algorithms.md §13.2"))
 ESTIMATORS.register("magnitude", Estimator("magnitude", magnitude, source="|theta| (ours)"))
@@ -120,7 +123,8 @@ class ScoringRule:
     def __init__(self, params: dict[str, nn.Parameter], state: SparsityState, n_batches: int, moments: bool) -> None:
         self.params, self.n_batches, self.moments = params, n_batches, moments
         self.squares = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
-        self.firsts = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()} if moments else None
+        self.firsts = ({name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+                       if moments else None)
         self.frozen = {}  # unpacked once per pass, only for tensors with frozen entries
         for name in params:
             if name in state.shapes and not state.exempt[name]:

@@ -31,7 +31,8 @@ MEMORY_RULES = ("previous", "ema")
 @config_keys("Update-magnitude control, spr magnitude_gate (models/sparse/gate.py)", unused_because=unread_by_preset)
 class GateKeys(ConfigKeys):
     gate_threshold: float = key(
-        0.5, "magnitude_gate: cosine similarity below which a task gets the large budget (algorithms.md §14.3).", ge=-1, le=1
+        0.5, "magnitude_gate: cosine similarity below which a task gets the large budget (algorithms.md §14.3).",
+        ge=-1, le=1
     )
     gate_budget_large: float = key(0.01, "magnitude_gate: selected fraction of the 'initialized' regime.", gt=0, le=1)
     gate_budget_small: float = key(0.001, "magnitude_gate: selected fraction of the 'frozen' regime.", gt=0, le=1)

@@ -1,4 +1,5 @@
-"""GPS, Gradient-based Parameter Selection (Zhang et al., CVPR 2024), as a preset of the tuning phase (algorithms.md §19.5).
+"""GPS, Gradient-based Parameter Selection (Zhang et al., CVPR 2024), as a preset of the tuning phase
+(algorithms.md §19.5).
 
 Official code: github FightingFighting/GPS (``train_gps.py``, ``utils/pruning.py``, ``utils/loss_utils.py``). Before
 each task (the official code selects once, before fine-tuning; in front of a class-incremental host it is re-run
@@ -91,7 +92,8 @@ def signed_sum(sums: PassSums, network: nn.Module, generator: torch.Generator) -
     return {name: v.abs() for name, v in sums.firsts.items()}
 
 
-ESTIMATORS.register("signed_sum", Estimator("signed_sum", signed_sum, source="GPS / SPU: |sum of gradients|, algorithms.md §19.5"))
+ESTIMATORS.register("signed_sum", Estimator("signed_sum", signed_sum,
+                                            source="GPS / SPU: |sum of gradients|, algorithms.md §19.5"))
 
 
 def norm_parameters(module: nn.Module) -> set[str]:
@@ -99,7 +101,8 @@ def norm_parameters(module: nn.Module) -> set[str]:
     GroupNorm and any module whose class name contains "Norm")."""
     out = set()
     for prefix, sub in module.named_modules():
-        if isinstance(sub, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)) or "Norm" in type(sub).__name__:
+        if (isinstance(sub, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase))
+                or "Norm" in type(sub).__name__):
             out.update(f"{prefix}.{n}" if prefix else n for n, _ in sub.named_parameters(recurse=False))
     return out
 
@@ -119,10 +122,10 @@ def row_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 @SCOPES.register("per_row")
 def per_row(tuner, scores: Mapping[str, torch.Tensor], budget: float) -> tuple[dict[str, torch.Tensor], int]:
-    """GPS's selection (``utils/pruning.py``, algorithms.md §19.5), rules in order: norm layers, ``pos_embed``, ``cls_token``
-    (``reg_token``) -> frozen; names with ``head``, ``bias`` or ``gamma`` -> fully trainable; every other tensor ->
-    the ``int(budget)`` largest scores of each output row. The projection head (``simclr``, not part of GPS) is
-    frozen."""
+    """GPS's selection (``utils/pruning.py``, algorithms.md §19.5), rules in order: norm layers, ``pos_embed``,
+    ``cls_token`` (``reg_token``) -> frozen; names with ``head``, ``bias`` or ``gamma`` -> fully trainable; every other
+    tensor -> the ``int(budget)`` largest scores of each output row. The projection head (``simclr``, not part of GPS)
+    is frozen."""
     k = int(budget)
     norms = norm_parameters(tuner.network)
     selected = {}

@@ -73,9 +73,10 @@ def select_top(scores: torch.Tensor, rate: float) -> torch.Tensor:
     return scores >= quantile(scores, 1.0 - rate)
 
 
-#: parameter-name parts of input embeddings, never selected by the ported PIECE (algorithms.md §13.2, §13.7: the analogue of
-#: an LLM's input embedding, which PIECE skips by ``"embed" in name`` in param_protection/extract_and_save_new.py
-#: and freezes in training/main.py): ViT patch/position embeddings, class and register tokens; a CNN's stem conv
+#: parameter-name parts of input embeddings, never selected by the ported PIECE (algorithms.md §13.2, §13.7: the
+#: analogue of an LLM's input embedding, which PIECE skips by ``"embed" in name`` in
+#: param_protection/extract_and_save_new.py and freezes in training/main.py): ViT patch/position embeddings, class and
+#: register tokens; a CNN's stem conv
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """Bool tensor (any shape, n entries) -> uint8 (ceil(n / 8),), entry i at bit i % 8 of byte i // 8."""
     flat = mask.reshape(-1).to(torch.uint8)

@@ -71,8 +71,8 @@ def official_head(dim: int, task, sigma: float, device: torch.device, random_row
 
     Without ``head_rows``: a head over the task's new classes. With them (SimpleCIL): the learner's full head over
     every seen class, rows [0, known) holding ``head_rows`` (the class prototypes, (known, D) float32) and the new
-    rows zero from task 1 on (random on task 0, or always with ``random_rows``: the algorithms.md §9.24 fix), as the official
-    ``fc``; the CE then uses the new-class logits only, and every mask budget counts the whole tensor.
+    rows zero from task 1 on (random on task 0, or always with ``random_rows``: the algorithms.md §9.24 fix), as the
+    official ``fc``; the CE then uses the new-class logits only, and every mask budget counts the whole tensor.
     """
     full = head_rows is not None
     head = CosineLinear(dim, task.seen if full else task.seen - task.known).to(device)

@@ -19,7 +19,8 @@ from utils.registry import OPTIMIZERS
 
 @config_keys("Adam tuning optimizer (models/sparse/optim.py)", unused_because=unread_by_preset)
 class AdamKeys(ConfigKeys):
-    adam_lr: float = key(1e-5, "Adam tuning optimizer: backbone learning rate (PIECE's 1e-5, algorithms.md §13.5).", gt=0)
+    adam_lr: float = key(1e-5, "Adam tuning optimizer: backbone learning rate (PIECE's 1e-5, algorithms.md §13.5).",
+                         gt=0)
     adam_head_lr: float = key(1e-3, "Adam tuning optimizer: learning rate of the CE head and projection head.", gt=0)
     mist_lr: Optional[float] = key(
         None, "MIST's SGD (MIST, its ablations, dense CE fine-tuning): backbone learning rate; null: the official "
@@ -65,8 +66,9 @@ def _groups(tuner, head: Optional[nn.Module], backbone_lr: float, head_lr: float
 
 @OPTIMIZERS.register("mist_sgd")
 def mist_sgd(tuner, head: Optional[nn.Module] = None):
-    """algorithms.md §4.1: SGD with groups convnet (lr 1e-4, or ``mist_lr``), fc (lr 1e-2), simclr (lr 1e-2), momentum 0.9,
-    weight decay 5e-4 (0 with ``sparse_weight_decay``: the step adds it where an entry may move), and MultiStepLR."""
+    """algorithms.md §4.1: SGD with groups convnet (lr 1e-4, or ``mist_lr``), fc (lr 1e-2), simclr (lr 1e-2),
+    momentum 0.9, weight decay 5e-4 (0 with ``sparse_weight_decay``: the step adds it where an entry may move),
+    and MultiStepLR."""
     sgd = tuner.sgd
     wd = 0.0 if tuner.cfg.sparse_weight_decay else sgd.weight_decay
     backbone_lr = sgd.backbone_lr if tuner.cfg.mist_lr is None else tuner.cfg.mist_lr

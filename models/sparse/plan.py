@@ -1,4 +1,5 @@
-"""The fast path of MIST's per-step gradient masking (algorithms.md §4.6; issue 7): a flat gradient buffer and a task's plan.
+"""The fast path of MIST's per-step gradient masking (algorithms.md §4.6; issue 7):
+a flat gradient buffer and a task's plan.
 
 - the gradients of every tuned parameter live in one flat buffer (:class:`models.loop.FlatGradients`), so a
   backward pass fills it directly, the torchrun all-reduce is one call, and a step's masking is a few operations;
@@ -6,8 +7,8 @@
   ``0.9 ** count`` factors; per step it draws the keep decisions for those entries only and masks the buffer with
   one gather, one fill and one scatter, with no host synchronisation.
 
-``models/sparse/reference.py`` holds the plain per-tensor sequence of algorithms.md §4.6 that this path is tested equal to
-(``tests/test_sparse_fast.py``) and measured against (``bench/mist_step.py``).
+``models/sparse/reference.py`` holds the plain per-tensor sequence of algorithms.md §4.6 that this path is tested equal
+to (``tests/test_sparse_fast.py``) and measured against (``bench/mist_step.py``).
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ class GradientPlan:
                                                                                          device=self.device)
         return positions.clamp_(max=e), shortfall
 
-    def apply_(self, flat_grad: torch.Tensor, positions: torch.Tensor, backbone_numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def apply_(self, flat_grad: torch.Tensor, positions: torch.Tensor,
+               backbone_numel: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask a flat gradient in place: keep ``g * scale`` at the given eligible positions, zero elsewhere.
 
         Bitwise equal to the official per-tensor sequence (algorithms.md §4.6) with the same keep decisions.

@@ -86,7 +86,8 @@ class MistKeys(ConfigKeys):
 
 @config_keys("PIECE (models/sparse/presets.py)", unused_because=unread_by_preset)
 class PieceKeys(ConfigKeys):
-    top_ratio: float = key(0.001, "PIECE: global fraction of backbone entries selected per task (algorithms.md §13.3).", gt=0, le=1)
+    top_ratio: float = key(0.001, "PIECE: global fraction of backbone entries selected per task (algorithms.md §13.3).",
+                           gt=0, le=1)
     piece_scoring_batch_size: Optional[int] = key(
         4, "PIECE: batch size of the scoring pass, over the task's un-augmented images in order (official 4, "
         "algorithms.md §13.5); null: the training loader (augmented, shuffled, batch_size), as before issue 15.", ge=1)
@@ -115,8 +116,8 @@ class Recipe:
         strict_mask: False reproduces PIECE's "a tensor with no selected entry is fully trainable".
         gate: update-magnitude control picks the budget per task.
         head: the CE head at the task's start (:meth:`~models.sparse.tuner.SparseTuner.task_head`): ``"official"``
-            (the CE ablations' cosine head, random on task 0, zero later, algorithms.md §9.24), ``"prototypes"`` (a cosine
-            head whose rows are the task's class means, scale ``head_scale``), ``"timm_linear"`` (a new linear
+            (the CE ablations' cosine head, random on task 0, zero later, algorithms.md §9.24), ``"prototypes"`` (a
+            cosine head whose rows are the task's class means, scale ``head_scale``), ``"timm_linear"`` (a new linear
             classifier as timm's ViT head: trunc-normal 0.02, zero bias) or ``"linear"`` (a new ``nn.Linear`` with
             torch's default init).
         epochs: epochs of the phase, the scoring pass included for task-level presets.
@@ -237,7 +238,8 @@ register_preset("piece_f", loss="ce", importance="fisher", scope="global", step_
                 drop=False, overlap=False, freeze=False, exclude_embeddings=True, strict_mask=False, gate=False,
                 head="prototypes", budget_key="top_ratio", epochs_key="mi_epochs", label="PIECE-F", order=80,
                 source="PIECE-F (github wanglingxiang0717/PIECE), algorithms.md §13",
-                keys=("top_ratio", "adam_lr", "adam_head_lr", "piece_scoring_batch_size", "piece_clip_norm", "tuning_steps"),
+                keys=("top_ratio", "adam_lr", "adam_head_lr", "piece_scoring_batch_size", "piece_clip_norm",
+                      "tuning_steps"),
                 compare=True, lr_key="adam_lr", piece_port=True)
 register_preset("piece_s", like="piece_f", importance="second_order", label="PIECE-S", order=90,
                 source="PIECE-S (github wanglingxiang0717/PIECE), algorithms.md §13")
@@ -246,13 +248,14 @@ register_preset("piece_s", like="piece_f", importance="second_order", label="PIE
 # the gate keeps the scoring data and unclipped steps it was calibrated with (piece_port False)
 register_preset("magnitude_gate", like="piece_f", gate=True, strict_mask=True, budget_key=None, compare=True,
                 piece_port=False,
-                label="update-magnitude gate", order=100, source="update-magnitude control (reconstructed), algorithms.md §14.3",
+                label="update-magnitude gate", order=100,
+                source="update-magnitude control (reconstructed), algorithms.md §14.3",
                 keys=("adam_lr", "adam_head_lr", "gate_threshold", "gate_budget_large", "gate_budget_small",
                       "gate_memory", "gate_ema", "tuning_steps"))
 _ABLATION = dict(loss="ce", importance=None, scope=None, optimizer="mist_sgd", drop=False, overlap=False,
                  freeze=False, exclude_embeddings=False, strict_mask=False, gate=False, head="official",
-                 budget_key=None, epochs_key="ablation_epochs", source="official CE ablations, algorithms.md §5", official=True,
-                 lr_key="mist_lr")
+                 budget_key=None, epochs_key="ablation_epochs", source="official CE ablations, algorithms.md §5",
+                 official=True, lr_key="mist_lr")
 register_preset("rand", step_rule="rand", label="rand", order=10, **_ABLATION)
 register_preset("l2", step_rule="l2", label="l2", order=20, **_ABLATION)
 register_preset("grad", step_rule="grad", label="grad", order=30, **_ABLATION)

@@ -1,7 +1,9 @@
-"""The plain per-tensor reference of MIST's masked step (algorithms.md §4.6), the documented equivalent of the fast path.
+"""The plain per-tensor reference of MIST's masked step (algorithms.md §4.6),
+the documented equivalent of the fast path.
 
 ``plan.py`` (flat buffer, :class:`GradientPlan`) is the default; this module is what it is tested equal to
-(``tests/test_sparse_fast.py``) and measured against (``bench/mist_step.py``), written straight from the official sequence (docs/algorithms.md §4.6):
+(``tests/test_sparse_fast.py``) and measured against (``bench/mist_step.py``), written straight from the official
+sequence (docs/algorithms.md §4.6):
 
 - :class:`ReferenceState` and :func:`reference_masked_grads_`: MIST's across-task state as the official code
   keeps it (bool frozen masks, int32 overlap counts, one per parameter) and its per-step gradient sequence,
@@ -24,13 +26,15 @@ from models.sparse.estimators import mi_fisher, scoring_pass
 from models.sparse.masks import OVERLAP_BASE, quantile, select_top
 from models.sparse.tuner import SparseTuner
 
-ZERO_1_SKIP = ("fc.weight", "fc.sigma", "norm", "simclr")  # first frozen zeroing skips these names (algorithms.md §4.6.2)
+# first frozen zeroing skips these names (algorithms.md §4.6.2)
+ZERO_1_SKIP = ("fc.weight", "fc.sigma", "norm", "simclr")
 ZERO_2_SKIP = ("fc.weight", "fc.sigma", "bias", "norm")  # zeroing inside masked_update skips these (4.6.3.3)
 EXEMPT = ("fc.weight", "fc.sigma", "bias", "norm", "simclr")  # full masks, never frozen (4.5, 4.7)
 
 
 class ReferenceState:
-    """Official MIST state: ``frozen[name]`` bool and ``overlap[name]`` int32 for every parameter (algorithms.md §4.1)."""
+    """Official MIST state: ``frozen[name]`` bool and ``overlap[name]`` int32 for every parameter
+    (algorithms.md §4.1)."""
 
     def __init__(self, params) -> None:
         params = list(params)
@@ -57,7 +61,8 @@ def reference_draw(mask: torch.Tensor, keep_prob: float, generator: Optional[tor
 
 def reference_masked_grads_(grads: Mapping[str, torch.Tensor], selected: Mapping[str, torch.Tensor],
                             state: ReferenceState, keep: Mapping[str, torch.Tensor]) -> None:
-    """The official per-step sequence on each gradient, in place (algorithms.md §4.6 steps 2-3), given the draws ``keep``."""
+    """The official per-step sequence on each gradient, in place (algorithms.md §4.6 steps 2-3),
+    given the draws ``keep``."""
     for name, g in grads.items():
         if g is None:
             continue

@@ -95,8 +95,8 @@ def check_tuning_config(cfg, recipe, backbone_numel: int, candidate_numel: int, 
                        "would update more than its 'large update' one, the reverse of update-magnitude control.",
                        cfg.gate_budget_small, cfg.gate_budget_large)
     if recipe.selective and recipe.epochs <= 1:
-        logger.warning("%s = %d with spr '%s': its first epoch is the scoring pass, so the tuning phase makes no update "
-                       "(the backbone is not tuned); use 2 or more.", PRESETS.get(recipe.preset).epochs_key,
+        logger.warning("%s = %d with spr '%s': its first epoch is the scoring pass, so the tuning phase makes no "
+                       "update (the backbone is not tuned); use 2 or more.", PRESETS.get(recipe.preset).epochs_key,
                        recipe.epochs, recipe.preset)
     if recipe.selective and recipe.freeze and freeze_quantile <= 0:
         logger.warning("freeze_quantile = %g freezes every scored entry at the end of each task: from the second task "
@@ -106,7 +106,8 @@ def check_tuning_config(cfg, recipe, backbone_numel: int, candidate_numel: int, 
         if int(math.floor(recipe.budget * backbone_numel)) == 0:  # PIECE then takes one entry (max(1, k))
             key = "budget" if getattr(cfg, "budget", None) is not None else PRESETS.get(recipe.preset).budget_key
             trains = "only that entry trains" if recipe.strict_mask else (
-                f"with PIECE's rule every other tensor is fully trainable, so {100.0 * candidate_numel / max(backbone_numel, 1):.1f}% "
+                f"with PIECE's rule every other tensor is fully trainable, so "
+                f"{100.0 * candidate_numel / max(backbone_numel, 1):.1f}% "
                 "of the backbone trains")
             logger.warning("Config key '%s' = %g selects one entry (max(1, floor(%g x %d)) = 1, as PIECE): %s; use "
                            "at least %.3g for more.", key, recipe.budget, recipe.budget, backbone_numel, trains,

@@ -84,15 +84,16 @@ def select_per_block(scores: Mapping[str, torch.Tensor], rate: float) -> dict[st
 
 @SCOPES.register("per_tensor")
 def per_tensor(tuner, scores: Mapping[str, torch.Tensor], budget: float) -> tuple[dict[str, torch.Tensor], int]:
-    """MIST (algorithms.md §4.5): in each non-exempt tensor, the scores >= the (1 - budget) quantile; exempt tensors full."""
+    """MIST (algorithms.md §4.5): in each non-exempt tensor, the scores >= the (1 - budget) quantile;
+    exempt tensors full."""
     return tuner.state.select(scores, budget), 0
 
 
 @SCOPES.register("global")
 def global_top_k(tuner, scores: Mapping[str, torch.Tensor], budget: float) -> tuple[dict[str, torch.Tensor], int]:
-    """PIECE (algorithms.md §13.3): the top k = max(1, floor(budget * N)) scores over the candidate tensors, N the backbone's
-    entries (the official ``extract_and_save_new.py`` takes at least one entry; it counts every entry of the model in
-    N and zeroes the embedding scores)."""
+    """PIECE (algorithms.md §13.3): the top k = max(1, floor(budget * N)) scores over the candidate tensors, N the
+    backbone's entries (the official ``extract_and_save_new.py`` takes at least one entry; it counts every entry of the
+    model in N and zeroes the embedding scores)."""
     pool = {n: scores[n] for n in tuner.candidates()}
     k = min(max(1, int(math.floor(budget * tuner.backbone_numel))), sum(v.numel() for v in pool.values()))
     return _complete(tuner, select_global(pool, k))
@@ -107,8 +108,8 @@ def per_block(tuner, scores: Mapping[str, torch.Tensor], budget: float) -> tuple
 def _complete(tuner, picked: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
     """Every tensor of the state: a candidate with no selected entry is fully trainable unless ``strict_mask``
     (PIECE's gradient hook uses ``torch.ones_like(grad)`` when a tensor has no index file: github
-    wanglingxiang0717/PIECE, training/PIECE/training/train_base_model.py; algorithms.md §13.4); the projection head is always
-    trainable."""
+    wanglingxiang0717/PIECE, training/PIECE/training/train_base_model.py; algorithms.md §13.4); the projection head is
+    always trainable."""
     selected, fully_trainable = {}, 0
     for name, shape in tuner.state.shapes.items():
         if name in picked:

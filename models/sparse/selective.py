@@ -1,10 +1,10 @@
-"""The selective phase: score, select, then train through the task's mask (MIST, algorithms.md §4; PIECE, algorithms.md §13; the gate,
-algorithms.md §14).
+"""The selective phase: score, select, then train through the task's mask (MIST, algorithms.md §4; PIECE,
+algorithms.md §13; the gate, algorithms.md §14).
 
 Epoch 1 is a scoring pass without updates (``estimators.py``); the recipe's estimator scores every entry, its scope
-and budget (or the gate's) select a mask fixed for the task (``scopes.py``), the end-of-task bookkeeping of algorithms.md §4.7
-runs, and epochs 2..``epochs`` train through a :class:`~models.sparse.plan.GradientPlan` with MIST's drop, overlap
-penalty and frozen sets where the recipe has them (:class:`PlanRule`).
+and budget (or the gate's) select a mask fixed for the task (``scopes.py``), the end-of-task bookkeeping of
+algorithms.md §4.7 runs, and epochs 2..``epochs`` train through a :class:`~models.sparse.plan.GradientPlan` with MIST's
+drop, overlap penalty and frozen sets where the recipe has them (:class:`PlanRule`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 class PlanRule:
     """The step rule of the sparse epochs: each step draws its keep decisions for the eligible entries only (every
-    eligible entry when the recipe has no drop) and masks the flat buffer in place (the fast path of algorithms.md §4.6).
+    eligible entry when the recipe has no drop) and masks the flat buffer in place
+    (the fast path of algorithms.md §4.6).
 
     With ``masked`` (the algorithms.md §9.4 fixes, which act per tensor) the plan's per-tensor multipliers go through a
     :class:`~models.sparse.optim.MaskedStep` instead. ``shortfall`` counts the steps whose draws fell short (see
@@ -92,7 +93,8 @@ class SelectivePhase:
         report = {"method": r.preset, "selected_fraction": tuner.backbone_fraction(selected),
                   "selected_fraction_maskable": tuner.backbone_fraction(selected, maskable_only=True),
                   "trainable_fraction": tuner.backbone_fraction(  # selected and not frozen at the task's start
-                      {n: selected[n] & ~tuner.state.frozen_mask(n).to(selected[n].device) for n in tuner.backbone_names})}
+                      {n: selected[n] & ~tuner.state.frozen_mask(n).to(selected[n].device)
+                       for n in tuner.backbone_names})}
         if r.scope != "per_tensor":
             report["fully_trainable_tensors"] = fully_trainable
         if decision is not None:
@@ -100,8 +102,8 @@ class SelectivePhase:
             logger.info("Task %d update-magnitude gate: similarity %s, regime %s, budget %g", t,
                         "none" if decision.similarity is None else f"{decision.similarity:.4f}", decision.regime,
                         decision.budget)
-        # The end-of-task bookkeeping (algorithms.md §4.7) needs only the scores and the selection, and the plan already holds
-        # the task-start state: apply it now so the float scores are released before the sparse epochs.
+        # The end-of-task bookkeeping (algorithms.md §4.7) needs only the scores and the selection, and the plan already
+        # holds the task-start state: apply it now so the float scores are released before the sparse epochs.
         if r.freeze or r.overlap:
             tuner.state.end_task(scores, selected, tuner.freeze_quantile, freeze=r.freeze, count=r.overlap)
         del scores, selected
@@ -127,8 +129,8 @@ class SelectivePhase:
 
     def select(self, scores: dict[str, torch.Tensor], budget: float) -> tuple[dict[str, torch.Tensor], int]:
         """The task's selection for every tensor of the sparsity state (the recipe's registered scope), with the
-        embeddings the recipe excludes never selected (algorithms.md §13.7), and the number of tensors left fully trainable
-        by PIECE's no-selection rule."""
+        embeddings the recipe excludes never selected (algorithms.md §13.7), and the number of tensors left fully
+        trainable by PIECE's no-selection rule."""
         tuner = self.tuner
         selected, fully_trainable = SCOPES.get(tuner.recipe.scope)(tuner, scores, budget)
         for name in set(tuner.backbone_names) - set(tuner.candidates()):
@@ -137,8 +139,8 @@ class SelectivePhase:
 
     def sparse_epochs(self, loader, plan: GradientPlan, optimizer, scheduler, t: int, forward, head=None
                       ) -> tuple[list[float], int, int, int]:
-        """Epochs 2..``epochs`` (algorithms.md §4.6) through the task's plan (:class:`PlanRule`). Losses, non-zero counts
-        and the draw check stay on the device and are read once per epoch. A CE ``head`` keeps its own dense
+        """Epochs 2..``epochs`` (algorithms.md §4.6) through the task's plan (:class:`PlanRule`). Losses, non-zero
+        counts and the draw check stay on the device and are read once per epoch. A CE ``head`` keeps its own dense
         gradients (a second flat buffer).
 
         Raises:
@@ -154,7 +156,8 @@ class SelectivePhase:
         keep_prob = cfg.keep_prob if tuner.recipe.drop else 1.0
         params = tuner.named_trainables()
         masked = None
-        # an optimizer whose decoupled weight decay must not move unselected entries (SPU's port, algorithms.md §19.6 note 1)
+        # an optimizer whose decoupled weight decay must not move unselected entries (SPU's port,
+        # algorithms.md §19.6 note 1)
         keep_fixed = getattr(optimizer, "decays_masked_entries", True) is False
         if cfg.sparse_weight_decay or cfg.hard_freeze or keep_fixed:  # the fixes act per tensor (algorithms.md §9.4)
             masked = MaskedStep(params, dict, step_decay(tuner), cfg.sparse_weight_decay, cfg.hard_freeze or keep_fixed,

@@ -1,9 +1,9 @@
 """SparCL, Sparse Continual Learning (Wang et al., NeurIPS 2022), as a preset with re-selection inside a task
 (algorithms.md §19.4, "Port preset").
 
-Official code: github neu-spiral/SparCL (``retrain.py``, ``utils_pr.py``, ``main_sparse_train_w_data_gradient_efficient.py``);
-its port for pre-trained transformers in github wx-zhang/spu (``trainer/sparsecl.py``). Per task, over the phase's
-``mi_epochs`` epochs (0-based epoch e):
+Official code: github neu-spiral/SparCL (``retrain.py``, ``utils_pr.py``,
+``main_sparse_train_w_data_gradient_efficient.py``); its port for pre-trained transformers in github wx-zhang/spu
+(``trainer/sparsecl.py``). Per task, over the phase's ``mi_epochs`` epochs (0-based epoch e):
 
 - **scope**: every weight matrix of the backbone outside the embeddings (a ViT's attention and MLP weights, a CNN's
   conv and linear weights); every other tensor is frozen;
@@ -48,7 +48,8 @@ SCHEDULE = ((0, 0.96, 0.95), (5, 0.95, 0.95))
 
 @config_keys("SparCL preset (models/sparse/sparcl.py)", unused_because=unread_by_preset)
 class SparclKeys(ConfigKeys):
-    sparcl_lr: float = key(5e-6, "sparcl: AdamW learning rate (the pre-trained port's 5e-6; algorithms.md §19.4).", gt=0)
+    sparcl_lr: float = key(5e-6, "sparcl: AdamW learning rate (the pre-trained port's 5e-6; algorithms.md §19.4).",
+                           gt=0)
     sparcl_weight_decay: float = key(0.2, "sparcl: AdamW weight decay on the entries the mask lets move.", ge=0)
 
 

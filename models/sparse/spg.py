@@ -153,5 +153,6 @@ register_preset("spg", phase="spg", loss="ce", importance=None, scope=None, step
                 drop=False, overlap=False, freeze=False, exclude_embeddings=False, strict_mask=False, gate=False,
                 head="linear", budget_key=None, epochs_key="mi_epochs", label="SPG", order=96,
                 keys=("spg_lr",), compare=True,
-                source="SPG (github UIC-Liu-Lab/spg approaches/spg; port wx-zhang/spu trainer/spg.py), algorithms.md §19.3",
+                source="SPG (github UIC-Liu-Lab/spg approaches/spg; port wx-zhang/spu trainer/spg.py), "
+                       "algorithms.md §19.3",
                 lr_key="spg_lr")

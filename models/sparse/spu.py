@@ -5,16 +5,17 @@ CLIP. Per task:
 
 1. **score** (label-free): on the task's training batches, gradients of L_b = mean_i ||z_i||^2 with z_i the logits
    of image i (:func:`logit_norm`; ours: 100 x the cosines against the task's class prototypes, CLIP's logit scale
-   times cosines against class text embeddings there, the host having no text tower), summed with their sign, s = |sum_b g_b|. The pass ends after 0-based batch k as soon as
-   k > 0.25 N (``score_batch_percentage``) and no scored entry has |sum| < 1e-12 (:func:`spu_stop`);
+   times cosines against class text embeddings there, the host having no text tower), summed with their sign,
+   s = |sum_b g_b|. The pass ends after 0-based batch k as soon as k > 0.25 N (``score_batch_percentage``) and no
+   scored entry has |sum| < 1e-12 (:func:`spu_stop`);
 2. **select** (:func:`first_mlp`): only each block's first MLP layer trains: per weight tensor the top
    ``int(spu_rate * numel)`` scores (``torch.topk``), its bias fully; everything else is frozen;
 3. **train** the remaining epochs, the gradient masked every step, AdamW (lr 7.5e-6, weight decay 0.2, betas
    0.9/0.999), on cross-entropy over the same head (fixed, scale 100 as CLIP's contrastive logits).
 
-Port choices (algorithms.md §19.2 marks them F; each in docs/deviations.md section 6): gradients summed per batch (the shipped
-code never zeroes them, weighting early batches); weight decay only where the mask may move (the shipped AdamW also
-shrinks unselected ``fc1`` entries: ``spu_decay_masked_entries`` reproduces it); a constant learning rate (the
+Port choices (algorithms.md §19.2 marks them F; each in docs/deviations.md section 6): gradients summed per batch (the
+shipped code never zeroes them, weighting early batches); weight decay only where the mask may move (the shipped AdamW
+also shrinks unselected ``fc1`` entries: ``spu_decay_masked_entries`` reproduces it); a constant learning rate (the
 shipped schedule runs epoch 0 at lr 0 and is flat within 0.3% afterwards).
 """
 
@@ -49,7 +50,8 @@ class SpuKeys(ConfigKeys):
     spu_lr: float = key(7.5e-6, "spu: AdamW learning rate (the official CLIP value; algorithms.md §19.2).", gt=0)
     spu_weight_decay: float = key(0.2, "spu: AdamW weight decay (official 0.2).", ge=0)
     spu_decay_masked_entries: bool = key(False, "spu: let AdamW's decoupled weight decay shrink the unselected "
-                                                "first-MLP entries too, as the shipped code does (algorithms.md §19.2).")
+                                                "first-MLP entries too, as the shipped code does "
+                                                "(algorithms.md §19.2).")
 
 
 def is_first_mlp(name: str, names: set[str]) -> bool:
@@ -129,5 +131,6 @@ register_preset("spu", loss="ce", score_loss="logit_norm", importance="spu", sco
                 strict_mask=True, gate=False, head="prototypes", head_scale=CLIP_LOGIT_SCALE, budget_key="spu_rate",
                 epochs_key="mi_epochs",
                 label="SPU", order=93, keys=("spu_rate", "spu_lr", "spu_weight_decay", "spu_decay_masked_entries"),
-                compare=True, source="SPU (github wx-zhang/spu: trainer/spu.py, trainer/finetune.py), algorithms.md §19.2",
+                compare=True,
+                source="SPU (github wx-zhang/spu: trainer/spu.py, trainer/finetune.py), algorithms.md §19.2",
                 lr_key="spu_lr")

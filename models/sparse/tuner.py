@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 #: the tuner's random streams (``utils.runtime.make_generator`` names), saved in checkpoints
 STREAMS = ("drop", "augment", "ablation_mask", "importance")
 
+#: MIST's official optimizer settings, the default of :class:`SparseTuner`'s ``sgd`` (a frozen dataclass, shared)
+OFFICIAL_SGD = SGDSettings()
+
 
 class SparseTuner:
     """The tuning phase, composed from a :class:`Recipe` (``cfg.spr``'s preset with the config's overrides).
@@ -58,7 +61,7 @@ class SparseTuner:
     """
 
     def __init__(self, cfg, backbone: nn.Module, device: torch.device, seed: int,
-                 learner_defaults: dict[str, Any], sgd: SGDSettings = SGDSettings(),
+                 learner_defaults: dict[str, Any], sgd: SGDSettings = OFFICIAL_SGD,
                  recipe: Optional[Recipe] = None) -> None:
         self.cfg, self.device, self.sgd, self.seed = cfg, device, sgd, seed
         self.recipe = recipe or canonical(resolve_recipe(cfg), cfg)
@@ -72,7 +75,8 @@ class SparseTuner:
         self.freeze_quantile = (cfg.freeze_quantile if cfg.freeze_quantile is not None
                                 else learner_defaults.get("freeze_quantile", 1.0))
         if self.recipe.optimizer == "mist_sgd":
-            warn_ignored("weight_decay", cfg.weight_decay, sgd.weight_decay, "The tuning phase uses the module constant.")
+            warn_ignored("weight_decay", cfg.weight_decay, sgd.weight_decay,
+                         "The tuning phase uses the module constant.")
         self.sigma = 1.0  # the CE ablations' cosine-head scale, carried across tasks
         self.trained_rows: Optional[torch.Tensor] = None
         #: what a registered phase keeps across tasks (SPG's soft mask, SparCL's stream): name -> tensor, saved
@@ -176,7 +180,8 @@ class SparseTuner:
 
     def ce_loss(self, head: nn.Module, known: int, x: torch.Tensor, y: torch.Tensor,
                 rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
-        """Cross-entropy of ``head`` on the backbone features of x, targets y - known (``models.loop.cross_entropy``)."""
+        """Cross-entropy of ``head`` on the backbone features of x, targets y - known
+        (``models.loop.cross_entropy``)."""
         batch = Batch(torch.arange(len(y)), x, y, rows)
         return cross_entropy(head_logits(self, head, batch), y.to(self.device) - known, batch)
 
@@ -205,10 +210,10 @@ class SparseTuner:
         return head
 
     def scoring_loader(self, task):
-        """PIECE's scoring data (algorithms.md §13.5): the task's un-augmented training images (``task.train_eval``) in order, in
-        batches of ``piece_scoring_batch_size`` (shared out per global batch under torchrun, as training batches).
-        Its own generator (stream "scoring") draws the loader's per-epoch seed, so the run's other streams do not
-        shift."""
+        """PIECE's scoring data (algorithms.md §13.5): the task's un-augmented training images (``task.train_eval``) in
+        order, in batches of ``piece_scoring_batch_size`` (shared out per global batch under torchrun, as training
+        batches). Its own generator (stream "scoring") draws the loader's per-epoch seed, so the run's other streams do
+        not shift."""
         return make_loader(task.train_eval, self.cfg.piece_scoring_batch_size, False, self.cfg.num_workers,
                            make_generator(self.seed, "cpu", "scoring"), pin_memory=self.device.type == "cuda",
                            run_seed=self.seed, shard="batch")
