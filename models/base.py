@@ -107,6 +107,13 @@ class Learner(abc.ABC):
         return build_backbone(cfg.convnet_type, cfg.pretrained, cfg.weights_path, cfg.input_size,
                               **cfg.backbone_kwargs)
 
+    @classmethod
+    def host_passes(cls, cfg: ExperimentConfig, task_id: int) -> tuple[float, float]:
+        """The learner's own training on task ``task_id``, in passes over the task's training images: (passes with a
+        backward, extra forward-only passes), for the cost estimate of ``python -m utils.reproduce --plan``
+        (``utils/reproduce_cost.py``). Default (0, 0): no training of its own (SimpleCIL, RanPAC)."""
+        return 0.0, 0.0
+
     def tuned_module(self) -> nn.Module:
         """What the tuning phase tunes (``x`` -> (B, D), with ``out_dim``): the backbone; a host whose backbone also
         holds prompts, adapters or a query model returns its plain ViT (models/ease.py, models/prompt_hosts.py)."""
@@ -289,7 +296,8 @@ class Learner(abc.ABC):
             if key not in state:
                 raise KeyError(f"the checkpoint has no {key!r} state")
             if (state[key] is None) != (obj is None):
-                what = "tuning phase does not match the config's spr" if key == "tuner" else f"{key!r} state does not fit"
+                what = ("tuning phase does not match the config's spr" if key == "tuner"
+                        else f"{key!r} state does not fit")
                 raise ValueError(f"the checkpoint's {what}")
             if obj is not None:
                 obj.load_state_dict(state[key])
@@ -318,8 +326,8 @@ class Learner(abc.ABC):
     def count_parameters(self) -> tuple[int, int]:
         """(all, trainable) parameter counts of the learner's network, as its official log lines report them.
 
-        The backbone's parameters (its ``requires_grad`` flags decide its trainable share) + :meth:`extra_parameter_count`
-        + :meth:`head_parameter_count`, both counted as trainable.
+        The backbone's parameters (its ``requires_grad`` flags decide its trainable share)
+        + :meth:`extra_parameter_count` + :meth:`head_parameter_count`, both counted as trainable.
         """
         backbone = list({id(p): p for p in self.backbone.parameters()}.values())
         extra = self.extra_parameter_count() + self.head_parameter_count()

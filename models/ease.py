@@ -147,6 +147,11 @@ class EASE(Learner):
     def tuned_module(self) -> nn.Module:
         return self.backbone.vit
 
+    @classmethod
+    def host_passes(cls, cfg, task_id: int) -> tuple[float, float]:
+        """The adapters' epochs of the task (:func:`task_schedule`), each a pass with a backward through the ViT."""
+        return float(task_schedule(cfg, task_id)[0]), 0.0
+
     def train_task(self, task: TaskData, loop: TuningLoop) -> dict[str, Any]:
         """Train a new adapter set and ``proxy_fc`` on the task (algorithms.md §18.1), the ViT frozen;
         then freeze the set."""

@@ -205,6 +205,12 @@ class PromptHost(Learner):
                                    else cfg.batchwise_prompt_eval)
         backbone.vote_ties = cfg.prompt_vote_ties
 
+    @classmethod
+    def host_passes(cls, cfg, task_id: int) -> tuple[float, float]:
+        """``prompt_epochs`` passes with a backward (the prompted ViT) and as many forwards of the query model."""
+        epochs = cfg.prompt_epochs if cfg.prompt_epochs is not None else cls.PROMPT_DEFAULTS["prompt_epochs"]
+        return float(epochs), float(epochs)
+
     def setting(self, name: str) -> Any:
         """Config key ``name``, or the learner's default when it is null."""
         value = getattr(self.cfg, name)

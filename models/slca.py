@@ -104,6 +104,11 @@ class SLCA(Learner):
         """The slow learner's batch: 128 (official constant), or ``batch_size`` with ``use_config_batch_size``."""
         return self.cfg.batch_size if self.cfg.use_config_batch_size else OFFICIAL_BATCH_SIZE
 
+    @classmethod
+    def host_passes(cls, cfg, task_id: int) -> tuple[float, float]:
+        """The slow learner's ``epochs`` passes with a backward (classifier alignment runs on sampled features)."""
+        return float(cfg.epochs), 0.0
+
     # ---- stage 1: slow learner -----------------------------------------------------------------------
     def train_task(self, task: TaskData, loop: TuningLoop) -> dict[str, Any]:
         """A new head for the task's classes, then ``epochs`` epochs of the slow learner (algorithms.md §17.4)."""

@@ -160,7 +160,8 @@ def markdown(ledger: dict[str, Any]) -> str:
              "the JSON, not this file. `python -m utils.report RUN --against-ledger` prints a run beside its row.", "",
              "Metrics: " + "; ".join(f"**{k}**: {v}" for k, v in ledger["metrics"].items()) + ".", "",
              "## Configs with a reference", "",
-             "| config | A-bar | A_last | kind | seeds | backbone | timm | source | notes |", "|---|---|---|---|---|---|---|---|---|"]
+             "| config | A-bar | A_last | kind | seeds | backbone | timm | source | notes |",
+             "|---|---|---|---|---|---|---|---|---|"]
     without = []
     for config, entry in ledger["configs"].items():
         ref = entry.get("reference")
@@ -183,7 +184,8 @@ def markdown(ledger: dict[str, Any]) -> str:
 
 
 def add(ledger: dict[str, Any], config: str, why_none: Optional[str] = None,
-        reference: Optional[dict[str, Any]] = None, replace: bool = False, root: Optional[Path] = None) -> dict[str, Any]:
+        reference: Optional[dict[str, Any]] = None, replace: bool = False,
+        root: Optional[Path] = None) -> dict[str, Any]:
     """``ledger`` with an entry for the shipped config ``config`` (``exps/<folder>/<name>.json``): a reference (kind,
     source, a_bar and/or a_last, seeds, backbone, timm, curve, notes) or the reason there is none.
 

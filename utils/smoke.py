@@ -111,7 +111,7 @@ def size_overrides(raw: dict[str, Any], data_root: Path) -> dict[str, Any]:
     Raises:
         ValueError: an override outside :data:`SIZE_KEYS` (a bug of this module).
     """
-    from utils.config import load_config
+    from utils.config import inactive_keys, load_config
     from utils.registry import PRESETS
 
     cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in raw.items() if k != "config"])
@@ -131,6 +131,10 @@ def size_overrides(raw: dict[str, Any], data_root: Path) -> dict[str, Any]:
                                                                         "img_size": side})
     else:
         out["input_size"] = 32
+    shrunk = load_config(None, [f"{k}={json.dumps(v)}" for k, v in {**raw, **out}.items() if k != "config"])
+    for unread in inactive_keys(shrunk):  # an epochs key the run does not read (another learner's or preset's)
+        if unread.key not in raw:
+            out.pop(unread.key, None)
     bad = set(out) - set(SIZE_KEYS)
     if bad:
         raise ValueError(f"smoke overrides outside SIZE_KEYS: {sorted(bad)}")
