@@ -47,6 +47,7 @@ from utils.run_folder import (
     seed_complete,
 )
 from utils.runtime import OFFICIAL_TORCH_SEED, log_traceback, resolve_device, runtime_info, seed_torch, setup_logging
+from utils.tensorboard_log import open_events
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent
@@ -240,6 +241,7 @@ def run_seed(cfg: ExperimentConfig, seed: int, out: Path, resume: bool = False) 
     checkpoint = out / CHECKPOINT_NAME
     write = write_json if main else (lambda path, data: None)
     written = False
+    events = None
     try:
         device = setup_processes(cfg)  # before any data loads: a bad device fails in a second
         try:
@@ -269,11 +271,15 @@ def run_seed(cfg: ExperimentConfig, seed: int, out: Path, resume: bool = False) 
                                   "resume.") from None
             written = True
         results.update({"class_order": data.class_order, "task_sizes": data.increments, "device": str(device)})
+        events = open_events(cfg, learner, out, results) if main else None
         ranges = [data.task_classes(t) for t in range(data.nb_tasks)]
         for t in range(first, data.nb_tasks):
             _run_task(learner, data, t, ranges, results)
             if cfg.check_replicas:
                 distributed.check_replicas(learner.parameters(), f"task {t}")
+            if events is not None:
+                events.task(t, results)
+                results["tensorboard_steps"] = events.counters()
             write(out / "results.json", results)
             if main:
                 save_checkpoint(checkpoint, learner, results, t + 1)
@@ -295,6 +301,9 @@ def run_seed(cfg: ExperimentConfig, seed: int, out: Path, resume: bool = False) 
         if not isinstance(exc, UserError):
             log_traceback(exc)
         raise
+    finally:
+        if events is not None:
+            events.close()
 
 
 def _check_data(data: DataManager, results: dict, resume: bool, out: Path) -> None:

@@ -182,7 +182,9 @@ class EASE(Learner):
             return cross_entropy(logits, targets, batch)
 
         def log(epoch: int, loss: float) -> None:
-            logger.info("Task %d, Epoch %d/%d => Loss %.3f, Train_accy %.2f", t, epoch, epochs, loss, accuracy.take())
+            train_accuracy = accuracy.take()
+            logger.info("Task %d, Epoch %d/%d => Loss %.3f, Train_accy %.2f", t, epoch, epochs, loss, train_accuracy)
+            loop.train_accuracy("EASE", train_accuracy)
 
         loader = self.loader(task.train, shuffle=True, train=True)
         with frozen(net.vit), attached(KEEP_SLOT, {adapter: keep for adapter in adapters}):

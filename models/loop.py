@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Callable, Iterable, Mapping, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -202,9 +202,18 @@ class TuningLoop:
         progress: show tqdm bars.
     """
 
-    def __init__(self, device: torch.device, progress: bool = False) -> None:
+    def __init__(self, device: torch.device, progress: bool = False, phase: str = "train") -> None:
         self.device = device
         self.progress = progress
+        #: the phase's name in the event files (``tuning`` for the tuning phase, ``train`` for the learner's own)
+        self.phase = phase
+        #: where per-step losses and training accuracies go (``utils.tensorboard_log.TensorBoardLog``), or None
+        self.log: Optional[Any] = None
+
+    def train_accuracy(self, label: str, accuracy: float) -> None:
+        """Record one epoch's training accuracy (%) of the phase part ``label`` with :attr:`log`, if any."""
+        if self.log is not None:
+            self.log.train_accuracy(f"{self.phase}/{label}", accuracy)
 
     def run(self, loader: Iterable, epochs: Sequence[int], forward: Forward,
             optimizer: Optional[torch.optim.Optimizer], grads: Sequence[FlatGradients] = (),
@@ -257,6 +266,7 @@ class TuningLoop:
                 if freeze_bn_stats:
                     keep_batchnorm_in_eval(module)
             monitor = LossMonitor(self.device, f"{where}, epoch {epoch}/{last}" if where else f"epoch {epoch}")
+            history: Optional[list[torch.Tensor]] = [] if self.log is not None else None
             taken = steps
             for batch in tqdm(batches(loader), total=total, desc=f"{label} epoch {epoch}/{last}", leave=False,
                               disable=not self.progress):
@@ -272,6 +282,8 @@ class TuningLoop:
                 if count is not None:
                     nonzero += count
                 monitor.add(loss)
+                if history is not None:
+                    history.append(loss.detach())
                 steps += 1
                 if max_steps is not None and steps >= max_steps:
                     break
@@ -280,6 +292,8 @@ class TuningLoop:
                     warnings.simplefilter("ignore", UserWarning)
                     scheduler.step()
             losses.append(monitor.mean(total if max_steps is None else steps - taken))
+            if history:  # read once per epoch, after the NaN check
+                self.log.losses(f"{self.phase}/{label}", torch.stack(history))
             if on_epoch is not None:
                 on_epoch(epoch, losses[-1])
         for flat in grads:

@@ -257,7 +257,9 @@ class PromptHost(Learner):
             return cross_entropy(logits, targets, batch) - lam * surrogate
 
         def log(epoch: int, loss: float) -> None:
-            logger.info("Task %d, Epoch %d/%d => Loss %.3f, Train_accy %.2f", t, epoch, epochs, loss, accuracy.take())
+            train_accuracy = accuracy.take()
+            logger.info("Task %d, Epoch %d/%d => Loss %.3f, Train_accy %.2f", t, epoch, epochs, loss, train_accuracy)
+            loop.train_accuracy(type(self).__name__, train_accuracy)
 
         loader = self.loader(task.train, shuffle=True, train=True)
         with frozen(net.vit):

@@ -134,8 +134,10 @@ class SLCA(Learner):
             return cross_entropy(logits, targets, batch)
 
         def log(epoch: int, loss: float) -> None:
+            train_accuracy = accuracy.take()
             logger.info("Task %d, Epoch %d/%d => Loss %.3f, Train_accy %.2f", t, epoch, cfg.epochs, loss,
-                        accuracy.take())
+                        train_accuracy)
+            loop.train_accuracy("SLCA", train_accuracy)
 
         params = {f"backbone.{i}": p for i, p in enumerate(backbone)}
         params.update({f"head.{n}": p for n, p in head.named_parameters()})

@@ -104,6 +104,12 @@ def _validate(cfg: ExperimentConfig, origin: Callable[[str], str]) -> None:
     for group in KEY_GROUPS:
         if group.validate is not None:
             group.validate(cfg, origin)
+    from utils.tensorboard_log import LOGGERS
+
+    unknown = [name for name in cfg.loggers if name not in LOGGERS]
+    if unknown:
+        raise ConfigError(f"{origin('loggers')}: key 'loggers' has {', '.join(map(repr, unknown))}; expected a list "
+                          f"of {', '.join(LOGGERS)} (or [] for none).")
     if cfg.strict_keys:
         unread = inactive_keys(cfg)
         if unread:

@@ -175,6 +175,11 @@ class ExperimentConfig:
         None, "Stop after this task (0-based) as if interrupted, leaving a resumable run (testing resume).", min=0
     )
     check_replicas: bool = _f(False, "torchrun: compare a parameter checksum across ranks at the end of each task.")
+    loggers: list[str] = _f(
+        [], "Event loggers of a run: [] (none) or [\"tensorboard\"]: per-step losses, per-epoch training accuracy, "
+        "per-task accuracy, A-bar, forgetting, tuning fractions and the accuracy matrix under "
+        "<run>/seed<seed>/tensorboard (rank 0; utils/tensorboard_log.py; open with tensorboard --logdir RUN)."
+    )
     strict_keys: bool = _f(
         False, "A key of a component the run does not use (another learner's key, a key the spr preset does not read) "
         "is an error instead of a warning."
