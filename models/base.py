@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Optional
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from models.drift import DriftMeter
@@ -135,7 +135,7 @@ class Learner(abc.ABC):
         return self.cfg.eval_batch_size or self.batch_size
 
     def loader(self, dataset: Dataset, shuffle: bool, batch_size: Optional[int] = None, train: bool = False,
-               generator: Optional[torch.Generator] = None):
+               generator: Optional[torch.Generator] = None) -> DataLoader:
         """A seeded DataLoader over ``dataset``; ``batch_size`` defaults to the learner's (training) batch size.
 
         Every loader draws from the run's one ``loader_generator`` (see ``make_loader`` for what each epoch
@@ -174,7 +174,7 @@ class Learner(abc.ABC):
         """Run the tuning phase on ``task``'s training images (:meth:`tuning_loader`)."""
         return self.tuner.tune(self.tuning_loader(task), task)
 
-    def tuning_loader(self, task: TaskData):
+    def tuning_loader(self, task: TaskData) -> DataLoader:
         """The tuning phase's loader: ``task``'s training images, seeded, augmented, per process, in batches of
         ``tuning_batch_size`` (null: the learner's batch size)."""
         return self.loader(task.train, shuffle=True, batch_size=self.cfg.tuning_batch_size, train=True)
@@ -320,7 +320,8 @@ class Learner(abc.ABC):
         """Every module of ours holding parameters: what torchrun replicas compare (not what the logs count)."""
         return [self.backbone, *(self.tuner.extra_modules() if self.tuner is not None else [])]
 
-    def parameters(self) -> list[nn.Parameter]:  # every parameter of :meth:`modules`, each once
+    def parameters(self) -> list[nn.Parameter]:
+        """Every parameter of :meth:`modules`, each once (shared ones are not repeated)."""
         return list({id(p): p for m in self.modules() for p in m.parameters()}.values())
 
     def count_parameters(self) -> tuple[int, int]:

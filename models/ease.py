@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ from backbones.vit_parts import ADAPTER_SLOT, KEEP_SLOT, Adapter, add_adapter_sl
 from models.base import Learner, TaskData
 from models.heads import CosineLinear
 from models.loop import FlatGradients, TrainAccuracy, TuningLoop, cross_entropy
-from utils.config import ConfigKeys, config_keys, for_learners, key
+from utils.config import ConfigKeys, ExperimentConfig, config_keys, for_learners, key
 from utils.loaders import Batch
 from utils.registry import LEARNERS
 from utils.runtime import GeneratorState, autocast, make_generator
@@ -96,9 +96,10 @@ class EASENet(nn.Module):
             return self.vit(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) -> the features of every adapter subspace side by side, (B, D x adapter sets)."""
         return torch.cat([self.subspace(x, i) for i in range(len(self.adapters))], dim=1)
 
-    def load_state_dict(self, state, strict: bool = True, assign: bool = False):
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Grow the adapter sets to the state's count, then load it (a checkpoint of a later task)."""
         sets = {int(m.group(1)) for k in state if (m := re.match(r"adapters\.(\d+)\.", k))}
         while len(self.adapters) < len(sets):
@@ -106,7 +107,7 @@ class EASENet(nn.Module):
         return super().load_state_dict(state, strict=strict, assign=assign)
 
 
-def task_schedule(cfg, task_id: int) -> tuple[int, float]:
+def task_schedule(cfg: ExperimentConfig, task_id: int) -> tuple[int, float]:
     """(epochs, learning rate) of the adapters of task ``task_id`` (official ``ease.py`` ``_train``): ``init_epochs``
     and ``init_lr`` on the first task and on every task when ``init_cls == increment``; otherwise ``later_epochs`` and
     ``later_lr``, null standing for the init value (the official code's missing or 0)."""
@@ -126,7 +127,7 @@ class EASE(Learner):
 
     TITLE, ORDER = "EASE", 40
 
-    def __init__(self, cfg, backbone, device, seed) -> None:
+    def __init__(self, cfg: ExperimentConfig, backbone: nn.Module, device: torch.device, seed: int) -> None:
         super().__init__(cfg, backbone, device, seed)
         ignored = [f"{k} = {getattr(cfg, k)}" for k, first in (("later_epochs", cfg.init_epochs),
                                                                   ("later_lr", cfg.init_lr))
@@ -140,7 +141,7 @@ class EASE(Learner):
         self.dropout_generator = make_generator(seed, device, "ease_dropout")
 
     @classmethod
-    def build_backbone(cls, cfg) -> EASENet:
+    def build_backbone(cls, cfg: ExperimentConfig) -> EASENet:
         """The timm ViT of ``convnet_type`` with its weights, its blocks ready for adapters of width ``ffn_num``."""
         return EASENet(super().build_backbone(cfg), cfg.ffn_num)
 
@@ -148,7 +149,7 @@ class EASE(Learner):
         return self.backbone.vit
 
     @classmethod
-    def host_passes(cls, cfg, task_id: int) -> tuple[float, float]:
+    def host_passes(cls, cfg: ExperimentConfig, task_id: int) -> tuple[float, float]:
         """The adapters' epochs of the task (:func:`task_schedule`), each a pass with a backward through the ViT."""
         return float(task_schedule(cfg, task_id)[0]), 0.0
 

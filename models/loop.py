@@ -136,9 +136,11 @@ class DenseStep:
     """Plain training: the gradients step as they are; the buffers are zeroed after the step."""
 
     def before_step(self, grads: Sequence[FlatGradients]) -> Optional[torch.Tensor]:
+        """Nothing to mask; no non-zero count."""
         return None
 
     def after_step(self, grads: Sequence[FlatGradients]) -> None:
+        """Zero every gradient buffer for the next step."""
         for flat in grads:
             flat.buffer.zero_()
 
@@ -176,10 +178,12 @@ class TrainAccuracy:
         self.counts = torch.zeros(2, dtype=torch.int64, device=device)  # correct, seen
 
     def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """Count a batch: logits (B, C), targets (B,) int64, on the device."""
         self.counts[0] += (logits.detach().argmax(1) == targets).sum()
         self.counts[1] += targets.shape[0]
 
     def take(self) -> float:
+        """The epoch's accuracy (%), summed over the processes; resets the count."""
         done = distributed.all_reduce_sum_(self.counts.clone()) if distributed.active() else self.counts
         correct, seen = (int(v) for v in done.tolist())
         self.counts.zero_()
@@ -217,7 +221,7 @@ class TuningLoop:
 
     def run(self, loader: Iterable, epochs: Sequence[int], forward: Forward,
             optimizer: Optional[torch.optim.Optimizer], grads: Sequence[FlatGradients] = (),
-            rule: Optional[StepRule] = None, scheduler=None, module: Optional[nn.Module] = None,
+            rule: Optional[StepRule] = None, scheduler: Optional[Any] = None, module: Optional[nn.Module] = None,
             freeze_bn_stats: bool = False, where: str = "", of: Optional[int] = None, label: str = "train",
             on_epoch: Optional[Callable[[int, float], None]] = None, n_batches: Optional[int] = None,
             max_steps: Optional[int] = None) -> tuple[list[float], int, torch.Tensor]:

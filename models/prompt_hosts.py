@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ from models.heads import linear_from, timm_linear_head
 from models.loop import FlatGradients, TrainAccuracy, TuningLoop, cross_entropy, global_mean
 from models.sparse.optim import ClippedAdam
 from utils import distributed
-from utils.config import ConfigKeys, config_keys, for_learners, key
+from utils.config import ConfigKeys, ExperimentConfig, config_keys, for_learners, key
 from utils.errors import ConfigError
 from utils.loaders import Batch
 from utils.registry import LEARNERS
@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # timm create_optimizer defaults of the ports (algorithms.md §18.2)
 
 
-def check_prompt_pool(cfg, origin) -> None:
+def check_prompt_pool(cfg: ExperimentConfig, origin: Callable[[str], str]) -> None:
     """Refuse an L2P config whose pool is smaller than the prompts each image selects (``top_k``, null = the
     learner's default 5), which could only fail at the first selection.
 
@@ -146,6 +146,7 @@ class PromptedViT(nn.Module):
         self.top_k, self.eval_batchwise, self.vote_ties = 1, True, "official"
 
     def train(self, mode: bool = True) -> "PromptedViT":
+        """Train mode for the prompts and the ViT; the query model stays in eval mode (frozen, as the ports)."""
         super().train(mode)
         if self.query is not None:
             self.query.eval()  # the ports' original_model stays in eval mode
@@ -182,6 +183,7 @@ class PromptedViT(nn.Module):
         return batch_vote(counts, self.top_k, self.vote_ties).expand(sim.shape[0], -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Evaluation: images (B, 3, H, W) -> prompted features (B, D), the prompts chosen by the query model."""
         return self.features(x, self.select(self.similarity(self.query_features(x)), self.eval_batchwise))
 
 
@@ -196,7 +198,7 @@ class PromptHost(Learner):
     #: the learner's defaults of the keys left null: prompt_epochs, prompt_lr, pull_constraint_coeff, top_k
     PROMPT_DEFAULTS: dict[str, Any] = {}
 
-    def __init__(self, cfg, backbone, device, seed) -> None:
+    def __init__(self, cfg: ExperimentConfig, backbone: nn.Module, device: torch.device, seed: int) -> None:
         super().__init__(cfg, backbone, device, seed)
         self.head: Optional[nn.Linear] = None
         self.seen = 0
@@ -206,7 +208,7 @@ class PromptHost(Learner):
         backbone.vote_ties = cfg.prompt_vote_ties
 
     @classmethod
-    def host_passes(cls, cfg, task_id: int) -> tuple[float, float]:
+    def host_passes(cls, cfg: ExperimentConfig, task_id: int) -> tuple[float, float]:
         """``prompt_epochs`` passes with a backward (the prompted ViT) and as many forwards of the query model."""
         epochs = cfg.prompt_epochs if cfg.prompt_epochs is not None else cls.PROMPT_DEFAULTS["prompt_epochs"]
         return float(epochs), float(epochs)

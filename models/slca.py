@@ -33,7 +33,7 @@ from torch import nn
 from models.base import Learner, TaskData
 from models.heads import linear_from, timm_linear_head
 from models.loop import FlatGradients, TrainAccuracy, TuningLoop, cross_entropy
-from utils.config import ConfigKeys, config_keys, for_learners, key
+from utils.config import ConfigKeys, ExperimentConfig, config_keys, for_learners, key
 from utils.loaders import Batch
 from utils.registry import LEARNERS
 from utils.runtime import GeneratorState, autocast, make_generator
@@ -77,7 +77,7 @@ class SLCA(Learner):
 
     TITLE, ORDER = "SLCA", 30
 
-    def __init__(self, cfg, backbone, device, seed) -> None:
+    def __init__(self, cfg: ExperimentConfig, backbone: nn.Module, device: torch.device, seed: int) -> None:
         super().__init__(cfg, backbone, device, seed)
         late = [m for m in cfg.milestones if m >= cfg.epochs]
         if late:
@@ -90,7 +90,7 @@ class SLCA(Learner):
         self.alignment_generator = make_generator(seed, device, "slca_alignment")
 
     @classmethod
-    def build_backbone(cls, cfg) -> nn.Module:
+    def build_backbone(cls, cfg: ExperimentConfig) -> nn.Module:
         """The timm model, its final LayerNorm (a ViT's ``norm``) replaced by a fresh ``LayerNorm(D)`` (eps 1e-5,
         weight 1, bias 0; official ``vits.py``) unless ``slca_keep_pretrained_norm``."""
         model = super().build_backbone(cfg)
@@ -105,7 +105,7 @@ class SLCA(Learner):
         return self.cfg.batch_size if self.cfg.use_config_batch_size else OFFICIAL_BATCH_SIZE
 
     @classmethod
-    def host_passes(cls, cfg, task_id: int) -> tuple[float, float]:
+    def host_passes(cls, cfg: ExperimentConfig, task_id: int) -> tuple[float, float]:
         """The slow learner's ``epochs`` passes with a backward (classifier alignment runs on sampled features)."""
         return float(cfg.epochs), 0.0
 

@@ -273,7 +273,7 @@ KEY_GROUPS: list[KeyGroup] = []
 
 def config_keys(title: str, validate: Optional[Callable[[Any, Callable[[str], str]], None]] = None,
                 applies: Optional[Callable[[Any], bool]] = None,
-                unused_because: Optional[Callable[[Any, str], Optional[str]]] = None):
+                unused_because: Optional[Callable[[Any, str], Optional[str]]] = None) -> Callable[[type], type]:
     """Class decorator: the annotated fields of the class (``name: type = key(default, help, **bounds)``) become
     config keys, validated and documented like the core ones and read as ``cfg.<name>``.
 

@@ -214,6 +214,8 @@ def add(ledger: dict[str, Any], config: str, why_none: Optional[str] = None,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line: print or write docs/results.md, or ``--add`` an entry; exit 0, or 2 for a bad entry or a
+    shipped config without one."""
     parser = argparse.ArgumentParser(prog="python -m utils.ledger", description=__doc__.split("\n\n")[0])
     parser.add_argument("--write-docs", action="store_true", help=f"regenerate {DOCS.relative_to(REPO)}")
     parser.add_argument("--add", metavar="CONFIG", help="add an entry for a shipped config (exps/<folder>/<name>.json) "

@@ -80,6 +80,7 @@ class Job:
 
     @property
     def learner(self) -> str:
+        """The config's registered learner name (aliases resolved)."""
         return _learner(self.cfg)
 
     def folder(self, out: Path) -> Path:
@@ -143,7 +144,7 @@ def job_state(job: Job, out: Path) -> State:
     return State(status, path.parent.parent, path, run.tasks_done, run.tasks_total)
 
 
-def data_presence(cfg, cache: dict) -> tuple[bool, str, Optional[tuple[int, int]]]:
+def data_presence(cfg: Any, cache: dict) -> tuple[bool, str, Optional[tuple[int, int]]]:
     """(present, the loader's message when not, (train, test) image counts when present) of a config's data set."""
     from utils.registry import DATASETS
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -116,6 +116,7 @@ class Work:
     optimizer: Optional[str]
 
     def flops(self, cost: BackboneCost) -> float:
+        """FLOPs of the run: trained images x (forward + backward) + forward-only images x forward."""
         return self.trained * (cost.forward_flops + cost.backward_flops) + self.forward_only * cost.forward_flops
 
 
@@ -128,7 +129,7 @@ def task_classes(init_cls: int, increment: int, n_classes: int) -> list[int]:
     return sizes
 
 
-def learner_batch(learner_cls, cfg, name: str = "batch_size") -> int:
+def learner_batch(learner_cls: type, cfg: Any, name: str = "batch_size") -> int:
     """A batch the learner uses, read from its property ``name`` (``batch_size``: its loader, e.g. SimpleCIL's
     official 32; ``train_batch_size``: SLCA's slow learner, 128); the config's ``batch_size`` without one."""
     prop = getattr(learner_cls, name, None)
@@ -137,7 +138,7 @@ def learner_batch(learner_cls, cfg, name: str = "batch_size") -> int:
     return int(prop.fget(SimpleNamespace(cfg=cfg)))
 
 
-def run_work(cfg, n_train: int, n_test: int) -> Work:
+def run_work(cfg: Any, n_train: int, n_test: int) -> Work:
     """Count a run's :class:`Work` from its config and its data set's (train, test) image counts (all classes).
 
     Per task (classes split by :func:`task_classes`, images spread evenly over classes): the tuning phase's epochs

@@ -28,7 +28,8 @@ class Cell:
     why_none: Optional[str] = None
 
 
-def row_key(job) -> tuple[str, str]:
+def row_key(job: Any) -> tuple[str, str]:
+    """A job's row: (learner, spr)."""
     return job.learner, job.cfg.spr
 
 
@@ -41,7 +42,8 @@ def row_label(key: tuple[str, str]) -> str:
     return title if spr == "none" else f"{title} + {PRESETS.get(spr).label}"
 
 
-def column_key(job) -> tuple[str, str]:
+def column_key(job: Any) -> tuple[str, str]:
+    """A job's column: (data set, backbone)."""
     return job.cfg.dataset, job.cfg.convnet_type
 
 
@@ -81,6 +83,7 @@ def _ordered(table: dict[tuple, dict[tuple, Cell]]) -> tuple[list[tuple], list[t
 
 
 def column_label(column: tuple[str, str], columns: Sequence[tuple[str, str]]) -> str:
+    """The data set's name, with the backbone when the table has more than one."""
     dataset, backbone = column
     return dataset if len({b for _, b in columns}) == 1 else f"{dataset} ({backbone})"
 
@@ -114,7 +117,7 @@ def _cell_text(s: dict[str, Any]) -> str:
     return f"{ours} / ref {s['reference']:.2f} [{s['kind']}]{diff}"
 
 
-def markdown(table_def, table: dict[tuple, dict[tuple, Cell]], standin: bool = False) -> str:
+def markdown(table_def: Any, table: dict[tuple, dict[tuple, Cell]], standin: bool = False) -> str:
     """The Markdown table: one block per metric, cells ``ours ± std (n) / ref R [kind], difference``, then the
     references' sources."""
     rows, columns = _ordered(table)
@@ -197,7 +200,7 @@ def plot_curves(table: dict[tuple, dict[tuple, Cell]], out: Path, name: str) -> 
     return written
 
 
-def write_table(table_def, jobs: Sequence, out: Path, standin: bool = False) -> list[Path]:
+def write_table(table_def: Any, jobs: Sequence, out: Path, standin: bool = False) -> list[Path]:
     """Write ``out/<table>.md``, ``out/<table>.csv`` and the curves; returns the paths.
 
     Raises:

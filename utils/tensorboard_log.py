@@ -87,6 +87,7 @@ class TensorBoardLog:
         self.writer.flush()
 
     def close(self) -> None:
+        """Flush and close the event file."""
         self.writer.close()
 
 
@@ -107,7 +108,7 @@ def matrix_image(matrix: Sequence[Sequence[Optional[float]]], cell: int = 24) ->
     return image
 
 
-def open_events(cfg, learner, out: Path, results: dict[str, Any]) -> Optional[TensorBoardLog]:
+def open_events(cfg: Any, learner: Any, out: Path, results: dict[str, Any]) -> Optional[TensorBoardLog]:
     """The run's event log when ``loggers`` names tensorboard (None otherwise), attached to the learner's and the
     tuning phase's loops; its counters continue those of a resumed run (results.json ``tensorboard_steps``).
 
