@@ -81,6 +81,10 @@ def _drop_run_log_handlers():
     closed streams of later tests.
     """
     yield
+    if logging.root.manager.disable != logging.NOTSET:  # a tool run in-process must give logging back
+        leaked = logging.root.manager.disable
+        logging.disable(logging.NOTSET)
+        pytest.fail(f"the test left logging.disable({leaked}) behind; later tests' run logs would be empty")
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_mist_cl", False):
