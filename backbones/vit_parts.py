@@ -57,6 +57,7 @@ class Adapter(nn.Module):
                 tensor.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, N, D) float32 -> the adapter's output (B, N, D), ``scale * up(dropout(relu(down(x))))``."""
         hidden = F.relu(self.down(x))
         keep = self.__dict__.get(KEEP_SLOT)  # shape -> keep mask, drawn by the host (same draws under torchrun)
         if self.training and self.dropout > 0 and keep is not None:
@@ -72,6 +73,7 @@ class AdapterBlock(Block):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
+        """Tokens (B, N, D) float -> (B, N, D): timm's block, plus ``adapter(h)`` when an adapter is attached."""
         adapter = self.__dict__.get(ADAPTER_SLOT)
         if adapter is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
@@ -87,6 +89,12 @@ class PrefixAttention(Attention):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
+        """Tokens (B, N, D) float -> (B, N, D): timm's attention; with a prefix attached, every head's keys and values
+        get it in front.
+
+        Raises:
+            ValueError: a prefix is attached and ``attn_mask`` or ``is_causal`` is given.
+        """
         prefix = self.__dict__.get(PREFIX_SLOT)
         if prefix is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)

@@ -8,13 +8,20 @@ learner or tuning-phase part is one new file.
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING, Optional
 
 import torch
+from torch import nn
 
 from utils.registry import LEARNERS, import_submodules
 
+if TYPE_CHECKING:  # models.base imports this package's modules
+    from models.base import Learner
+    from utils.config import ExperimentConfig
 
-def build_learner(cfg, device: torch.device, seed: int, backbone=None):
+
+def build_learner(cfg: ExperimentConfig, device: torch.device, seed: int,
+                  backbone: Optional[nn.Module] = None) -> Learner:
     """The learner named by ``cfg.model_name``: its backbone (:meth:`Learner.build_backbone`), then the learner.
 
     Args:

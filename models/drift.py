@@ -21,13 +21,16 @@ DualPrompt the plain ViT without its adapters or prompts), once per task, after 
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
 
 from models.sparse.gps import norm_parameters
 from models.sparse.scopes import is_embedding
+
+if TYPE_CHECKING:  # it imports this module
+    from models.base import Learner, TaskData
 
 EMBEDDINGS, NORMS = "embeddings", "norms"
 _BLOCK_PART = re.compile(r"(?:^|\.)blocks\.(\d+)\.(attn|mlp|ls1|ls2)?")
@@ -128,6 +131,7 @@ class FeatureDrift:
         return out
 
     def state_dict(self) -> dict[str, Any]:
+        """``means`` (seen, D) float64 and ``bounds`` (tasks + 1,) int64, for the checkpoint."""
         return {"means": self.means.clone(), "bounds": torch.tensor(self.bounds, dtype=torch.int64)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -143,7 +147,7 @@ class DriftMeter:
         learner: a :class:`models.base.Learner` (its ``tuned_module``, ``extract_features`` and seed).
     """
 
-    def __init__(self, learner) -> None:
+    def __init__(self, learner: Learner) -> None:
         self.learner = learner
         self.features = FeatureDrift()
         self._before: Optional[dict[str, torch.Tensor]] = None
@@ -152,7 +156,7 @@ class DriftMeter:
         """Copy the tuned module's parameters (the task's start)."""
         self._before = snapshot(self.learner.tuned_module())
 
-    def finish(self, task) -> dict[str, Any]:
+    def finish(self, task: TaskData) -> dict[str, Any]:
         """The task's ``drift`` entry of results.json: :func:`group_changes` since :meth:`start` and
         :meth:`FeatureDrift.update` on ``task.test`` (every seen class's test images).
 
@@ -168,7 +172,10 @@ class DriftMeter:
         return {**changes, **self.features.update(features, labels, task.known, task.seen)}
 
     def state_dict(self) -> dict[str, Any]:
+        """The feature drift's state (:meth:`FeatureDrift.state_dict`); the parameter snapshot lives within a task
+        only and is not saved."""
         return self.features.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`. Raises KeyError when an entry is missing."""
         self.features.load_state_dict(state)

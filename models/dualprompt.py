@@ -13,7 +13,7 @@ Differences from the official code: docs/deviations.md, section "L2P and DualPro
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -22,14 +22,16 @@ from backbones.vit_parts import PREFIX_SLOT, add_prefix_slots, attached
 from models.base import TaskData
 from models.prompt_hosts import PromptedViT, PromptHost, init_prompt
 from utils import distributed
-from utils.config import ConfigKeys, config_keys, for_learners, key
+from utils.config import ConfigKeys, ExperimentConfig, config_keys, for_learners, key
 from utils.errors import ConfigError
 from utils.registry import LEARNERS
 
 
-def check_dualprompt(cfg, origin) -> None:
+def check_dualprompt(cfg: ExperimentConfig, origin: Callable[[str], str]) -> None:
     """Refuse a DualPrompt config that could only fail mid-run: ``top_k`` other than 1 (one E-prompt per image, as
     every official config), or no E-prompt layer left once the G-prompt layers are taken out (the port's if/elif).
+
+    ``origin(key)`` names where a key's value came from, for the message.
 
     Raises:
         ConfigError: naming the keys.
@@ -65,7 +67,7 @@ class DualPromptNet(PromptedViT):
         ConfigError: ``vit`` is not a timm ViT, or a prompt layer is not one of its blocks.
     """
 
-    def __init__(self, vit: nn.Module, cfg, length: int) -> None:
+    def __init__(self, vit: nn.Module, cfg: ExperimentConfig, length: int) -> None:
         super().__init__(vit, "DualPrompt", cfg.query_model == "pretrained", cfg.pool_size, cfg.prompt_init)
         depth = len(self.vit.blocks)
         beyond = sorted({layer for layer in [*cfg.g_prompt_layers, *cfg.e_prompt_layers] if layer >= depth})
@@ -127,7 +129,7 @@ class DualPrompt(PromptHost):
     PROMPT_DEFAULTS = {"prompt_epochs": 5, "prompt_lr": 0.03 * 24 / 256, "pull_constraint_coeff": 1.0, "top_k": 1}
 
     @classmethod
-    def build_backbone(cls, cfg) -> DualPromptNet:
+    def build_backbone(cls, cfg: ExperimentConfig) -> DualPromptNet:
         """The timm ViT with its weights, its query copy (before any tuning), prefix slots and the prompts.
 
         Raises:

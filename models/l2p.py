@@ -11,11 +11,14 @@ Differences from the official code: docs/deviations.md, section "L2P and DualPro
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
 from backbones.vit_parts import forward_with_tokens
 from models.prompt_hosts import PromptedViT, PromptHost, init_prompt
+from utils.config import ExperimentConfig
 from utils.registry import LEARNERS
 
 
@@ -33,8 +36,9 @@ class L2PNet(PromptedViT):
     def prompt_parameters(self) -> dict[str, nn.Parameter]:
         return {"prompts": self.prompts}
 
-    def features(self, x: torch.Tensor, ids: torch.Tensor, rows=None) -> torch.Tensor:
-        """The mean of the selected prompts' output tokens (B, D); ``ids`` (B, k) -> k * L_p prompt tokens."""
+    def features(self, x: torch.Tensor, ids: torch.Tensor, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """The mean of the selected prompts' output tokens (B, D) float32 for images x (B, 3, H, W); ``ids`` (B, k)
+        int64 -> k * L_p prompt tokens. ``rows`` is unused (L2P's prompts do not depend on the batch split)."""
         tokens = self.prompts[ids].reshape(x.shape[0], -1, self.out_dim)
         out = forward_with_tokens(self.vit, x, tokens, self.prompt_pos)
         n = self.vit.num_prefix_tokens
@@ -50,7 +54,7 @@ class L2P(PromptHost):
     PROMPT_DEFAULTS = {"prompt_epochs": 5, "prompt_lr": 0.03 * 16 / 256, "pull_constraint_coeff": 0.1, "top_k": 5}
 
     @classmethod
-    def build_backbone(cls, cfg) -> L2PNet:
+    def build_backbone(cls, cfg: ExperimentConfig) -> L2PNet:
         """The timm ViT with its weights, its query copy (before any tuning) and the prompt pool."""
         return L2PNet(super().build_backbone(cfg), cfg.query_model == "pretrained", cfg.pool_size,
                       cfg.prompt_length or 5, cfg.prompt_init)

@@ -19,12 +19,13 @@ import logging
 from typing import Any, Literal, Optional
 
 import torch
+from torch import nn
 
 from models.base import Learner, TaskData
 from models.heads import PROJECTION_DIM, cosine_logits, grow_prototypes
 from models.ridge import RIDGE_GRID, RidgeAccumulator, one_hot  # noqa: F401 (RIDGE_GRID re-exported)
 from models.ridge_search import select_ridge
-from utils.config import ConfigKeys, config_keys, for_learners, key
+from utils.config import ConfigKeys, ExperimentConfig, config_keys, for_learners, key
 from utils.data_manager import task_sizes
 from utils.errors import ConfigError
 from utils.registry import LEARNERS
@@ -78,7 +79,7 @@ class RanPAC(Learner):
     OFFICIAL_DISPATCH = frozenset({"mist", "rand", "l2", "grad", "cerun"})
     DEFAULTS = {"freeze_quantile": 1 - 0.0005}
 
-    def __init__(self, cfg, backbone, device, seed) -> None:
+    def __init__(self, cfg: ExperimentConfig, backbone: nn.Module, device: torch.device, seed: int) -> None:
         super().__init__(cfg, backbone, device, seed)
         self.use_RP = bool(cfg.use_RP)
         self.use_projection = self.use_RP and cfg.M > 0

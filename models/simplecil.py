@@ -10,10 +10,11 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+from torch import nn
 
 from models.base import Learner, TaskData
 from models.heads import PROJECTION_DIM, cosine_logits, grow_prototypes
-from utils.config import warn_ignored
+from utils.config import ExperimentConfig, warn_ignored
 from utils.registry import LEARNERS
 
 OFFICIAL_BATCH_SIZE = 32  # simplecil_mist.py module constant; the JSON batch_size is ignored (algorithms.md §9.2)
@@ -36,7 +37,7 @@ class SimpleCIL(Learner):
     OWN_HEAD_PRESETS = ("run", "rand", "l2", "grad")
     HEAD_STATE = ("prototypes",)
 
-    def __init__(self, cfg, backbone, device, seed) -> None:
+    def __init__(self, cfg: ExperimentConfig, backbone: nn.Module, device: torch.device, seed: int) -> None:
         super().__init__(cfg, backbone, device, seed)
         self.prototypes: Optional[torch.Tensor] = None  # (seen, D) float32 on device
         if not cfg.use_config_batch_size:

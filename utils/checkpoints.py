@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -13,6 +13,9 @@ from utils.errors import CheckpointError
 from utils.results_file import _finite, _json_default
 from utils.run_folder import OutputError
 from utils.runtime import rng_state, set_rng_state
+
+if TYPE_CHECKING:  # the models import utils
+    from models.base import Learner
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "mist-cl checkpoint v1"
@@ -22,7 +25,7 @@ class CheckpointUnreadable(CheckpointError):
     """The checkpoint file cannot be read at all (truncated, e.g. by a killed write): the seed restarts."""
 
 
-def save_checkpoint(path: Path, learner, results: dict, next_task: int) -> None:
+def save_checkpoint(path: Path, learner: Learner, results: dict, next_task: int) -> None:
     """Write everything the rest of the run needs, atomically (temporary file, then rename).
 
     Holds the learner (backbone, heads, tuning state and its generators), the metrics so far (results.json
@@ -66,7 +69,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def load_checkpoint(path: Path, learner, state: Optional[dict] = None) -> tuple[dict, int]:
+def load_checkpoint(path: Path, learner: Learner, state: Optional[dict] = None) -> tuple[dict, int]:
     """Restore ``learner`` and the global random states from a checkpoint (read with :func:`read_checkpoint`
     unless ``state`` is given).
 

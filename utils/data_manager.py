@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
+from PIL import Image
 from torch.utils.data import Dataset
 
 from utils.datasets import DataSource, Split
@@ -51,7 +52,8 @@ class TaskDataset(Dataset):
     Items are class-sorted in the order of the requested labels, each class in file order.
     """
 
-    def __init__(self, split: Split, indices: np.ndarray, labels: np.ndarray, transform) -> None:
+    def __init__(self, split: Split, indices: np.ndarray, labels: np.ndarray,
+                 transform: Callable[[Image.Image], object]) -> None:
         self.split, self.indices, self.labels, self.transform = split, indices, labels, transform
 
     def __len__(self) -> int:

@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------
 # transforms (algorithms.md §2.1)
 # ---------------------------------------------------------------------------------------------
-def build_transforms(dataset: str, size: int, norm: Optional[tuple[Sequence[float], Sequence[float]]]):
+def build_transforms(dataset: str, size: int,
+                     norm: Optional[tuple[Sequence[float], Sequence[float]]]) -> tuple[T.Compose, T.Compose]:
     """Train and test transforms of the official code, generalised to ``size`` (official 224).
 
     Args:
@@ -48,6 +49,9 @@ def build_transforms(dataset: str, size: int, norm: Optional[tuple[Sequence[floa
 
     Returns:
         (train_transform, test_transform): PIL image -> float32 tensor (3, size, size).
+
+    Raises:
+        ConfigError: ``dataset`` is not a registered data set.
     """
     resize_test = int(256 / 224 * size)
     recipe = DATASETS.get(dataset).transforms

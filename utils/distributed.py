@@ -17,7 +17,7 @@ so single-process runs are unchanged. Under torchrun the run stays the same comp
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -34,10 +34,12 @@ def active() -> bool:
 
 
 def world_size() -> int:
+    """Processes in the process group (1 without one, or with a single process)."""
     return dist.get_world_size() if active() else 1
 
 
 def rank() -> int:
+    """This process's rank in the process group (0 without one)."""
     return dist.get_rank() if active() else 0
 
 
@@ -52,6 +54,7 @@ def launch_rank() -> int:
 
 
 def local_rank() -> int:
+    """This process's rank on its machine as torchrun set it (``LOCAL_RANK``; 0 without torchrun)."""
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
@@ -181,8 +184,9 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
-def check_replicas(parameters, where: str) -> None:
-    """Raise if the parameters differ across ranks (float64 sum and sum of squares compared exactly).
+def check_replicas(parameters: Iterable[torch.Tensor], where: str) -> None:
+    """Raise if the parameters differ across ranks (float64 sum and sum of squares compared exactly; a no-op in one
+    process).
 
     Raises:
         RuntimeError: the replicas diverged, naming ``where``.
@@ -199,11 +203,13 @@ def check_replicas(parameters, where: str) -> None:
 
 
 def barrier() -> None:
+    """Wait for every process (a no-op in one process)."""
     if active():
         dist.barrier()
 
 
 def destroy() -> None:
+    """Destroy the process group, if one is initialised."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Iterable, Iterator, NamedTuple, Optional
+from typing import Any, Iterable, Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -120,8 +120,9 @@ class _ShardedBatches(Sampler):
             yield batch[start:stop]
 
 
-def collate_or_none(batch: list):
-    """``default_collate``, or None for an empty batch (a rank's empty share of a global batch)."""
+def collate_or_none(batch: list) -> Any:
+    """``default_collate`` of the items (``(index, image, label)`` -> a list of stacked tensors), or None for an empty
+    batch (a rank's empty share of a global batch)."""
     return default_collate(batch) if batch else None
 
 

@@ -72,6 +72,9 @@ def build_report(dirs: Sequence[Path], out_dir: Path, command: str = "") -> tupl
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line of ``python -m utils.report`` (``argv`` None: ``sys.argv[1:]``): ``runs``, ``out``,
+    ``against_ledger``. argparse exits with status 2 on bad arguments, or when ``--out`` is missing without
+    ``--against-ledger``."""
     parser = argparse.ArgumentParser(
         prog="python -m utils.report",
         description="Summarise the results.json files under RUNS_DIR(s): table.md, table.csv and PNG plots.")

@@ -60,10 +60,12 @@ class RunRecord:
 
     @property
     def complete(self) -> bool:
+        """True when the run finished every task (``status`` "complete")."""
         return self.status == "complete"
 
     @property
     def key(self) -> tuple[str, str, str, int]:
+        """(learner, method, dataset, seed): the report cell and seed the run belongs to."""
         return self.learner, self.method, self.dataset, self.seed
 
 

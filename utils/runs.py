@@ -18,6 +18,7 @@ from utils.results_file import RESULTS_NAME, InvalidResults, RunRecord, load_run
 
 
 def learner_order() -> list[str]:
+    """The registered learners in report order (their class's ``ORDER``)."""
     return [name for name, cls in sorted(LEARNERS.items(), key=lambda item: item[1].ORDER)]
 
 
@@ -27,6 +28,7 @@ def method_order() -> list[str]:
 
 
 def dataset_order() -> list[str]:
+    """The registered data sets in report order (their ``order``)."""
     return [name for name, spec in sorted(DATASETS.items(), key=lambda item: item[1].order)]
 
 
@@ -83,6 +85,8 @@ class Cell:
 
     @property
     def status(self) -> str:
+        """``"complete"`` (complete runs only), ``"partial"`` (complete runs and seeds with only incomplete ones) or
+        ``"incomplete"`` (no complete run)."""
         if not self.runs:
             return "incomplete"
         return "partial" if self.incomplete else "complete"
@@ -101,17 +105,21 @@ class Collection:
 
     @property
     def learners(self) -> list[str]:
+        """The learners of the cells, in report order."""
         return ordered({k[0] for k in self.cells}, learner_order())
 
     @property
     def datasets(self) -> list[str]:
+        """The data sets of the cells, in report order."""
         return ordered({k[2] for k in self.cells}, dataset_order())
 
     def methods(self, learner: str) -> list[str]:
+        """The methods run with ``learner``, in report order."""
         return ordered({k[1] for k in self.cells if k[0] == learner}, method_order())
 
 
 def ordered(names: Iterable[str], preferred: Sequence[str]) -> list[str]:
+    """The distinct ``names``: those in ``preferred`` in its order, then the others sorted."""
     names = set(names)
     return [n for n in preferred if n in names] + sorted(names - set(preferred))
 

@@ -7,12 +7,15 @@ import os
 import random
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 import torch
 
 from utils.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: this module imports nothing of ours but the errors
+    from utils.config import ExperimentConfig
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +101,7 @@ def seed_torch(seed: int, allow_tf32: bool = True, deterministic: bool = False) 
         torch.use_deterministic_algorithms(True)
 
 
-def autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str) -> torch.autocast:
     """Autocast context for backbone forwards: ``"bf16"`` runs them in bfloat16, ``"fp32"`` (official) is a no-op.
 
     Losses, scores, ridge statistics and prototypes stay float32 (callers cast the outputs).
@@ -155,9 +158,11 @@ class GeneratorState:
         self.generator = generator
 
     def state_dict(self) -> torch.Tensor:
+        """The generator's state (a uint8 tensor)."""
         return self.generator.get_state()
 
     def load_state_dict(self, state: torch.Tensor) -> None:
+        """Restore :meth:`state_dict`. Raises RuntimeError for a state of another kind of generator."""
         self.generator.set_state(state)
 
 
@@ -191,7 +196,7 @@ def setup_logging(log_file: Optional[Path], level: int = logging.INFO) -> None:
 # ---------------------------------------------------------------------------------------------
 # run resilience: environment record, failure logging, random states for checkpoints
 # ---------------------------------------------------------------------------------------------
-def runtime_info(device: torch.device, cfg) -> dict:
+def runtime_info(device: torch.device, cfg: ExperimentConfig) -> dict:
     """What decides bit-reproducibility on this machine, for config.json: GPU name, TF32 and determinism."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return {"device": str(device), "gpu": gpu, "allow_tf32": cfg.allow_tf32, "deterministic": cfg.deterministic,

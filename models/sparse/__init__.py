@@ -22,10 +22,14 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Optional
+from typing import Any, Optional
+
+import torch
+from torch import nn
 
 from models.sparse.presets import Preset
 from models.sparse.tuner import SparseTuner
+from utils.config import ExperimentConfig
 from utils.registry import PRESETS, import_submodules
 
 logger = logging.getLogger(__name__)
@@ -53,8 +57,8 @@ def tuner_for(spr: Optional[str], learner: Optional[type] = None) -> Optional[ty
     return SparseTuner
 
 
-def build_tuner(cfg, backbone, device, seed: int, learner_defaults: dict,
-                learner: Optional[type] = None) -> Optional[SparseTuner]:
+def build_tuner(cfg: ExperimentConfig, backbone: nn.Module, device: torch.device, seed: int,
+                learner_defaults: dict[str, Any], learner: Optional[type] = None) -> Optional[SparseTuner]:
     """The tuner for ``cfg.spr``, wrapping ``backbone`` with the persistent projection head, or None.
 
     None when ``cfg.spr`` is "none", or when ``learner`` (the learner class whose official dispatch applies) does

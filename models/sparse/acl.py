@@ -20,14 +20,20 @@ Then the host runs (prototypes / ridge). What differs from the official code is 
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.data import DataLoader
 
 from models.loop import FlatGradients
 from models.sparse.presets import register_preset, unread_by_preset
-from utils.config import ConfigKeys, config_keys, key
+from utils.config import ConfigKeys, ExperimentConfig, config_keys, key
 from utils.registry import LEARNERS, LOSSES, OPTIMIZERS, PHASES
+
+if TYPE_CHECKING:  # the tuner imports this package's modules
+    from models.sparse.tuner import SparseTuner, TaskView
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +58,7 @@ class AclKeys(ConfigKeys):
               "DualPrompt 0; 5e-4 for other learners).", ge=0)
 
 
-def host_values(cfg) -> tuple[float, float]:
+def host_values(cfg: ExperimentConfig) -> tuple[float, float]:
     """(learning rate, weight decay) of ACL's SGD: ``warm_lr`` and ``warm_weight_decay``, each null replaced by the
     host's value in ACL's configs (:data:`HOST_VALUES`; :data:`OTHER_HOST` for a learner without one). The host is the
     registered learner of ``model_name`` (aliases resolved: ``ranpac_mist`` is RanPAC)."""
@@ -63,9 +69,9 @@ def host_values(cfg) -> tuple[float, float]:
 
 
 @OPTIMIZERS.register("acl_sgd")
-def acl_sgd(tuner, head=None):
+def acl_sgd(tuner: SparseTuner, head: Optional[nn.Module] = None) -> tuple[torch.optim.Optimizer, LRScheduler]:
     """ACL: SGD (momentum 0.9, learning rate and weight decay :func:`host_values`) over every backbone parameter,
-    constant learning rate."""
+    constant learning rate (a MultiStepLR without milestones). ``head`` is not trained (ACL's head is fixed)."""
     lr, decay = host_values(tuner.cfg)
     params = [p for p in tuner.network.convnet.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=MOMENTUM, weight_decay=decay)
@@ -75,10 +81,10 @@ def acl_sgd(tuner, head=None):
 class AdaptPhase:
     """One task of ACL: fixed class prototypes, then dense SGD on the prototype-cosine cross-entropy."""
 
-    def __init__(self, tuner) -> None:
+    def __init__(self, tuner: SparseTuner) -> None:
         self.tuner = tuner
 
-    def run(self, loader, task) -> dict[str, Any]:
+    def run(self, loader: DataLoader, task: TaskView) -> dict[str, Any]:
         """Adapt the backbone to ``task`` (algorithms.md §19.1); returns its accounting for results.json.
 
         Raises:

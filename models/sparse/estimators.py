@@ -15,12 +15,14 @@ float32 scores of every scored parameter's shape. Adding one is one ``ESTIMATORS
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.data import DataLoader
 
-from models.loop import FlatGradients
+from models.loop import FlatGradients, Forward, TuningLoop
 from models.sparse.masks import SparsityState
 from utils.loaders import batches
 from utils.registry import ESTIMATORS
@@ -133,6 +135,8 @@ class ScoringRule:
                     self.frozen[name] = mask
 
     def before_step(self, grads: Sequence[FlatGradients]) -> None:
+        """Zero the frozen entries of the summed gradients (and, in the moments pass, their NaN entries), then add
+        g to ``firsts`` and g^2 to ``squares`` (moments) or g^2 / n_b to ``squares`` (MIST's pass); counts nothing."""
         for name, mask in self.frozen.items():
             self.params[name].grad.masked_fill_(mask, 0.0)
         if self.moments:  # PIECE's hook zeroes a batch's NaN gradient entries before accumulating (algorithms.md §13.2)
@@ -148,18 +152,21 @@ class ScoringRule:
         return None
 
     def after_step(self, grads: Sequence[FlatGradients]) -> None:
+        """Zero the gradient buffers (no optimizer step ran)."""
         for flat in grads:
             flat.buffer.zero_()
 
 
-def scoring_pass(loop, network: nn.Module, loader, forward, state: SparsityState, moments: bool,
-                 where: str = "", of: Optional[int] = None, scheduler=None,
+def scoring_pass(loop: TuningLoop, network: nn.Module, loader: Union[DataLoader, Sequence[Any]], forward: Forward,
+                 state: SparsityState, moments: bool, where: str = "", of: Optional[int] = None,
+                 scheduler: Optional[LRScheduler] = None,
                  stop: Optional[Callable[[int, int, "ScoringRule"], bool]] = None) -> PassSums:
     """One pass over ``loader`` without optimizer steps, accumulating the sums of :class:`ScoringRule`.
 
     Args:
         loop: the :class:`~models.loop.TuningLoop`.
         network: the scored module (train mode is set); its parameters with ``requires_grad`` are scored.
+        loader: a loader of ``(index, x, y)`` batches, or a list of them (one process).
         forward: batch -> scalar loss.
         state: frozen masks to zero before accumulating.
         moments: see :class:`ScoringRule`.
@@ -168,6 +175,7 @@ def scoring_pass(loop, network: nn.Module, loader, forward, state: SparsityState
         stop: ends the pass early (see :class:`Estimator`); n_b is then the number of batches used.
 
     Raises:
+        ValueError: ``stop`` without ``moments``.
         NonFiniteError: a batch loss was NaN or infinite (checked once, after the pass).
     """
     params = {name: p for name, p in network.named_parameters() if p.requires_grad}

@@ -58,6 +58,7 @@ class GateDecision:
     budget: float
 
     def to_dict(self) -> dict[str, Any]:
+        """``similarity``, ``regime`` and ``budget`` as a dict (results.json's ``gate`` entry)."""
         return asdict(self)
 
 
@@ -124,5 +125,6 @@ class MagnitudeGate:
         return {"reference": None if self.reference is None else self.reference.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the reference as float32). Raises KeyError when ``reference`` is missing."""
         ref = state["reference"]
         self.reference = None if ref is None else ref.float().clone()

@@ -19,11 +19,12 @@ per task, algorithms.md §19.5 "Port"):
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from models.sparse.estimators import Estimator, PassSums
 from models.sparse.losses import two_view_embeddings
@@ -31,6 +32,9 @@ from models.sparse.presets import register_preset, unread_by_preset
 from utils.config import ConfigKeys, config_keys, key
 from utils.loaders import Batch
 from utils.registry import ESTIMATORS, LOSSES, OPTIMIZERS, SCOPES
+
+if TYPE_CHECKING:  # the tuner imports this package's modules
+    from models.sparse.tuner import SparseTuner, TaskView
 
 SUPCON_TEMPERATURE = 0.07  # GPS utils/loss_utils.py: temperature = base_temperature = 0.07
 COSINE_MIN_LR = 1e-8  # GPS: cosine schedule's floor
@@ -79,7 +83,7 @@ def supervised_contrastive(features: torch.Tensor, labels: torch.Tensor, tempera
 
 
 @LOSSES.register("supcon")
-def supcon(tuner, head: Optional[nn.Module], task) -> Callable[[Batch], torch.Tensor]:
+def supcon(tuner: SparseTuner, head: Optional[nn.Module], task: TaskView) -> Callable[[Batch], torch.Tensor]:
     """GPS's scoring loss: :func:`supervised_contrastive` of the backbone features of (x, aug(x)) (the project's
     batched second view; gathered over torchrun processes as MIST's loss: ``losses.two_view_embeddings``)."""
     return lambda batch: supervised_contrastive(*two_view_embeddings(tuner, batch, tuner.network.convnet))
@@ -121,7 +125,8 @@ def row_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @SCOPES.register("per_row")
-def per_row(tuner, scores: Mapping[str, torch.Tensor], budget: float) -> tuple[dict[str, torch.Tensor], int]:
+def per_row(tuner: SparseTuner, scores: Mapping[str, torch.Tensor],
+            budget: float) -> tuple[dict[str, torch.Tensor], int]:
     """GPS's selection (``utils/pruning.py``, algorithms.md §19.5), rules in order: norm layers, ``pos_embed``,
     ``cls_token`` (``reg_token``) -> frozen; names with ``head``, ``bias`` or ``gamma`` -> fully trainable; every other
     tensor -> the ``int(budget)`` largest scores of each output row. The projection head (``simclr``, not part of GPS)
@@ -141,7 +146,7 @@ def per_row(tuner, scores: Mapping[str, torch.Tensor], budget: float) -> tuple[d
 
 
 @OPTIMIZERS.register("gps_adam")
-def gps_adam(tuner, head: Optional[nn.Module] = None):
+def gps_adam(tuner: SparseTuner, head: Optional[nn.Module] = None) -> tuple[torch.optim.Optimizer, LRScheduler]:
     """GPS: Adam (betas 0.9/0.999, weight decay 0) at ``gps_lr`` over the backbone and the CE head, cosine learning
     rate over the phase's training epochs down to 1e-8 (the official 10 warm-up epochs of 100 are left out: the
     phase trains a few epochs; docs/deviations.md section 6)."""

@@ -7,7 +7,7 @@ Sources: algorithms.md §4.2 (``simclr_aug``: flip, grayscale, random resized cr
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,9 @@ from utils import distributed
 from utils.loaders import Batch
 from utils.registry import LOSSES
 from utils.runtime import autocast
+
+if TYPE_CHECKING:  # the tuner imports this package's modules
+    from models.sparse.tuner import SparseTuner, TaskView
 
 TEMPERATURE = 0.07  # official tau
 NORM_EPS = 1e-8  # z = p / (||p|| + 1e-8)
@@ -166,7 +169,7 @@ def two_views(x: torch.Tensor, augment: SecondViewAugment, rows: Optional[tuple[
 
 
 # ---- the tuning phase's losses, registered (``scoring_loss``): (tuner, CE head or None, task) -> batch -> loss ----
-def contrastive_loss(tuner, batch: Batch) -> torch.Tensor:
+def contrastive_loss(tuner: SparseTuner, batch: Batch) -> torch.Tensor:
     """MIST's loss: supervised NT-Xent of the projections of (x, aug(x)) (algorithms.md §4.2-4.3).
 
     Under torchrun (``batch.rows`` set) x and y are this process's share of a global batch: the views are drawn for
@@ -177,7 +180,7 @@ def contrastive_loss(tuner, batch: Batch) -> torch.Tensor:
     return supervised_nt_xent(proj, y, exclude_self_positive=tuner.cfg.exclude_self_positive)
 
 
-def two_view_embeddings(tuner, batch: Batch, embed: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def two_view_embeddings(tuner: SparseTuner, batch: Batch, embed: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """``embed`` of (x, aug(x)) as (2B, d) float32, originals first, and the B labels (algorithms.md §4.2).
 
     Under torchrun (``batch.rows`` set) the views are drawn for the whole batch and the embeddings and labels of
@@ -194,20 +197,23 @@ def two_view_embeddings(tuner, batch: Batch, embed: nn.Module) -> tuple[torch.Te
     return out, y
 
 
-def head_logits(tuner, head: nn.Module, batch: Batch, columns: slice = slice(None)) -> torch.Tensor:
-    """``head(backbone(x))[:, columns]``: (B, C) float32 logits of the batch's images."""
+def head_logits(tuner: SparseTuner, head: Callable[[torch.Tensor], torch.Tensor], batch: Batch,
+                columns: slice = slice(None)) -> torch.Tensor:
+    """``head(backbone(x))[:, columns]``: (B, C) float32 logits of the batch's images; ``head`` maps the (B, D)
+    float32 backbone features (computed under the config's ``precision``) to logits (a module or a function)."""
     with autocast(tuner.device, tuner.cfg.precision):
         features = tuner.network.convnet(batch.x.to(tuner.device, non_blocking=True)).float()
     return head(features)[:, columns]
 
 
 @LOSSES.register("contrastive")
-def contrastive(tuner, head: Optional[nn.Module], task) -> Callable[[Batch], torch.Tensor]:
+def contrastive(tuner: SparseTuner, head: Optional[nn.Module], task: TaskView) -> Callable[[Batch], torch.Tensor]:
+    """MIST's loss as a registered loss: batch -> :func:`contrastive_loss` (``head`` and ``task`` unused)."""
     return lambda batch: contrastive_loss(tuner, batch)
 
 
 @LOSSES.register("ce")
-def ce(tuner, head: nn.Module, task) -> Callable[[Batch], torch.Tensor]:
+def ce(tuner: SparseTuner, head: nn.Module, task: TaskView) -> Callable[[Batch], torch.Tensor]:
     """Cross-entropy of ``head`` (over the task's classes) on the backbone features; targets y - known."""
     def forward(batch: Batch) -> torch.Tensor:
         targets = batch.y.to(tuner.device, non_blocking=True) - task.known

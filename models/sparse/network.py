@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 import torch
 from torch import nn
@@ -12,6 +12,9 @@ from models.loop import keep_batchnorm_in_eval
 from utils import distributed
 from utils.loaders import batches
 from utils.runtime import autocast
+
+if TYPE_CHECKING:  # it imports this module
+    from models.sparse.tuner import TaskView
 
 
 class TunedNetwork(nn.Module):
@@ -31,6 +34,7 @@ class TunedNetwork(nn.Module):
         self.freeze_bn_stats = freeze_bn_stats
 
     def train(self, mode: bool = True) -> "TunedNetwork":
+        """``nn.Module.train``; with ``freeze_bn_stats`` the BatchNorm layers stay in eval mode. Returns self."""
         super().train(mode)
         if mode and self.freeze_bn_stats:
             keep_batchnorm_in_eval(self)
@@ -42,10 +46,15 @@ class TunedNetwork(nn.Module):
 
 
 @torch.no_grad()
-def prototype_head(network: TunedNetwork, loader, task, device: torch.device, precision: str) -> CosineLinear:
+def prototype_head(network: TunedNetwork, loader: Iterable, task: TaskView, device: torch.device,
+                   precision: str) -> CosineLinear:
     """A cosine head over the task's classes whose rows are their mean features (one pass over ``loader`` in eval
     mode, no gradients): the CE of the ported methods starts from the classifier SimpleCIL would build, so its
-    gradients are those of a working head (our choice, docs/deviations.md)."""
+    gradients are those of a working head (our choice, docs/deviations.md).
+
+    ``loader``: batches ``(index, x, y)`` of the task's images, x (B, 3, H, W) float32, y (B,) int64 in
+    [known, seen). The head's weight is (seen - known, D) float32 (summed over torchrun processes), sigma 1.
+    """
     dim, n_new = int(network.convnet.out_dim), task.seen - task.known
     sums = torch.zeros(n_new, dim, device=device)
     counts = torch.zeros(n_new, device=device)
@@ -65,7 +74,7 @@ def prototype_head(network: TunedNetwork, loader, task, device: torch.device, pr
     return head
 
 
-def official_head(dim: int, task, sigma: float, device: torch.device, random_rows: bool = False,
+def official_head(dim: int, task: TaskView, sigma: float, device: torch.device, random_rows: bool = False,
                   head_rows: Optional[torch.Tensor] = None) -> CosineLinear:
     """The cosine head the CE ablations are computed on (official ``update_fc``, algorithms.md §3.2, §5).
 

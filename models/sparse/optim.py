@@ -6,15 +6,19 @@ Each optimizer is a registered function ``make(tuner, head) -> (optimizer, sched
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from models.loop import FlatGradients
 from models.sparse.presets import unread_by_preset
 from utils.config import ConfigKeys, config_keys, key
 from utils.registry import OPTIMIZERS
+
+if TYPE_CHECKING:  # it imports this module
+    from models.sparse.tuner import SparseTuner
 
 
 @config_keys("Adam tuning optimizer (models/sparse/optim.py)", unused_because=unread_by_preset)
@@ -55,7 +59,8 @@ class AdamSettings:
     weight_decay: float = 0.0
 
 
-def _groups(tuner, head: Optional[nn.Module], backbone_lr: float, head_lr: float, **extra) -> list[dict]:
+def _groups(tuner: SparseTuner, head: Optional[nn.Module], backbone_lr: float, head_lr: float,
+            **extra: Any) -> list[dict]:
     """Groups convnet, fc (the CE head, when there is one) and simclr, in the official order."""
     groups = [{"params": list(tuner.network.convnet.parameters()), "lr": backbone_lr, **extra}]
     if head is not None:
@@ -65,7 +70,7 @@ def _groups(tuner, head: Optional[nn.Module], backbone_lr: float, head_lr: float
 
 
 @OPTIMIZERS.register("mist_sgd")
-def mist_sgd(tuner, head: Optional[nn.Module] = None):
+def mist_sgd(tuner: SparseTuner, head: Optional[nn.Module] = None) -> tuple[torch.optim.Optimizer, LRScheduler]:
     """algorithms.md §4.1: SGD with groups convnet (lr 1e-4, or ``mist_lr``), fc (lr 1e-2), simclr (lr 1e-2),
     momentum 0.9, weight decay 5e-4 (0 with ``sparse_weight_decay``: the step adds it where an entry may move),
     and MultiStepLR."""
@@ -88,13 +93,16 @@ class ClippedAdam(torch.optim.Adam):
         self._clipped = [p for g in self.param_groups for p in g["params"]]  # clip_grad_norm_ skips absent grads
 
     @torch.no_grad()
-    def step(self, closure=None):
+    # one implementation of Optimizer.step's two overloads (closure None -> None, a closure -> its float loss)
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
+        """Clip the global L2 norm of the groups' gradients at ``max_norm``, then take Adam's step (``closure``:
+        re-evaluates the loss, as ``torch.optim.Adam.step``; returns its loss or None)."""
         torch.nn.utils.clip_grad_norm_(self._clipped, self.max_norm)
         return super().step(closure)
 
 
 @OPTIMIZERS.register("adam")
-def adam(tuner, head: Optional[nn.Module] = None):
+def adam(tuner: SparseTuner, head: Optional[nn.Module] = None) -> tuple[torch.optim.Optimizer, LRScheduler]:
     """algorithms.md §13.4: Adam with betas (0.9, 0.95), weight decay 0, groups convnet (``adam_lr``), fc and simclr
     (``adam_head_lr``), constant learning rate; with the recipe's ``piece_port`` and ``piece_clip_norm`` > 0, the
     global gradient norm is clipped at ``piece_clip_norm`` before each step (:class:`ClippedAdam`)."""
@@ -159,6 +167,6 @@ class MaskedStep:
             flat.buffer.zero_()
 
 
-def step_decay(tuner) -> float:
+def step_decay(tuner: SparseTuner) -> float:
     """The weight decay that ``sparse_weight_decay`` adds by hand: MIST SGD's 5e-4, 0 for any other optimizer."""
     return tuner.sgd.weight_decay if tuner.recipe.optimizer == "mist_sgd" else 0.0

@@ -13,15 +13,19 @@ parameters that have a gradient this step.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from models.loop import FlatGradients, TrainAccuracy, cross_entropy
 from models.sparse.losses import head_logits
 from models.sparse.optim import MaskedStep, step_decay
 from utils.registry import STEP_RULES
+
+if TYPE_CHECKING:  # the tuner imports this package's modules
+    from models.sparse.tuner import SparseTuner, TaskView
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +75,7 @@ class PerStepPhase:
     """One task of a per-step preset, run by a :class:`~models.sparse.tuner.SparseTuner` (its network, optimizer
     factory, random streams, loop)."""
 
-    def __init__(self, tuner) -> None:
+    def __init__(self, tuner: SparseTuner) -> None:
         self.tuner = tuner
 
     def masks(self, params: dict[str, nn.Parameter]) -> Masks:
@@ -82,7 +86,7 @@ class PerStepPhase:
         return STEP_RULES.get(rule)({n: p for n, p in params.items() if p.grad is not None},
                                     self.tuner.mask_generator)
 
-    def run(self, loader, task, head_rows: Optional[torch.Tensor] = None) -> dict[str, Any]:
+    def run(self, loader: DataLoader, task: TaskView, head_rows: Optional[torch.Tensor] = None) -> dict[str, Any]:
         """Train the task (algorithms.md §5, §9.16, §9.24); returns its accounting for results.json. ``head_rows``: see
         :func:`models.sparse.network.official_head`."""
         tuner, cfg, t = self.tuner, self.tuner.cfg, task.task_id

@@ -48,6 +48,7 @@ class GradientPlan:
 
     @property
     def device(self) -> torch.device:
+        """Where the plan's index and scale live (the gradients' device)."""
         return self.index.device
 
     def nbytes(self) -> int:

@@ -26,7 +26,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from utils.config import COMPOSITION_KEYS, ConfigKeys, config_keys, key
+from utils.config import COMPOSITION_KEYS, ConfigKeys, ExperimentConfig, config_keys, key
 from utils.registry import PRESETS
 
 #: keys a preset reads because one of its parts has this value (besides its own ``keys``, budget, epochs and
@@ -49,7 +49,7 @@ def read_keys(preset: "Preset") -> set[str]:
     return out
 
 
-def unread_by_preset(cfg, name: str) -> Optional[str]:
+def unread_by_preset(cfg: ExperimentConfig, name: str) -> Optional[str]:
     """``unused_because`` of the tuning presets' key groups (``utils.config.KeyGroup``): why the run does not read
     tuning-phase key ``name`` (``spr`` none, or a preset that does not read it), or None. With a composition key set
     (``importance``, ``tuning_optimizer``, ...) the parts differ from the preset's, so only ``spr`` none counts."""
@@ -190,14 +190,20 @@ class Preset:
 
     @property
     def selective(self) -> bool:
+        """True for a task-level preset (an importance estimator: a scoring pass, then a mask fixed for the task)."""
         return self.parts["importance"] is not None
 
     @property
     def gate(self) -> bool:
+        """True when update-magnitude control picks the budget per task."""
         return bool(self.parts["gate"])
 
-    def recipe(self, cfg) -> Recipe:
-        """The recipe with ``cfg``'s budget and epochs (no composition overrides: see :func:`resolve_recipe`)."""
+    def recipe(self, cfg: ExperimentConfig) -> Recipe:
+        """The recipe with ``cfg``'s budget and epochs (no composition overrides: see :func:`resolve_recipe`).
+
+        Raises:
+            AttributeError: ``cfg`` has no budget or epochs key of this preset.
+        """
         budget = getattr(cfg, self.budget_key) if self.budget_key else None
         return Recipe(preset=self.name, budget=budget, epochs=getattr(cfg, self.epochs_key), **self.parts)
 
@@ -272,7 +278,7 @@ OVERRIDES = {"importance": "importance", "scoring_loss": "loss", "selection_scop
 assert set(OVERRIDES) == set(COMPOSITION_KEYS)
 
 
-def preset(cfg) -> Recipe:
+def preset(cfg: ExperimentConfig) -> Recipe:
     """The recipe that ``cfg.spr`` names, before the config's composition overrides.
 
     Raises:
@@ -281,7 +287,7 @@ def preset(cfg) -> Recipe:
     return PRESETS.get(cfg.spr).recipe(cfg)
 
 
-def resolve_recipe(cfg) -> Recipe:
+def resolve_recipe(cfg: ExperimentConfig) -> Recipe:
     """The recipe of ``cfg.spr`` with every non-null composition key of ``cfg`` applied.
 
     Raises:

@@ -18,13 +18,14 @@ These are deliberately slow and literal; no learner runs them.
 from __future__ import annotations
 
 import warnings
-from typing import Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
+from torch.utils.data import DataLoader
 
 from models.sparse.estimators import mi_fisher, scoring_pass
 from models.sparse.masks import OVERLAP_BASE, quantile, select_top
-from models.sparse.tuner import SparseTuner
+from models.sparse.tuner import SparseTuner, TaskView
 
 # first frozen zeroing skips these names (algorithms.md §4.6.2)
 ZERO_1_SKIP = ("fc.weight", "fc.sigma", "norm", "simclr")
@@ -36,12 +37,13 @@ class ReferenceState:
     """Official MIST state: ``frozen[name]`` bool and ``overlap[name]`` int32 for every parameter
     (algorithms.md §4.1)."""
 
-    def __init__(self, params) -> None:
+    def __init__(self, params: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = list(params)
         self.frozen = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in params}
         self.overlap = {n: torch.zeros_like(p, dtype=torch.int32) for n, p in params}
 
     def nbytes(self) -> int:
+        """Bytes of the frozen masks and overlap counts."""
         return sum(t.numel() * t.element_size() for d in (self.frozen, self.overlap) for t in d.values())
 
 
@@ -59,10 +61,10 @@ def reference_draw(mask: torch.Tensor, keep_prob: float, generator: Optional[tor
     return r
 
 
-def reference_masked_grads_(grads: Mapping[str, torch.Tensor], selected: Mapping[str, torch.Tensor],
+def reference_masked_grads_(grads: Mapping[str, Optional[torch.Tensor]], selected: Mapping[str, torch.Tensor],
                             state: ReferenceState, keep: Mapping[str, torch.Tensor]) -> None:
     """The official per-step sequence on each gradient, in place (algorithms.md §4.6 steps 2-3),
-    given the draws ``keep``."""
+    given the draws ``keep``; a None gradient is skipped."""
     for name, g in grads.items():
         if g is None:
             continue
@@ -76,8 +78,10 @@ def reference_masked_grads_(grads: Mapping[str, torch.Tensor], selected: Mapping
             g[frozen] = 0
 
 
-def reference_end_task(scores, selected, state: ReferenceState, freeze_quantile: float) -> None:
-    """algorithms.md §4.7: frozen |= score >= quantile(score, q_f); overlap += mask, for every non-exempt name."""
+def reference_end_task(scores: Mapping[str, torch.Tensor], selected: Mapping[str, torch.Tensor], state: ReferenceState,
+                       freeze_quantile: float) -> None:
+    """algorithms.md §4.7: frozen |= score >= quantile(score, q_f); overlap += mask, for every non-exempt name
+    (``scores`` float, ``selected`` bool, each of its parameter's shape)."""
     for name, s in scores.items():
         if name in state.frozen and not any(e in name for e in EXEMPT):
             state.frozen[name] |= s >= quantile(s, freeze_quantile)
@@ -91,7 +95,13 @@ class ReferenceMistTuner(SparseTuner):
         super().__init__(*args, **kwargs)
         self.reference = ReferenceState(self.network.named_parameters())
 
-    def tune(self, loader, task) -> dict:
+    def tune(self, loader: DataLoader, task: TaskView) -> dict[str, Any]:
+        """One MIST task (algorithms.md §4.4-4.7) with the per-tensor sequence; returns ``{"selected": name -> bool
+        mask}`` (no accounting). ``task`` is unused.
+
+        Raises:
+            NonFiniteError: a loss of the scoring pass was NaN or infinite.
+        """
         cfg = self.cfg
         optimizer, scheduler = self.make_optimizer()
         self.state.frozen_mask = lambda name: self.reference.frozen[name]  # the scoring pass zeroes these
@@ -112,7 +122,7 @@ class ReferenceMistTuner(SparseTuner):
                 optimizer.step()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
-                scheduler.step()
+                scheduler.step()  # type: ignore[union-attr]  # Optional by type; MIST's mist_sgd always has one
         reference_end_task(scores, selected, self.reference, self.freeze_quantile)
         self.network.eval()
         return {"selected": selected}

@@ -12,11 +12,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-from utils.config import FIELDS
+from utils.config import FIELDS, ExperimentConfig
 from utils.errors import ConfigError
 from utils.registry import PRESETS
+
+if TYPE_CHECKING:
+    from models.sparse.presets import Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -24,9 +27,13 @@ ADAM_KEYS = ("adam_lr", "adam_head_lr")
 GATE_KEYS = ("gate_threshold", "gate_budget_large", "gate_budget_small", "gate_memory", "gate_ema")
 
 
-def canonical(recipe, cfg):
+def canonical(recipe: Recipe, cfg: ExperimentConfig) -> Recipe:
     """``recipe`` renamed after the registered preset whose every part, budget and epochs it equals (its own name
-    first), with a warning when that is another preset than ``cfg.spr``; otherwise ``recipe`` unchanged."""
+    first), with a warning when that is another preset than ``cfg.spr``; otherwise ``recipe`` unchanged.
+
+    Raises:
+        ConfigError: ``recipe.preset`` is not a registered preset.
+    """
     for name, other in [(recipe.preset, PRESETS.get(recipe.preset)),
                         *((n, p) for n, p in PRESETS.items() if n != recipe.preset)]:
         try:
@@ -52,9 +59,13 @@ def _changed(cfg, key: str) -> bool:
     return key in FIELDS and getattr(cfg, key, FIELDS[key].default) != FIELDS[key].default
 
 
-def used_keys(recipe) -> set[str]:
+def used_keys(recipe: Recipe) -> set[str]:
     """The preset-owned keys that ``recipe`` reads: its preset's own keys, Adam's with the Adam optimizer, the
-    gate's with the gate, ``top_ratio`` when it is the budget."""
+    gate's with the gate, ``top_ratio`` when it is the budget.
+
+    Raises:
+        ConfigError: ``recipe.preset`` is not a registered preset.
+    """
     preset = PRESETS.get(recipe.preset)
     used = set(preset.keys) | ({preset.budget_key} if preset.budget_key else set())
     if recipe.optimizer == "adam":
@@ -72,7 +83,8 @@ def owned_keys() -> set[str]:
     return owned
 
 
-def check_tuning_config(cfg, recipe, backbone_numel: int, candidate_numel: int, freeze_quantile: float) -> None:
+def check_tuning_config(cfg: ExperimentConfig, recipe: Recipe, backbone_numel: int, candidate_numel: int,
+                        freeze_quantile: float) -> None:
     """Refuse or warn about a tuning phase that would silently do nothing or ignore a key (see the module docstring).
 
     Args:
@@ -80,8 +92,10 @@ def check_tuning_config(cfg, recipe, backbone_numel: int, candidate_numel: int, 
         backbone_numel: backbone entries (PIECE's N); candidate_numel: entries of the tensors that may be selected.
         freeze_quantile: the freeze quantile in use (config or learner default).
 
+    A global top-k budget that rounds to no entry is warned about (PIECE then takes one entry), not refused.
+
     Raises:
-        ConfigError: a global top-k budget that selects no entry with ``strict_mask`` (nothing would train).
+        ConfigError: ``recipe.preset`` is not a registered preset.
     """
     for key in sorted(owned_keys() - used_keys(recipe)):
         if _changed(cfg, key):

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 
 from utils.registry import SCOPES
+
+if TYPE_CHECKING:  # it imports this module
+    from models.sparse.tuner import SparseTuner
 
 EMBEDDING_PARTS = ("patch_embed", "pos_embed", "cls_token", "reg_token", "conv_stem")
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
@@ -83,14 +86,16 @@ def select_per_block(scores: Mapping[str, torch.Tensor], rate: float) -> dict[st
 
 
 @SCOPES.register("per_tensor")
-def per_tensor(tuner, scores: Mapping[str, torch.Tensor], budget: float) -> tuple[dict[str, torch.Tensor], int]:
+def per_tensor(tuner: SparseTuner, scores: Mapping[str, torch.Tensor],
+               budget: float) -> tuple[dict[str, torch.Tensor], int]:
     """MIST (algorithms.md §4.5): in each non-exempt tensor, the scores >= the (1 - budget) quantile;
     exempt tensors full."""
     return tuner.state.select(scores, budget), 0
 
 
 @SCOPES.register("global")
-def global_top_k(tuner, scores: Mapping[str, torch.Tensor], budget: float) -> tuple[dict[str, torch.Tensor], int]:
+def global_top_k(tuner: SparseTuner, scores: Mapping[str, torch.Tensor],
+                 budget: float) -> tuple[dict[str, torch.Tensor], int]:
     """PIECE (algorithms.md §13.3): the top k = max(1, floor(budget * N)) scores over the candidate tensors, N the
     backbone's entries (the official ``extract_and_save_new.py`` takes at least one entry; it counts every entry of the
     model in N and zeroes the embedding scores)."""
@@ -100,7 +105,8 @@ def global_top_k(tuner, scores: Mapping[str, torch.Tensor], budget: float) -> tu
 
 
 @SCOPES.register("per_block")
-def per_block(tuner, scores: Mapping[str, torch.Tensor], budget: float) -> tuple[dict[str, torch.Tensor], int]:
+def per_block(tuner: SparseTuner, scores: Mapping[str, torch.Tensor],
+              budget: float) -> tuple[dict[str, torch.Tensor], int]:
     """The top ``budget`` fraction inside each block of the backbone (:func:`select_per_block`)."""
     return _complete(tuner, select_per_block({n: scores[n] for n in tuner.candidates()}, budget))
 

@@ -10,15 +10,21 @@ drop, overlap penalty and frozen sets where the recipe has them (:class:`PlanRul
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.data import DataLoader
 
-from models.loop import FlatGradients
+from models.loop import FlatGradients, Forward
 from models.sparse.estimators import scoring_pass
 from models.sparse.optim import MaskedStep, step_decay
 from models.sparse.plan import GradientPlan
 from utils.registry import ESTIMATORS, LOSSES, SCOPES
+
+if TYPE_CHECKING:  # the tuner imports this package's modules
+    from models.sparse.tuner import SparseTuner, TaskView
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +47,8 @@ class PlanRule:
         self._idx: Optional[torch.Tensor] = None
 
     def before_step(self, grads: Sequence[FlatGradients]) -> torch.Tensor:
+        """Draw this step's keep decisions and mask the backbone's flat buffer ``grads[0]`` in place (or through
+        ``masked``); returns the non-zero backbone gradient entries (0-dim int64 on the device)."""
         positions, short = self.plan.sample(self.keep_prob, self.generator)
         self.shortfall += short
         if self.masked is not None:
@@ -50,6 +58,7 @@ class PlanRule:
         return nonzero
 
     def after_step(self, grads: Sequence[FlatGradients]) -> None:
+        """Zero the entries the step kept (or let ``masked`` restore and zero) and every other buffer."""
         if self.masked is not None:
             self.masked.after_step(grads)
             return
@@ -61,17 +70,22 @@ class PlanRule:
 class SelectivePhase:
     """One task of a task-level preset, run by a :class:`~models.sparse.tuner.SparseTuner`."""
 
-    def __init__(self, tuner) -> None:
+    def __init__(self, tuner: SparseTuner) -> None:
         self.tuner = tuner
 
-    def run(self, loader, task) -> dict[str, Any]:
-        """Score, select and train ``task`` (algorithms.md §4, §13, §14); returns its accounting for results.json."""
+    def run(self, loader: DataLoader, task: TaskView) -> dict[str, Any]:
+        """Score, select and train ``task`` (algorithms.md §4, §13, §14); returns its accounting for results.json.
+
+        Raises:
+            NonFiniteError: a loss was NaN or infinite.
+        """
         tuner, r, t = self.tuner, self.tuner.recipe, task.task_id
         epochs = r.epochs if tuner.cfg.tuning_steps is None else 2  # the scoring pass, then tuning_steps steps
         head = tuner.task_head(loader, task) if r.loss == "ce" else None
         forward = LOSSES.get(r.loss)(tuner, head, task)
         optimizer, scheduler = tuner.make_optimizer(head)
-        estimator = ESTIMATORS.get(r.importance)
+        # Recipe.importance is Optional (per-step recipes have none); this phase runs only when it is set
+        estimator = ESTIMATORS.get(r.importance)  # type: ignore[arg-type]
         moments = r.gate or not estimator.mean_squares  # MIST's own pass (algorithms.md §4.4) otherwise, bit for bit
         score_forward = LOSSES.get(r.score_loss)(tuner, head, task) if r.score_loss else forward
         score_loader = tuner.scoring_loader(task) if r.piece_port and tuner.cfg.piece_scoring_batch_size else loader
@@ -86,10 +100,13 @@ class SelectivePhase:
         if head is not None:
             head.zero_grad(set_to_none=True)
         logger.info("Task %d, Epoch 1/%d => Loss %.3f", t, epochs, loss)
-        decision = tuner.gate.decide(mean_gradient) if r.gate else None
+        # Optional by type, set by construction: with r.gate the tuner has a gate and mean_gradient was computed;
+        # without it a selective recipe has a budget
+        decision = tuner.gate.decide(mean_gradient) if r.gate else None  # type: ignore[union-attr, arg-type]
         budget = decision.budget if decision is not None else r.budget
-        selected, fully_trainable = self.select(scores, budget)
+        selected, fully_trainable = self.select(scores, budget)  # type: ignore[arg-type]
         plan = tuner.state.plan(selected, tuner.device)  # the task's constants, from the state at its start
+        report: dict[str, Any]
         report = {"method": r.preset, "selected_fraction": tuner.backbone_fraction(selected),
                   "selected_fraction_maskable": tuner.backbone_fraction(selected, maskable_only=True),
                   "trainable_fraction": tuner.backbone_fraction(  # selected and not frozen at the task's start
@@ -132,12 +149,14 @@ class SelectivePhase:
         embeddings the recipe excludes never selected (algorithms.md §13.7), and the number of tensors left fully
         trainable by PIECE's no-selection rule."""
         tuner = self.tuner
-        selected, fully_trainable = SCOPES.get(tuner.recipe.scope)(tuner, scores, budget)
+        # Recipe.scope is Optional (per-step recipes have none); a selective recipe always has one
+        selected, fully_trainable = SCOPES.get(tuner.recipe.scope)(tuner, scores, budget)  # type: ignore[arg-type]
         for name in set(tuner.backbone_names) - set(tuner.candidates()):
             selected[name] = torch.zeros_like(selected[name])
         return selected, fully_trainable
 
-    def sparse_epochs(self, loader, plan: GradientPlan, optimizer, scheduler, t: int, forward, head=None
+    def sparse_epochs(self, loader: DataLoader, plan: GradientPlan, optimizer: torch.optim.Optimizer,
+                      scheduler: Optional[LRScheduler], t: int, forward: Forward, head: Optional[nn.Module] = None
                       ) -> tuple[list[float], int, int, int]:
         """Epochs 2..``epochs`` (algorithms.md §4.6) through the task's plan (:class:`PlanRule`). Losses, non-zero
         counts and the draw check stay on the device and are read once per epoch. A CE ``head`` keeps its own dense

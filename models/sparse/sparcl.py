@@ -24,10 +24,11 @@ codes are in docs/deviations.md section 6.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from models.loop import FlatGradients
 from models.sparse.optim import MaskedStep
@@ -37,6 +38,9 @@ from models.sparse.spu import CLIP_LOGIT_SCALE
 from utils.config import ConfigKeys, config_keys, key
 from utils.registry import LOSSES, OPTIMIZERS, PHASES
 from utils.runtime import make_generator
+
+if TYPE_CHECKING:  # the tuner imports this package's modules
+    from models.sparse.tuner import SparseTuner, TaskView
 
 logger = logging.getLogger(__name__)
 
@@ -113,17 +117,25 @@ def in_scope(name: str, param: torch.Tensor) -> bool:
 class DynamicSparsePhase:
     """One task of SparCL (see the module docstring)."""
 
-    def __init__(self, tuner) -> None:
+    def __init__(self, tuner: SparseTuner) -> None:
         self.tuner = tuner
 
     def generator(self) -> torch.Generator:
+        """The run's ``sparcl`` random stream on the tuner's device, at the state the last task left in
+        ``phase_state`` (fresh on the first task)."""
         tuner = self.tuner
         gen = make_generator(tuner.seed, tuner.device, "sparcl")
         if "sparcl_generator" in tuner.phase_state:
             gen.set_state(tuner.phase_state["sparcl_generator"])
         return gen
 
-    def run(self, loader, task) -> dict[str, Any]:
+    def run(self, loader: DataLoader, task: TaskView) -> dict[str, Any]:
+        """Train ``task`` with the mask re-selected every 5 epochs (algorithms.md §19.4); returns its accounting for
+        results.json and stores the random stream's state in ``phase_state``.
+
+        Raises:
+            NonFiniteError: a loss was NaN or infinite.
+        """
         tuner, t = self.tuner, task.task_id
         epochs = tuner.recipe.epochs
         head = tuner.task_head(loader, task)
@@ -168,9 +180,10 @@ class DynamicSparsePhase:
 
 
 @OPTIMIZERS.register("sparcl_adamw")
-def sparcl_adamw(tuner, head: Optional[nn.Module] = None):
+def sparcl_adamw(tuner: SparseTuner, head: Optional[nn.Module] = None) -> tuple[torch.optim.Optimizer, None]:
     """SparCL's pre-trained port: AdamW (betas 0.9/0.999, eps 1e-8) at ``sparcl_lr`` over the backbone, weight decay
-    ``sparcl_weight_decay`` (the phase keeps it off the masked entries), constant learning rate."""
+    ``sparcl_weight_decay`` (the phase keeps it off the masked entries), constant learning rate (no scheduler).
+    ``head`` is not trained."""
     cfg = tuner.cfg
     optimizer = torch.optim.AdamW(list(tuner.network.convnet.parameters()), lr=cfg.sparcl_lr, betas=(0.9, 0.999),
                                   eps=1e-8, weight_decay=cfg.sparcl_weight_decay)

@@ -19,11 +19,12 @@ Our choices are listed in docs/deviations.md section 6 (hosts' heads, optimizer,
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
 from models.loop import FlatGradients
 from models.sparse.estimators import scoring_pass
@@ -32,6 +33,9 @@ from models.sparse.presets import register_preset, unread_by_preset
 from utils.config import ConfigKeys, config_keys, key
 from utils.loaders import Batch
 from utils.registry import LOSSES, OPTIMIZERS, PHASES
+
+if TYPE_CHECKING:  # the tuner imports this package's modules
+    from models.sparse.tuner import SparseTuner, TaskView
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +58,7 @@ def standardised_importance(h: torch.Tensor) -> torch.Tensor:
     return torch.tanh((h - h.mean()) / std).abs()
 
 
-def logit_sum(tuner, weight: torch.Tensor, bias: torch.Tensor) -> Callable[[Batch], torch.Tensor]:
+def logit_sum(tuner: SparseTuner, weight: torch.Tensor, bias: torch.Tensor) -> Callable[[Batch], torch.Tensor]:
     """The "other tasks" loss of SPG (``other_tasks_loss.py``): the sum over the batch and the classes of an earlier
     task's linear head's logits, f W^T + b, with W (C, D) and b (C,) float32 fixed; labels unused. Under torchrun each
     process sums its rows (the summed gradients are the whole batch's)."""
@@ -68,6 +72,8 @@ class SoftMaskRule:
         self.keep, self.head_scale = keep, head_scale
 
     def before_step(self, grads: Sequence[FlatGradients]) -> None:
+        """Scale the backbone's flat gradient ``grads[0]`` by ``keep`` = 1 - a (if any) and every other buffer (the
+        head's) by ``head_scale``, in place; counts nothing."""
         if self.keep is not None:
             grads[0].buffer[: self.keep.numel()].mul_(self.keep)
         for flat in grads[1:]:
@@ -75,6 +81,7 @@ class SoftMaskRule:
         return None
 
     def after_step(self, grads: Sequence[FlatGradients]) -> None:
+        """Zero the gradient buffers."""
         for flat in grads:
             flat.buffer.zero_()
 
@@ -84,10 +91,16 @@ class SoftMaskPhase:
     backbone, parameter order), ``spg_heads`` (every earlier task's head weights, (C_total, D) float32),
     ``spg_bias`` (their biases, (C_total,)) and ``spg_sizes`` (classes per earlier task, int64)."""
 
-    def __init__(self, tuner) -> None:
+    def __init__(self, tuner: SparseTuner) -> None:
         self.tuner = tuner
 
-    def run(self, loader, task) -> dict[str, Any]:
+    def run(self, loader: DataLoader, task: TaskView) -> dict[str, Any]:
+        """Train ``task`` through the soft mask of the earlier tasks, then add its importance to the mask and store its
+        head (algorithms.md §19.3); returns its accounting for results.json.
+
+        Raises:
+            NonFiniteError: a loss was NaN or infinite.
+        """
         tuner, t = self.tuner, task.task_id
         epochs = tuner.recipe.epochs
         state = tuner.phase_state
@@ -109,8 +122,9 @@ class SoftMaskPhase:
         head.requires_grad_(False)
         gamma = self.importance(loader, task, head)
         state["spg_a"] = gamma if a is None else torch.maximum(a.to(gamma.device), gamma)
-        new = {"spg_heads": head.weight.detach().clone(), "spg_bias": head.bias.detach().clone(),
-               "spg_sizes": torch.tensor([head.weight.shape[0]], dtype=torch.int64)}
+        # task_head returns an nn.Module; SPG's recipe head is "linear", an nn.Linear with a weight and a bias
+        new = {"spg_heads": head.weight.detach().clone(), "spg_bias": head.bias.detach().clone(),  # type: ignore[operator]
+               "spg_sizes": torch.tensor([head.weight.shape[0]], dtype=torch.int64)}  # type: ignore[index]
         for name, value in new.items():
             state[name] = value if name not in state else torch.cat([state[name], value.to(state[name].device)])
         tuner.network.eval()
@@ -120,7 +134,7 @@ class SoftMaskPhase:
                 "soft_mask_mean": float(soft.double().mean()),
                 "soft_mask_above_half": float((soft > 0.5).double().mean())}
 
-    def importance(self, loader, task, head: nn.Module) -> torch.Tensor:
+    def importance(self, loader: DataLoader, task: TaskView, head: nn.Module) -> torch.Tensor:
         """gamma: max over the recent term and one term per earlier task of :func:`standardised_importance` of each
         backbone tensor's signed gradient sum over ``loader`` (no update). Flat float32 (backbone entries,)."""
         tuner = self.tuner
@@ -141,7 +155,7 @@ class SoftMaskPhase:
 
 
 @OPTIMIZERS.register("spg_sgd")
-def spg_sgd(tuner, head: Optional[nn.Module] = None):
+def spg_sgd(tuner: SparseTuner, head: Optional[nn.Module] = None) -> tuple[torch.optim.Optimizer, None]:
     """SPG: plain SGD (no momentum, no weight decay) at ``spg_lr`` over the backbone and the task's head."""
     params = list(tuner.network.convnet.parameters()) + (list(head.parameters()) if head is not None else [])
     optimizer = torch.optim.SGD(params, lr=tuner.cfg.spg_lr, momentum=0.0, weight_decay=0.0)

@@ -21,10 +21,11 @@ shipped schedule runs epoch 0 at lr 0 and is flat within 0.3% afterwards).
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Callable, Mapping, Optional
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from models.loop import global_mean
 from models.sparse.estimators import Estimator, ScoringRule
@@ -34,6 +35,9 @@ from models.sparse.presets import register_preset, unread_by_preset
 from utils.config import ConfigKeys, config_keys, key
 from utils.loaders import Batch
 from utils.registry import ESTIMATORS, LOSSES, OPTIMIZERS, SCOPES
+
+if TYPE_CHECKING:  # the tuner imports this package's modules
+    from models.sparse.tuner import SparseTuner, TaskView
 
 SCORE_BATCH_PERCENTAGE = 0.25  # config/baseline/spu.yaml
 #: the scale of SPU's logits: OpenAI CLIP ViT-B/16's learned logit scale, exp(4.6052) = 100 (CLIP caps it there), which
@@ -65,7 +69,7 @@ def is_first_mlp(name: str, names: set[str]) -> bool:
     return False
 
 
-def logit_norm(tuner, head: nn.Module, task) -> Callable[[Batch], torch.Tensor]:
+def logit_norm(tuner: SparseTuner, head: nn.Module, task: TaskView) -> Callable[[Batch], torch.Tensor]:
     """SPU's label-free score loss, ``logits.pow(2).sum(1).mean()`` of the batch (``trainer/spu.py``), on the task's
     prototype cosine head; under torchrun the whole batch's mean (``models.loop.global_mean``)."""
     def forward(batch: Batch) -> torch.Tensor:
@@ -93,7 +97,8 @@ ESTIMATORS.register("spu", Estimator("spu", signed_sum, stop=spu_stop,
 
 
 @SCOPES.register("first_mlp")
-def first_mlp(tuner, scores: Mapping[str, torch.Tensor], budget: float) -> tuple[dict[str, torch.Tensor], int]:
+def first_mlp(tuner: SparseTuner, scores: Mapping[str, torch.Tensor],
+              budget: float) -> tuple[dict[str, torch.Tensor], int]:
     """SPU's scope (``trainer/spu.py``): each first-MLP weight keeps its top ``int(budget * numel)`` scores
     (``torch.topk`` over the flattened tensor), its bias trains fully, every other tensor is frozen."""
     names = set(tuner.state.shapes)
@@ -112,7 +117,7 @@ def first_mlp(tuner, scores: Mapping[str, torch.Tensor], budget: float) -> tuple
 
 
 @OPTIMIZERS.register("spu_adamw")
-def spu_adamw(tuner, head: Optional[nn.Module] = None):
+def spu_adamw(tuner: SparseTuner, head: Optional[nn.Module] = None) -> tuple[torch.optim.Optimizer, LRScheduler]:
     """SPU: AdamW (betas 0.9/0.999, eps 1e-8) at ``spu_lr`` over the first-MLP tensors, weight decay
     ``spu_weight_decay``, constant learning rate. The prototype head is not trained. Unless
     ``spu_decay_masked_entries``, the phase keeps every unselected entry fixed (decoupled weight decay would shrink

@@ -12,10 +12,12 @@ gate's memory. Each task it runs one of two phases through the project's :class:
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.data import DataLoader, Dataset
 
 from models.heads import CosineLinear, timm_linear_head
 from models.loop import TuningLoop, cross_entropy
@@ -29,7 +31,7 @@ from models.sparse.presets import Recipe, resolve_recipe
 from models.sparse.sanity import canonical, check_tuning_config
 from models.sparse.scopes import is_embedding
 from models.sparse.selective import SelectivePhase
-from utils.config import warn_ignored
+from utils.config import ExperimentConfig, warn_ignored
 from utils.loaders import Batch, make_loader
 from utils.registry import OPTIMIZERS, PHASES
 from utils.runtime import make_generator
@@ -41,6 +43,22 @@ STREAMS = ("drop", "augment", "ablation_mask", "importance")
 
 #: MIST's official optimizer settings, the default of :class:`SparseTuner`'s ``sgd`` (a frozen dataclass, shared)
 OFFICIAL_SGD = SGDSettings()
+
+
+class TaskView(Protocol):
+    """What the tuning phase reads of a task (type only): :class:`models.base.TaskData` has it, a module this package
+    may not import (the learners build the tuner).
+
+    Attributes:
+        task_id: 0-based task index.
+        known, seen: the task's classes are ``[known, seen)``.
+        train_eval: the task's training images with test transforms (PIECE's scoring data).
+    """
+
+    task_id: int
+    known: int
+    seen: int
+    train_eval: Dataset
 
 
 class SparseTuner:
@@ -60,12 +78,12 @@ class SparseTuner:
         ConfigError: ``cfg.spr`` names no registered preset ("none" builds no tuner: see ``models.sparse.build_tuner``).
     """
 
-    def __init__(self, cfg, backbone: nn.Module, device: torch.device, seed: int,
+    def __init__(self, cfg: ExperimentConfig, backbone: nn.Module, device: torch.device, seed: int,
                  learner_defaults: dict[str, Any], sgd: SGDSettings = OFFICIAL_SGD,
                  recipe: Optional[Recipe] = None) -> None:
         self.cfg, self.device, self.sgd, self.seed = cfg, device, sgd, seed
         self.recipe = recipe or canonical(resolve_recipe(cfg), cfg)
-        self.loop = TuningLoop(device, cfg.progress)
+        self.loop = TuningLoop(device, cfg.progress, phase="tuning")
         self.network = TunedNetwork(backbone, freeze_bn_stats=cfg.freeze_bn_stats).to(device)
         self.state = SparsityState(self.network.named_parameters(), cfg.exempt_rule)
         self.generators = {name: make_generator(seed, device, name) for name in STREAMS}
@@ -97,7 +115,7 @@ class SparseTuner:
         """The ``spr`` preset this tuner runs (the report's ``method``)."""
         return self.recipe.preset
 
-    def tune(self, loader, task, head_rows: Optional[torch.Tensor] = None) -> dict[str, Any]:
+    def tune(self, loader: DataLoader, task: TaskView, head_rows: Optional[torch.Tensor] = None) -> dict[str, Any]:
         """Run the tuning phase of ``task`` on ``loader`` and return its accounting for results.json.
 
         ``head_rows``: the learner's classifier rows of the classes seen before the task, (known, D) float32, for a
@@ -153,8 +171,9 @@ class SparseTuner:
         return [self.network.simclr]
 
     # ---- parts the phases share ----------------------------------------------------------------
-    def make_optimizer(self, head: Optional[nn.Module] = None):
-        """The recipe's registered optimizer and scheduler (``optim.py``), over convnet, the CE head and simclr."""
+    def make_optimizer(self, head: Optional[nn.Module] = None) -> tuple[torch.optim.Optimizer, Optional[LRScheduler]]:
+        """The recipe's registered optimizer and scheduler (``optim.py``), over convnet, the CE head and simclr; the
+        scheduler is None for an optimizer without one (SPG, SparCL)."""
         return OPTIMIZERS.get(self.recipe.optimizer)(self, head)
 
     def named_trainables(self, head: Optional[nn.Module] = None) -> dict[str, nn.Parameter]:
@@ -185,11 +204,11 @@ class SparseTuner:
         batch = Batch(torch.arange(len(y)), x, y, rows)
         return cross_entropy(head_logits(self, head, batch), y.to(self.device) - known, batch)
 
-    def prototype_head(self, loader, task) -> CosineLinear:
+    def prototype_head(self, loader: DataLoader, task: TaskView) -> CosineLinear:
         """A cosine head over the task's classes whose rows are their class means (``network.prototype_head``)."""
         return prototype_head(self.network, loader, task, self.device, self.cfg.precision)
 
-    def task_head(self, loader, task) -> nn.Module:
+    def task_head(self, loader: DataLoader, task: TaskView) -> nn.Module:
         """The CE head a ported method trains on for ``task``, as the recipe's ``head`` says: ``"prototypes"``, the
         class means of ``loader`` (:meth:`prototype_head`) with sigma = ``head_scale`` (1 when None); ``"timm_linear"``
         (:func:`models.heads.timm_linear_head`) or ``"linear"`` (``nn.Linear``'s own init), a new linear classifier
@@ -209,7 +228,7 @@ class SparseTuner:
                 head.sigma.fill_(self.recipe.head_scale)
         return head
 
-    def scoring_loader(self, task):
+    def scoring_loader(self, task: TaskView) -> DataLoader:
         """PIECE's scoring data (algorithms.md §13.5): the task's un-augmented training images (``task.train_eval``) in
         order, in batches of ``piece_scoring_batch_size`` (shared out per global batch under torchrun, as training
         batches). Its own generator (stream "scoring") draws the loader's per-epoch seed, so the run's other streams do
@@ -218,7 +237,7 @@ class SparseTuner:
                            make_generator(self.seed, "cpu", "scoring"), pin_memory=self.device.type == "cuda",
                            run_seed=self.seed, shard="batch")
 
-    def make_head(self, task, head_rows: Optional[torch.Tensor] = None) -> CosineLinear:
+    def make_head(self, task: TaskView, head_rows: Optional[torch.Tensor] = None) -> CosineLinear:
         """The CE ablations' head (``network.official_head``), with the sigma carried across tasks."""
         return official_head(int(self.network.convnet.out_dim), task, self.sigma, self.device,
                              self.cfg.ablation_random_init_rows, head_rows)
