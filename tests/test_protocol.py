@@ -174,6 +174,28 @@ def test_calibration_grows_the_grid_until_the_best_rate_is_interior(monkeypatch,
     assert min(cal.scores[("ranpac", "piece_f")]) == pytest.approx(1e-8) and not cal.interior(("ranpac", "piece_f"))
 
 
+def test_an_interrupted_job_runs_only_the_seeds_it_did_not_finish(monkeypatch, tmp_path):
+    """A job cut after two of its four seeds reruns the other two only (the finished ones are kept), and a finished
+    job runs nothing."""
+    import jobs
+
+    finished = {1: fake_run(a_bar=80.0), 3: fake_run(a_bar=81.0)}
+    monkeypatch.setattr(jobs.Job, "results", lambda job: dict(finished))
+    calls = []
+
+    def fake_subprocess_run(cmd, **kwargs):
+        calls.append(json.loads(Path(cmd[cmd.index("--config") + 1]).read_text())["seed"])
+        return SimpleNamespace(returncode=0, stderr="")
+
+    monkeypatch.setattr(jobs.subprocess, "run", fake_subprocess_run)
+    job = jobs.Job(tmp_path, "main", "ranpac_mist", {"spr": "mist", "seed": [1, 2, 3, 4]})
+    lines = []
+    assert job.run(lines.append, threads=1)
+    assert calls == [[2, 4]] and "2 seed(s) done before; running [2, 4]" in lines[0]
+    finished.update({2: fake_run(a_bar=79.0), 4: fake_run(a_bar=78.0)})
+    assert job.run(lines.append, threads=1) and calls == [[2, 4]] and lines[-1].endswith("done before, skipped")
+
+
 def test_variant_arms_take_mists_rate_and_their_overrides():
     base = json.loads((ROOT / "exps/importance/fmnist_ranpac_none.json").read_text())
     cfg = protocol.plan_config(base, {}, protocol.arm_of("mist_noembed"), [1], 2, 1e-3, {}, None)

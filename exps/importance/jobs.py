@@ -41,12 +41,23 @@ class Job:
     def done(self) -> bool:
         return set(self.cfg["seed"]) <= set(self.results())
 
+    def missing_seeds(self) -> list[int]:
+        """The job's seeds without a complete run yet, in the job's order."""
+        finished = self.results()
+        return [seed for seed in self.cfg["seed"] if seed not in finished]
+
     def run(self, log, threads: int) -> bool:
-        if self.done():
+        """Run the seeds that have no complete run yet (all of them the first time), so that an interrupted protocol
+        keeps every seed it finished; a seed cut mid-run starts again. Returns whether ``main.py`` exited 0."""
+        missing = self.missing_seeds()
+        if not missing:
             log(f"{self.stage}/{self.name}: done before, skipped")
             return True
+        if len(missing) < len(self.cfg["seed"]):
+            log(f"{self.stage}/{self.name}: {len(self.cfg['seed']) - len(missing)} seed(s) done before; running "
+                f"{missing}")
         self.config_path.parent.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(json.dumps(self.cfg, indent=1) + "\n")
+        self.config_path.write_text(json.dumps({**self.cfg, "seed": missing}, indent=1) + "\n")
         cmd = [sys.executable, str(REPO / "main.py"), "--config", str(self.config_path), "--output-dir",
                str(self.run_dir)]
         t0 = time.perf_counter()
