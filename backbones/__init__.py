@@ -88,6 +88,9 @@ def build_backbone(convnet_type: str, pretrained: bool = True, weights_path: Opt
         model = _create_model(name, kwargs, timm_kwargs, pretrained=False)
     elif weights_path is not None:
         path = Path(weights_path).expanduser()
+        if path.is_dir():
+            raise WeightsNotFoundError(f"key 'weights_path' points to {path}, which is a folder; expected the weights "
+                                       "file itself (.safetensors, .pth, .bin or Google's .npz).")
         if not path.is_file():
             raise WeightsNotFoundError(f"key 'weights_path' points to {path}, which does not exist.")
         model = _create_model(name, kwargs, timm_kwargs, pretrained=False)

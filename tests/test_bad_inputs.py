@@ -111,6 +111,12 @@ def case_weights_other_architecture(tmp):
     return _args(tmp, _config(tmp), "pretrained=true", f"weights_path={path}")
 
 
+def case_weights_path_a_folder(tmp):
+    folder = tmp / "weights"
+    folder.mkdir()
+    return _args(tmp, _config(tmp), "pretrained=true", f"weights_path={folder}")
+
+
 def case_weights_partial(tmp):
     import timm
 
@@ -195,6 +201,7 @@ CASES: list[tuple[str, Callable, int, tuple[str, ...]]] = [
     ("bad device string", case_bad_device, 2, ("device", "cuda:x")),
     ("CUDA asked, no GPU", case_missing_gpu, 2, ("device", "cpu")),
     ("weights of another architecture", case_weights_other_architecture, 2, ("weights_path", "missing", "unexpected")),
+    ("weights_path a folder", case_weights_path_a_folder, 2, ("weights_path", "is a folder", "weights file")),
     ("partial convnet.-prefixed weights", case_weights_partial, 2, ("weights_path", "missing", "convnet.")),
     ("renamed test class folder", case_renamed_test_class, 2, ("class_01", "class_01_renamed")),
     ("truncated image (found mid-run)", case_corrupt_image, 2, ("0.png",)),
