@@ -120,15 +120,25 @@ def test_two_processes_equal_one_process(image_folder, tmp_path, model_name):
     rows = 1 if model_name == "ranpac" else len(a["accuracy_matrix"])
     for ra, rb in zip(a["accuracy_matrix"][:rows], b["accuracy_matrix"][:rows]):
         assert ra == pytest.approx(rb, abs=1e-4)
+    # The budgets are exact (the selected share, the frozen count, the steps). Which entries a step updates is not:
+    # an entry whose score equals the step's threshold up to rounding goes either way when the gradient is summed in
+    # another order. Measured 1 against 2 processes (2026-12-07): identical with AVX2 and AVX512 kernels;
+    # with ATEN_CPU_CAPABILITY=default, updated_fraction_per_step 3.9e-6 apart (a few entries of the tiny ViT).
+    # Bound: 1e-4 of the entries for the per-step share (about 25x that gap) and for the masks below (which held with
+    # the default kernels too).
     for ta, tb in zip(a["tasks"], b["tasks"]):
-        for key in ("selected_fraction", "updated_fraction_per_step", "frozen_entries", "steps"):
+        for key in ("selected_fraction", "frozen_entries", "steps"):
             assert ta["tuning"][key] == tb["tuning"][key], key
+        assert ta["tuning"]["updated_fraction_per_step"] == pytest.approx(
+            tb["tuning"]["updated_fraction_per_step"], abs=1e-4)
         assert ta["tuning"]["epoch_losses"] == pytest.approx(tb["tuning"]["epoch_losses"], rel=1e-5)
     sa = torch.load(one.with_name("checkpoint.pt"), weights_only=True)["learner"]["tuner"]["sparsity"]
     sb = torch.load(two.with_name("checkpoint.pt"), weights_only=True)["learner"]["tuner"]["sparsity"]
     for kind in ("frozen", "update_count"):  # the masks' footprint: frozen sets and selection counts
         assert sa[kind].keys() == sb[kind].keys()
-        assert all(torch.equal(sa[kind][n], sb[kind][n]) for n in sa[kind])
+        differ = sum(int((sa[kind][n] != sb[kind][n]).sum()) for n in sa[kind])
+        entries = sum(sa[kind][n].numel() for n in sa[kind])
+        assert differ <= 1e-4 * entries, (kind, differ, entries)
     assert not list(two.parent.parent.glob("seed1993-*"))  # one run folder, written by rank 0
 
 
@@ -183,7 +193,9 @@ def test_two_processes_equal_one_process_for_the_rivals(image_folder, tmp_path, 
         assert ta["tuning"].get("selected_fraction") == tb["tuning"].get("selected_fraction")
         assert ta["tuning"].get("soft_mask_mean", 0) == pytest.approx(tb["tuning"].get("soft_mask_mean", 0), rel=1e-4)
         assert ta["tuning"]["moved_fraction"] == pytest.approx(tb["tuning"]["moved_fraction"], abs=1e-3)
-        assert ta["tuning"]["relative_change"] == pytest.approx(tb["tuning"]["relative_change"], rel=1e-3)
+        # |change_a - change_b| <= |w_a - w_b| / |w_0| (both start from w_0): the backbone bound below
+        bound = 1e-3 if spr in ("spu", "gps", "sparcl") else 1e-6
+        assert abs(ta["tuning"]["relative_change"] - tb["tuning"]["relative_change"]) <= bound
         assert ta["tuning"]["epoch_losses"] == pytest.approx(tb["tuning"]["epoch_losses"], rel=1e-4)
     # What must agree does (above: steps, selections, moved share, losses to 1e-4). The weights cannot agree bit for
     # bit: Adam (SPU, GPS, SparCL) turns a gradient entry that is zero up to rounding, whose sign then depends on the
