@@ -370,8 +370,10 @@ def test_rounding_dominated_candidates_take_the_official_losses():
     k = int(0.8 * H.shape[0])
     exact = _holdout_losses_fast(H[:k], Y[:k], H[k:], Y[k:], RIDGE_GRID)
     official = select_ridge(H, Y, solver="official")
-    assert RIDGE_GRID[int(np.argmin(exact))] < official  # the exact losses alone would choose a smaller ridge
     assert select_ridge(H, Y) == official
+    if not RIDGE_GRID[int(np.argmin(exact))] < official:  # the case is built so that rounding decides the choice
+        pytest.skip("with this CPU's kernels rounding does not dominate the constructed problem (seen with "
+                    "ATEN_CPU_CAPABILITY=default; AVX2 and AVX512 kernels exercise it)")
 
 
 def test_final_solve_is_the_official_lu_where_rounding_dominates():
