@@ -37,7 +37,6 @@ import contextlib
 import functools
 import io
 import json
-import logging
 import re
 import sys
 import tempfile
@@ -253,12 +252,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--shrink", action="store_true", help="CPU sizes: tiny ViTs, few images (the test's form)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the stand-in data and run folders here")
     args = parser.parse_args(argv)
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)  # the runs' logs go to their run folders; the figures are the output
-    try:
+    from utils.runtime import logging_quieted
+
+    with logging_quieted():  # the runs' logs go to their run folders; the figures are the output
         return _run_sections(args)
-    finally:  # in-process callers (the test) get their logging back as it was
-        logging.disable(previous)
 
 
 def _run_sections(args: argparse.Namespace) -> int:

@@ -6,8 +6,9 @@ import logging
 import os
 import random
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -164,6 +165,18 @@ class GeneratorState:
     def load_state_dict(self, state: torch.Tensor) -> None:
         """Restore :meth:`state_dict`. Raises RuntimeError for a state of another kind of generator."""
         self.generator.set_state(state)
+
+
+@contextmanager
+def logging_quieted(level: int = logging.WARNING) -> Iterator[None]:
+    """Drop log records at ``level`` and below (``logging.disable``) inside the block, then restore the level that was
+    in force: a tool run in-process (smoke runner, GPU check) must not leave later code's logs empty."""
+    previous = logging.root.manager.disable
+    logging.disable(level)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 def setup_logging(log_file: Optional[Path], level: int = logging.INFO) -> None:

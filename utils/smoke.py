@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import pickle
 import sys
 import tempfile
@@ -168,12 +167,10 @@ def run_config(path: Path, work: Path) -> tuple[str, str, float, str]:
 
 
 def _run_quietly(args: tuple[Path, Path]) -> tuple[str, str, float, str]:
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)  # the run logs go to each run folder; the table is the output
-    try:
+    from utils.runtime import logging_quieted
+
+    with logging_quieted():  # the run logs go to each run folder; the table is the output
         return run_config(*args)
-    finally:  # in-process (--workers 1, tests) the caller's logging must come back as it was
-        logging.disable(previous)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
