@@ -277,7 +277,8 @@ def test_protocol_end_to_end_on_a_tiny_vit(tmp_path):
     rc = protocol.main(["--out", str(out), "--base", *map(str, bases), "--methods", "piece_s", "ce_finetune",
                         "--seeds", "11", "12", "--calibration-seeds", "10", "--grid-sgd", "1e-4", "1e-3",
                         "--grid-adam", "1e-5", "--epochs", "1", "--size", "none", "--workers", "1",
-                        "--calibrate-on", "ranpac", "--max-extend", "0"])
+                        "--calibrate-on", "ranpac", "--max-extend", "0", "--at-rate", "1e-4", "--at-rate-on",
+                        "simplecil", "--at-rate-methods", "ce_finetune"])
     assert rc == 0
     report = json.loads((out / "protocol.json").read_text())
     assert set(report["chosen_lr"]["simplecil"]) == {"piece_s", "ce_finetune"}
@@ -287,7 +288,14 @@ def test_protocol_end_to_end_on_a_tiny_vit(tmp_path):
     best = max(scores, key=lambda lr: (scores[lr], -float(lr)))
     assert report["chosen_lr"]["ranpac"]["ce_finetune"] == float(best)
     assert report["calibration"]["ranpac/ce_finetune"]["grid"] == [1e-4, 1e-3]
-    assert set(report["tables"]) == {"ranpac/fixed", "ranpac/free", "simplecil/free"}
+    assert set(report["tables"]) == {"ranpac/fixed", "ranpac/free", "simplecil/free", "simplecil/free/at_rate"}
+    # the one-rate stage: its arm at 1e-4 on the reported seeds, against the main stage's untuned runs
+    at_rate = report["tables"]["simplecil/free/at_rate"]
+    assert at_rate["seeds"] == [11, 12] and at_rate["arms"]["ce_finetune"]["lr"] == 1e-4
+    assert at_rate["arms"]["none"] == report["tables"]["simplecil/free"]["arms"]["none"]
+    for path in (out / "at_rate" / "simplecil_ce_finetune_lr1e-4").glob("**/results.json"):
+        assert json.loads(path.read_text())["config"]["mist_lr"] == 1e-4
+    assert len(list((out / "at_rate").glob("*/**/results.json"))) == 2
     fixed = report["tables"]["ranpac/fixed"]
     assert fixed["seeds"] == [11, 12] and {c["name"] for c in fixed["contrasts"]["a_last"]} == {
         "piece_s - none", "ce_finetune - none"}
@@ -318,6 +326,9 @@ def test_protocol_end_to_end_on_a_tiny_vit(tmp_path):
     (["--set", "selct_rate=0.2"], "selct_rate"), (["--set", "seed=[1]"], "--set seed"),
     (["--set", "mist_lr=0.1"], "--set mist_lr"), (["--set", "select_rate=2"], "select_rate"),
     (["--methods", "mist", "nonsense"], "unknown arm"), (["--calibrate-on", "slca"], "--calibrate-on slca"),
+    (["--at-rate", "0"], "--at-rate is 0.0"), (["--at-rate", "inf"], "--at-rate is inf"),
+    (["--at-rate", "1e-5", "--at-rate-methods", "spu"], "--at-rate-methods: ['spu'] not among"),
+    (["--at-rate", "1e-5", "--at-rate-on", "l2p"], "--at-rate-on: no base config of learner(s) ['l2p']"),
 ])
 def test_bad_protocol_arguments_are_refused_before_any_run(tmp_path, capsys, extra, message):
     """Issue 26: every argument is checked up front (exit 2, one line naming it); nothing runs."""

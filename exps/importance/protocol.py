@@ -14,7 +14,13 @@ an interrupted protocol resumes by running the same command again):
    chosen rate is interior, or the report says it is not. Arms that take another arm's rate (MIST with random scores
    and MIST without its embeddings take MIST's, so that the contrasts isolate the scores and the exclusion) are not
    calibrated;
-3. **main**: every arm at its rate on the reported seeds; RanPAC with each seed's lambdas fixed to its untuned run's
+3. **at one rate** (``--at-rate LR``, optional; before the main stage so that it finishes first): the arms of
+   ``--at-rate-methods`` all at the one rate ``LR`` on the reported seeds, for the learners of ``--at-rate-on``, next
+   to the same untuned runs as the main stage. The rate is not calibrated: it is read off the calibration curve as one
+   where the arms move the backbone enough to change what the host sees, so that MIST against random scores, MIST
+   against dense fine-tuning and the embedding exclusion are compared where the tuning phase does something (the
+   calibrated rates can all be near no-ops, as on the DINOv2 benchmark);
+4. **main**: every arm at its rate on the reported seeds; RanPAC with each seed's lambdas fixed to its untuned run's
    choice (``ridge_lambdas_by_seed``) and, unless ``--no-free-lambda``, with the official free choice.
 
 Every arm trains ``--epochs`` epochs per task (a scoring pass comes on top for the task-level presets); every run
@@ -74,7 +80,12 @@ CALIBRATION_SEEDS = (1990, 1991)
 SUITES: dict[str, dict[str, Any]] = {
     "dinov2": dict(base=[HERE / "dinov2_ranpac_none.json", HERE / "dinov2_simplecil_none.json"],
                    methods=["ce_finetune", "mist_random", "mist_noembed", "spu", "gps", "mist"], size="none",
-                   epochs=2, calibrate_on="ranpac", no_free_lambda=True),
+                   epochs=2, calibrate_on="ranpac", no_free_lambda=True,
+                   # the calibration curve's knee: dense CE loses 21 points of A-bar there, MIST 3.8, SPU and GPS
+                   # 0.2-0.3 (RanPAC, calibration seeds); SimpleCIL's prototype head, unlike RanPAC's ridge head at
+                   # small lambda, does not amplify tiny feature changes
+                   at_rate=1e-5, at_rate_on=["simplecil"],
+                   at_rate_methods=["ce_finetune", "mist", "mist_random", "mist_noembed"]),
 }
 
 
@@ -145,6 +156,23 @@ def calibrate(out: Path, bases: dict, arms: list[Arm], args, size: dict, overrid
             return cal, failed
 
 
+def at_rate_jobs(out: Path, bases: dict, args, size: dict, overrides: dict, fixed: dict
+                 ) -> dict[tuple[str, str, str], Job]:
+    """Stage 3 (module docstring): (learner, arm, lambda mode) -> the job of that arm at ``--at-rate`` on the reported
+    seeds, in the main stage's first lambda mode (RanPAC fixed where its lambdas are); empty without ``--at-rate``."""
+    if args.at_rate is None:
+        return {}
+    jobs = {}
+    for ln, b in bases.items():
+        if args.at_rate_on is not None and ln not in args.at_rate_on:
+            continue
+        mode = "fixed" if fixed[ln] is not None else "free"
+        for m in args.at_rate_methods:
+            jobs[(ln, m, mode)] = Job(out, "at_rate", f"{ln}_{m}_lr{lr_tag(args.at_rate)}", plan_config(
+                b, size, arm_of(m), args.seeds, args.epochs, args.at_rate, overrides, fixed[ln]))
+    return jobs
+
+
 def plot_calibration(cal: Calibration, labels: dict[str, str], path: Path) -> None:
     """A-bar against the learning rate (log scale), one line per (learner, arm), the chosen rate marked."""
     import matplotlib
@@ -193,6 +221,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--calibrate-on", default=None, metavar="LEARNER",
                     help="calibrate on this learner only and use its rates for every learner (the tuning phase does "
                          "not depend on the learner); default: each learner on its own runs")
+    ap.add_argument("--at-rate", type=float, default=None, metavar="LR",
+                    help="also run --at-rate-methods all at this one rate (not calibrated) before the main stage")
+    ap.add_argument("--at-rate-methods", nargs="+", default=None, help="arms of the one-rate stage (default: all)")
+    ap.add_argument("--at-rate-on", nargs="+", default=None, metavar="LEARNER",
+                    help="learners of the one-rate stage (default: every learner)")
     ap.add_argument("--report-only", action="store_true",
                     help="run nothing: write the report from the runs already finished under --out")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=JSON")
@@ -201,10 +234,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     suite = SUITES.get(args.suite, {})
     defaults = dict(base=DEFAULT_BASE, methods=list(DEFAULT_METHODS), size="demo", epochs=2, calibrate_on=None,
-                    no_free_lambda=False)
+                    no_free_lambda=False, at_rate=None, at_rate_methods=None, at_rate_on=None)
     for key, value in {**defaults, **suite}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.at_rate_methods is None:
+        args.at_rate_methods = list(args.methods)
     if args.quick:
         args.size, args.seeds, args.calibration_seeds, args.epochs = (
             "quick", args.seeds[:3], args.calibration_seeds[:1], 1)
@@ -252,6 +287,14 @@ def check_args(args) -> Optional[str]:
         learners.add(LEARNERS.resolve(cfg.model_name))
     if args.calibrate_on is not None and args.calibrate_on not in learners:
         return f"--calibrate-on {args.calibrate_on}: no base config of that learner ({', '.join(sorted(learners))})"
+    if args.at_rate is not None and (not finite(args.at_rate) or args.at_rate <= 0):
+        return f"--at-rate is {args.at_rate}; expected a finite learning rate > 0"
+    stray = [m for m in (args.at_rate_methods or []) if m not in args.methods]
+    if stray:
+        return f"--at-rate-methods: {stray} not among --methods {args.methods}"
+    stray = [ln for ln in (args.at_rate_on or []) if ln not in learners]
+    if stray:
+        return f"--at-rate-on: no base config of learner(s) {stray} ({', '.join(sorted(learners))})"
     return None
 
 
@@ -302,7 +345,7 @@ def main(argv=None) -> int:
         for a in arms:
             if a.rate_of is not None and a.rate_of in chosen[ln]:
                 chosen[ln][a.name] = chosen[ln][a.rate_of]
-    # 3. main
+    # 3. main (planned here, run after the one-rate stage, which shares its untuned jobs)
     main_jobs: dict[tuple[str, str, str], Job] = {}
     for ln, b in bases.items():
         modes = [("fixed", fixed[ln])] if fixed[ln] is not None else [("free", None)]
@@ -315,15 +358,22 @@ def main(argv=None) -> int:
                 if a.name in chosen[ln]:
                     main_jobs[(ln, a.name, mode)] = Job(out, "main", f"{ln}_{a.name}_{mode}", plan_config(
                         b, size, a, args.seeds, args.epochs, chosen[ln][a.name], overrides, lambdas))
-    failed += run_all(list(main_jobs.values()), args.workers, threads, log, args.report_only)
-    # 4. report
+    at_jobs = at_rate_jobs(out, bases, args, size, overrides, fixed)
+    first = [main_jobs[(ln, "none", mode)] for (ln, _, mode) in at_jobs if (ln, "none", mode) in main_jobs]
+    failed += run_all(list(dict.fromkeys(first)) + list(at_jobs.values()), args.workers, threads, log,
+                      args.report_only)
+    failed += run_all([j for j in main_jobs.values() if j not in first], args.workers, threads, log,
+                      args.report_only)
+    # 5. report
     lines = ["# Comparison protocol (issues 15, 25)", "",
              f"Command: `python exps/importance/protocol.py {shlex.join(argv if argv is not None else sys.argv[1:])}`",
              f"Size {args.size} {size}; {args.epochs} training epoch(s) per task for every arm; reported seeds "
              f"{args.seeds}; calibration seeds {args.calibration_seeds} (never reported); starting grids SGD "
              f"{args.grid_sgd}, Adam/AdamW {args.grid_adam}, extended by x{args.grid_step:g} up to {args.max_extend} "
              f"times per side; every run with {threads} thread(s), {args.workers} at a time."
-             + (f" Rates calibrated on {args.calibrate_on} only, used for every learner." if args.calibrate_on else ""),
+             + (f" Rates calibrated on {args.calibrate_on} only, used for every learner." if args.calibrate_on else "")
+            + (f" One-rate stage: {', '.join(args.at_rate_methods)} at lr {args.at_rate:g} on "
+               f"{', '.join(args.at_rate_on or sorted(bases))}." if args.at_rate is not None else ""),
              "", "## Calibration (mean A-bar over the calibration seeds)", ""]
     for (ln, name), sc in sorted(cal.scores.items()):
         best = cal.chosen((ln, name))
@@ -353,6 +403,16 @@ def main(argv=None) -> int:
                             title, args.min_old_accuracy, args.min_drift)
         lines += tl
         report["tables"][f"{ln}/{mode}"] = summary
+    for (ln, mode) in sorted({(k[0], k[2]) for k in at_jobs}):
+        rows = {"none": main_jobs[(ln, "none", mode)].results(),
+                **{m: at_jobs[(ln, m, md)].results() for (l2, m, md) in at_jobs if l2 == ln and md == mode}}
+        title = (f"{ln}{' (ridge lambda fixed to the untuned choice)' if mode == 'fixed' else ''}, every arm at lr "
+                 f"{args.at_rate:g} (one rate read off the calibration curve, not calibrated)")
+        tl, summary = table(rows, [m for m in args.at_rate_methods if m in rows], args.seeds,
+                            {m: args.at_rate for m in rows if m != "none"}, labels, title, args.min_old_accuracy,
+                            args.min_drift)
+        lines += tl
+        report["tables"][f"{ln}/{mode}/at_rate"] = summary
     wall = time.perf_counter() - start
     lines.append(f"Wall time of this invocation: {wall:.0f} s; {'unfinished' if args.report_only else 'failed'} runs: "
                  f"{', '.join(failed) or 'none'}.")
