@@ -23,7 +23,7 @@ from torch import nn
 
 from models.base import Learner, TaskData
 from models.heads import PROJECTION_DIM, cosine_logits, grow_prototypes
-from models.ridge import RIDGE_GRID, RidgeAccumulator, one_hot  # noqa: F401 (RIDGE_GRID re-exported)
+from models.ridge import RIDGE_GRID, RidgeAccumulator, gram_trace, one_hot, rounding_ratio  # noqa: F401 (RIDGE_GRID re-exported)
 from models.ridge_search import select_ridge
 from utils.config import ConfigKeys, ExperimentConfig, config_keys, for_learners, key
 from utils.data_manager import task_sizes
@@ -112,8 +112,9 @@ class RanPAC(Learner):
         logger.info("Learning on classes %d-%d", task.known, task.seen - 1)
 
     def update_head(self, task: TaskData) -> Optional[dict[str, Any]]:
-        """The ridge head (``use_RP``) or the prototype head; returns the task's ridge lambda and whether it was
-        fixed by ``ridge_lambdas`` (None without RP).
+        """The ridge head (``use_RP``) or the prototype head; returns the task's ridge lambda, whether it was fixed by
+        ``ridge_lambdas`` and ``ridge_rho`` = eps_float32 * (trace(G) + lambda) / lambda, an upper bound of the
+        solve's rounding sensitivity (``models/ridge.py``; dimensionless) (None without RP).
 
         Raises:
             ConfigError: ``ridge_lambdas`` has not one positive value per task.
@@ -163,7 +164,10 @@ class RanPAC(Learner):
             ridge = fixed
             logger.info("Fixed lambda: %s (ridge_lambdas)", ridge)
         self.W_o = self.accumulator.solve(ridge, solver=self.cfg.ridge_solver)[: task.seen].to(self.device)
-        return {"ridge_lambda": float(ridge), "ridge_fixed": fixed is not None}
+        # an upper bound of how much rounding the solve can pick up (models/ridge.py): above ~1 the head can turn a
+        # tiny change of the features into a large change of the predictions
+        rho = rounding_ratio(gram_trace(self.accumulator.G, False), ridge, self.accumulator.G.dtype)
+        return {"ridge_lambda": float(ridge), "ridge_fixed": fixed is not None, "ridge_rho": float(rho)}
 
     def _update_prototype_head(self, task: TaskData) -> None:
         """``use_RP`` false (official ``replace_fc`` else-branch): ``fc.weight[c]`` = mean raw feature of class c

@@ -215,7 +215,13 @@ def test_ranpac_records_its_ridge_lambda_and_ridge_lambdas_fixes_it(make_config,
     same = RanPAC(make_config(tmp_path, model_name="ranpac", M=16, init_cls=2, increment=2, ridge_lambdas=found),
                   IdentityBackbone(8), CPU, seed=1993)
     for t in tasks:
-        assert same.learn_task(t)["head"] == {"ridge_lambda": found[t.task_id], "ridge_fixed": True}
+        head = same.learn_task(t)["head"]
+        assert {k: head[k] for k in ("ridge_lambda", "ridge_fixed")} == {"ridge_lambda": found[t.task_id],
+                                                                          "ridge_fixed": True}
+        # ridge_rho: float32 eps * (trace(G) + lambda) / lambda, G the Gram matrix after this task
+        trace = float(same.accumulator.G.double().diagonal().sum())
+        assert head["ridge_rho"] == pytest.approx(2.0 ** -23 * (trace + found[t.task_id]) / found[t.task_id],
+                                                  rel=1e-6)
     torch.testing.assert_close(same.W_o, searched.W_o)
     other = [found[0], found[1] * 1000.0]
     fixed = RanPAC(make_config(tmp_path, model_name="ranpac", M=16, init_cls=2, increment=2, ridge_lambdas=other),

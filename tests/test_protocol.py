@@ -249,7 +249,7 @@ def test_ridge_lambdas_by_seed(tmp_path):
                                            ridge_lambdas_by_seed={"1993": [10.0] * n_tasks}))
     (path,) = trainer.run(cfg, tmp_path / "out")
     tasks = json.loads(path.read_text())["tasks"]
-    assert [t["head"] for t in tasks] == [{"ridge_lambda": 10.0, "ridge_fixed": True}] * n_tasks
+    assert [(t["head"]["ridge_lambda"], t["head"]["ridge_fixed"]) for t in tasks] == [(10.0, True)] * n_tasks
     bad = load_config(None, tiny_overrides(root, "ranpac", spr="none", ridge_lambdas_by_seed={"7": [10.0] * n_tasks}))
     with pytest.raises(ConfigError, match="no entry for seed 1993"):
         trainer.run(bad, tmp_path / "out2")
