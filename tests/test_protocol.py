@@ -23,6 +23,7 @@ from utils.contrasts import detectable_effect, holm, paired
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "exps" / "importance"))
 import protocol  # noqa: E402
+import protocol_tables  # noqa: E402
 
 
 def test_paired_contrast_by_hand():
@@ -143,6 +144,29 @@ def test_table_contrasts_cover_the_verdicts():
     assert old["mist - none"]["p"] is None  # every difference is 1: no test, not p = 0
     assert summary["detectable_a_last"]["family_size"] == sum(c["p"] is not None
                                                               for c in summary["contrasts"]["a_last"])
+
+
+def test_spread_by_the_last_tasks_fixed_lambda():
+    """RanPAC tables group every arm's |Δ A_B| against none by the seed's last-task ridge lambda (the head is
+    rounding-sensitive at a small lambda); tables without fixed lambdas get no such line."""
+    seeds = [1, 2, 3]
+    lambdas = {"1": [1e5, 10.0], "2": [10.0, 1e5], "3": [1e3, 1e5]}
+
+    def run(a_last):
+        r = fake_run(a_last=a_last)
+        r.config = {"ridge_lambdas_by_seed": lambdas}
+        return r
+
+    rows = {"none": {1: run(70.0), 2: run(71.0), 3: run(72.0)},
+            "mist": {1: run(60.0), 2: run(71.5), 3: run(72.0)},
+            "ce_finetune": {1: run(75.0), 2: run(70.0)}}
+    assert protocol_tables.by_last_lambda(rows, ["mist", "ce_finetune"], seeds) == {10.0: [10.0, 5.0],
+                                                                                   1e5: [0.5, 0.0, 1.0]}
+    lines, summary = protocol.table(rows, ["mist", "ce_finetune"], seeds, {}, {}, "t")
+    assert "lambda 10: median 7.50, max 10.00 (2 arm-seed pairs)" in "\n".join(lines)
+    assert summary["abs_delta_a_last_by_last_lambda"] == {"10.0": [10.0, 5.0], "100000.0": [0.5, 0.0, 1.0]}
+    plain = {k: {s: fake_run(a_last=r.values["last_accuracy"]) for s, r in v.items()} for k, v in rows.items()}
+    assert "abs_delta_a_last_by_last_lambda" not in protocol.table(plain, ["mist"], seeds, {}, {}, "t")[1]
 
 
 def test_calibration_grows_the_grid_until_the_best_rate_is_interior(monkeypatch, tmp_path):

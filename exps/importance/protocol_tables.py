@@ -79,6 +79,23 @@ def informative(rows: dict, seeds: list[int], min_old: float, min_drift: float) 
     return verdict, text
 
 
+def by_last_lambda(rows: dict, arms: list[str], seeds: list[int]) -> dict[float, list[float]]:
+    """RanPAC with fixed lambdas: the last task's ridge lambda -> |Δ A_B| of every (arm, seed) pair against ``none``
+    (points). A small lambda makes the ridge solve rounding-sensitive (``ridge_rho``, models/ridge.py), so a tiny
+    change of the features can move the head's predictions a lot; this shows whether the table's spread comes from
+    there. Empty for a table without ``ridge_lambdas_by_seed``."""
+    out: dict[float, list[float]] = {}
+    for a in arms:
+        for s in seeds:
+            if s not in rows.get(a, {}) or s not in rows.get("none", {}):
+                continue
+            lambdas = ((getattr(rows[a][s], "config", None) or {}).get("ridge_lambdas_by_seed") or {}).get(str(s))
+            x, y = metrics(rows[a][s])["a_last"], metrics(rows["none"][s])["a_last"]
+            if lambdas and x is not None and y is not None:
+                out.setdefault(float(lambdas[-1]), []).append(abs(x - y))
+    return out
+
+
 def contrasts(rows: dict, arms: list[str], seeds: list[int]) -> dict[str, list[Contrast]]:
     """Per family of :data:`FAMILIES`: every arm against ``none`` and the :data:`EXTRA_CONTRASTS`, each over the seeds
     both arms finished with a value, Holm-adjusted within the family (a contrast without a test does not count)."""
@@ -166,5 +183,12 @@ def table(rows: dict[str, dict[int, Any]], arms: list[str], seeds: list[int], lr
                          f"{mde1:.2f} at α = 0.05 uncorrected.")
             summary[f"detectable_{metric}"] = {"median_sd": med, "holm_first_step": mde, "uncorrected": mde1,
                                                "family_size": m_family}
+    spread = by_last_lambda(rows, arms, seeds)
+    if spread:
+        lines.append("- |Δ A_B| against none by the seed's last-task ridge lambda (fixed; a small lambda makes the "
+                     "head rounding-sensitive): " + "; ".join(
+                         f"lambda {lam:g}: median {np.median(v):.2f}, max {max(v):.2f} ({len(v)} arm-seed pairs)"
+                         for lam, v in sorted(spread.items())) + ".")
+        summary["abs_delta_a_last_by_last_lambda"] = {str(k): v for k, v in sorted(spread.items())}
     summary.update({"seeds": common, "informative": verdict, "informative_rule": rule})
     return lines + [""], summary
