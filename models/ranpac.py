@@ -166,7 +166,8 @@ class RanPAC(Learner):
         self.W_o = self.accumulator.solve(ridge, solver=self.cfg.ridge_solver)[: task.seen].to(self.device)
         # an upper bound of how much rounding the solve can pick up (models/ridge.py): above ~1 the head can turn a
         # tiny change of the features into a large change of the predictions
-        rho = rounding_ratio(gram_trace(self.accumulator.G, False), ridge, self.accumulator.G.dtype)
+        G = self.accumulator.G  # type: ignore[union-attr]  # set up at task 0 above
+        rho = rounding_ratio(gram_trace(G, False), ridge, G.dtype)
         return {"ridge_lambda": float(ridge), "ridge_fixed": fixed is not None, "ridge_rho": float(rho)}
 
     def _update_prototype_head(self, task: TaskData) -> None:
