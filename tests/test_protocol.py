@@ -144,6 +144,13 @@ def test_table_contrasts_cover_the_verdicts():
     assert old["mist - none"]["p"] is None  # every difference is 1: no test, not p = 0
     assert summary["detectable_a_last"]["family_size"] == sum(c["p"] is not None
                                                               for c in summary["contrasts"]["a_last"])
+    # per contrast: the power calculation on that contrast's own paired sd and n, at Holm's first step
+    m = summary["detectable_a_last"]["family_size"]
+    each = summary["detectable_a_last"]["per_contrast"]
+    tested = {c["name"]: c for c in summary["contrasts"]["a_last"] if c["p"] is not None}
+    assert set(each) == set(tested) and "mist - none" in each
+    for name, c in tested.items():
+        assert each[name] == pytest.approx(detectable_effect(c["sd"], c["n"], alpha=0.05 / m))
 
 
 def test_spread_by_the_last_tasks_fixed_lambda():

@@ -183,6 +183,14 @@ def table(rows: dict[str, dict[int, Any]], arms: list[str], seeds: list[int], lr
                          f"{mde1:.2f} at α = 0.05 uncorrected.")
             summary[f"detectable_{metric}"] = {"median_sd": med, "holm_first_step": mde, "uncorrected": mde1,
                                                "family_size": m_family}
+            # per contrast: one with small paired spread can detect much less than the median says
+            each = {c.name: detectable_effect(c.sd, c.n, alpha=0.05 / m_family) for c in found[metric]
+                    if c.sd is not None and c.p is not None}
+            if each:
+                named = ["{} − {}".format(*(labels.get(x, x) for x in n.split(" - "))) for n in each]
+                lines.append(f"- Per contrast, smallest detectable effect on {label} at Holm's first step: "
+                             + "; ".join(f"{n} {v:.2f}" for n, v in zip(named, each.values())) + ".")
+                summary[f"detectable_{metric}"]["per_contrast"] = each
     spread = by_last_lambda(rows, arms, seeds)
     if spread:
         lines.append("- |Δ A_B| against none by the seed's last-task ridge lambda (fixed; a small lambda makes the "
