@@ -144,7 +144,9 @@ class ExperimentConfig:
     overlap_penalty: Optional[bool] = _f(None, "MIST's 0.9**count overlap penalty on/off; null = the preset's.")
     freeze_rule: Optional[bool] = _f(None, "MIST's end-of-task frozen sets on/off; null = the preset's.")
     exclude_embeddings: Optional[bool] = _f(
-        None, "Keep patch/position embeddings, class token and CNN stem out of selection and frozen; null = preset's."
+        None, "Keep patch/position embeddings, class token and CNN stem out of selection, their gradients masked (the "
+        "default weight decay still shrinks them, deviation 4: sparse_weight_decay or hard_freeze stops that); "
+        "null = preset's."
     )
     strict_mask: Optional[bool] = _f(
         None, "A tensor with no selected entry stays frozen (true) or fully trainable (false: official PIECE, "

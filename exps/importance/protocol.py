@@ -360,10 +360,9 @@ def main(argv=None) -> int:
                         b, size, a, args.seeds, args.epochs, chosen[ln][a.name], overrides, lambdas))
     at_jobs = at_rate_jobs(out, bases, args, size, overrides, fixed)
     first = [main_jobs[(ln, "none", mode)] for (ln, _, mode) in at_jobs if (ln, "none", mode) in main_jobs]
-    failed += run_all(list(dict.fromkeys(first)) + list(at_jobs.values()), args.workers, threads, log,
-                      args.report_only)
-    failed += run_all([j for j in main_jobs.values() if j not in first], args.workers, threads, log,
-                      args.report_only)
+    # one queue, the one-rate stage first: a worker that finishes early goes on to the main stage at once
+    queue = list(dict.fromkeys(first)) + list(at_jobs.values()) + [j for j in main_jobs.values() if j not in first]
+    failed += run_all(queue, args.workers, threads, log, args.report_only)
     # 5. report
     lines = ["# Comparison protocol (issues 15, 25)", "",
              f"Command: `python exps/importance/protocol.py {shlex.join(argv if argv is not None else sys.argv[1:])}`",
