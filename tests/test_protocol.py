@@ -233,6 +233,28 @@ def test_variant_arms_take_mists_rate_and_their_overrides():
     assert cfg["spr"] == "mist" and cfg["exclude_embeddings"] is True and cfg["mist_lr"] == 1e-3
     assert protocol.arm_of("mist_random").rate_of == protocol.arm_of("mist_noembed").rate_of == "mist"
     assert protocol.arm_of("spu").rate_of is None
+    random_noembed = protocol.plan_config(base, {}, protocol.arm_of("mist_random_noembed"), [1], 2, 1e-5, {}, None)
+    assert random_noembed["spr"] == "mist_random" and random_noembed["exclude_embeddings"] is True
+    assert random_noembed["mist_lr"] == 1e-5 and protocol.arm_of("mist_random_noembed").rate_of == "mist"
+
+
+def test_one_rate_stage_plans_its_arms_even_outside_methods(tmp_path):
+    """--at-rate-methods may name arms the main stage does not run; each gets the one rate and its overrides, on the
+    learners of --at-rate-on, in RanPAC's fixed-lambda mode where there are lambdas."""
+    args = protocol.parse_args(["--methods", "mist", "--at-rate", "1e-5", "--at-rate-methods", "mist",
+                                "mist_random_noembed", "--at-rate-on", "ranpac", "--out", str(tmp_path)])
+    assert protocol.check_args(args) is None
+    base = json.loads((ROOT / "exps/importance/fmnist_ranpac_none.json").read_text())
+    lambdas = {"1": [10.0] * 5}
+    jobs = protocol.at_rate_jobs(tmp_path, {"ranpac": base, "simplecil": base}, args, {}, {},
+                                 {"ranpac": lambdas, "simplecil": None})
+    assert sorted(jobs) == [("ranpac", "mist", "fixed"), ("ranpac", "mist_random_noembed", "fixed")]
+    job = jobs[("ranpac", "mist_random_noembed", "fixed")]
+    assert job.run_dir == tmp_path / "at_rate" / "ranpac_mist_random_noembed_lr1e-5"
+    assert job.cfg["spr"] == "mist_random" and job.cfg["exclude_embeddings"] is True and job.cfg["mist_lr"] == 1e-5
+    assert job.cfg["ridge_lambdas_by_seed"] == lambdas and job.cfg["seed"] == args.seeds
+    assert protocol.at_rate_jobs(tmp_path, {"ranpac": base}, protocol.parse_args(["--out", str(tmp_path)]), {}, {},
+                                 {"ranpac": None}) == {}
 
 
 # ---- the PIECE port's keys and the fixed lambda per seed ----------------------------------------------------
@@ -358,7 +380,7 @@ def test_protocol_end_to_end_on_a_tiny_vit(tmp_path):
     (["--set", "mist_lr=0.1"], "--set mist_lr"), (["--set", "select_rate=2"], "select_rate"),
     (["--methods", "mist", "nonsense"], "unknown arm"), (["--calibrate-on", "slca"], "--calibrate-on slca"),
     (["--at-rate", "0"], "--at-rate is 0.0"), (["--at-rate", "inf"], "--at-rate is inf"),
-    (["--at-rate", "1e-5", "--at-rate-methods", "spu"], "--at-rate-methods: ['spu'] not among"),
+    (["--at-rate", "1e-5", "--at-rate-methods", "spu", "nonsense"], "--at-rate-methods: unknown arm(s) ['nonsense']"),
     (["--at-rate", "1e-5", "--at-rate-on", "l2p"], "--at-rate-on: no base config of learner(s) ['l2p']"),
 ])
 def test_bad_protocol_arguments_are_refused_before_any_run(tmp_path, capsys, extra, message):

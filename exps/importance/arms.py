@@ -24,7 +24,9 @@ class Arm:
 #: arms that are not a preset as it is; their rates follow MIST's (issue 25: same-rate contrasts)
 VARIANTS = {"mist_noembed": Arm("mist_noembed", "mist", {"exclude_embeddings": True},
                                 "MIST, embeddings excluded (deviation)", rate_of="mist"),
-            "mist_random": Arm("mist_random", "mist_random", {}, "MIST, random scores (MIST's rate)", rate_of="mist")}
+            "mist_random": Arm("mist_random", "mist_random", {}, "MIST, random scores (MIST's rate)", rate_of="mist"),
+            "mist_random_noembed": Arm("mist_random_noembed", "mist_random", {"exclude_embeddings": True},
+                                       "MIST, random scores, embeddings excluded (deviation)", rate_of="mist")}
 
 
 def arm_of(name: str) -> Arm:

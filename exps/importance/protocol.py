@@ -85,7 +85,7 @@ SUITES: dict[str, dict[str, Any]] = {
                    # 0.2-0.3 (RanPAC, calibration seeds); SimpleCIL's prototype head, unlike RanPAC's ridge head at
                    # small lambda, does not amplify tiny feature changes
                    at_rate=1e-5, at_rate_on=["simplecil"],
-                   at_rate_methods=["ce_finetune", "mist", "mist_random", "mist_noembed"]),
+                   at_rate_methods=["ce_finetune", "mist", "mist_random", "mist_noembed", "mist_random_noembed"]),
 }
 
 
@@ -223,7 +223,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "not depend on the learner); default: each learner on its own runs")
     ap.add_argument("--at-rate", type=float, default=None, metavar="LR",
                     help="also run --at-rate-methods all at this one rate (not calibrated) before the main stage")
-    ap.add_argument("--at-rate-methods", nargs="+", default=None, help="arms of the one-rate stage (default: all)")
+    ap.add_argument("--at-rate-methods", nargs="+", default=None,
+                    help="arms of the one-rate stage, any arm (default: those of --methods)")
     ap.add_argument("--at-rate-on", nargs="+", default=None, metavar="LEARNER",
                     help="learners of the one-rate stage (default: every learner)")
     ap.add_argument("--report-only", action="store_true",
@@ -272,10 +273,14 @@ def check_args(args) -> Optional[str]:
     unknown = [m for m in args.methods if m not in VARIANTS and m not in PRESETS.names()]
     if unknown:
         return f"--methods: unknown arm(s) {unknown}; expected registered presets or {', '.join(VARIANTS)}"
+    stray = [m for m in (args.at_rate_methods or []) if m not in VARIANTS and m not in PRESETS.names()]
+    if stray:
+        return f"--at-rate-methods: unknown arm(s) {stray}; expected registered presets or {', '.join(VARIANTS)}"
     missing = [str(p) for p in args.base if not p.is_file()]
     if missing:
         return f"--base: no such config file(s) {missing}"
-    owned = sorted({item.partition("=")[0] for item in args.overrides} & owned_keys([arm_of(m) for m in args.methods]))
+    every_arm = [arm_of(m) for m in [*args.methods, *(args.at_rate_methods or [])]]
+    owned = sorted({item.partition("=")[0] for item in args.overrides} & owned_keys(every_arm))
     if owned:
         return f"--set {', '.join(owned)}: the protocol sets these keys itself (seeds, presets, rates, epochs, lambdas)"
     learners = set()
@@ -289,9 +294,6 @@ def check_args(args) -> Optional[str]:
         return f"--calibrate-on {args.calibrate_on}: no base config of that learner ({', '.join(sorted(learners))})"
     if args.at_rate is not None and (not finite(args.at_rate) or args.at_rate <= 0):
         return f"--at-rate is {args.at_rate}; expected a finite learning rate > 0"
-    stray = [m for m in (args.at_rate_methods or []) if m not in args.methods]
-    if stray:
-        return f"--at-rate-methods: {stray} not among --methods {args.methods}"
     stray = [ln for ln in (args.at_rate_on or []) if ln not in learners]
     if stray:
         return f"--at-rate-on: no base config of learner(s) {stray} ({', '.join(sorted(learners))})"
@@ -324,7 +326,7 @@ def main(argv=None) -> int:
 
     start, failed = time.perf_counter(), []
     arms = [arm_of(m) for m in args.methods]
-    labels = {"none": "none", **{a.name: a.label for a in arms}}
+    labels = {"none": "none", **{a.name: a.label for a in [*arms, *map(arm_of, args.at_rate_methods)]}}
     bases = {learner_name(b): b for b in (json.loads(p.read_text()) for p in args.base)}
     seeds_all = [*args.calibration_seeds, *args.seeds]
     # 1. untuned

@@ -26,6 +26,8 @@ VALUES = {"a_bar": "average_accuracy", "a_last": "last_accuracy", "forgetting": 
 #: contrasts besides "arm - none", when both arms ran: (a, b, why)
 EXTRA_CONTRASTS = (("mist", "mist_random", "MIST's scores against random scores at the same rate"),
                    ("mist_noembed", "mist", "what excluding the embeddings changes"),
+                   ("mist_noembed", "mist_random_noembed", "MIST's scores against random scores, both without the "
+                    "embeddings"),
                    ("mist", "ce_finetune", "sparse MIST against dense fine-tuning"),
                    ("piece_f", "piece_s", "PIECE-F against PIECE-S"))
 #: the metrics with a Holm family each: A_B and A-bar (every planned contrast), then the verdicts' old-class accuracy,
