@@ -140,6 +140,16 @@ def calibrate(out: Path, bases: dict, arms: list[Arm], args, size: dict, overrid
             return cal, failed
 
 
+def calibration_from(report: dict) -> Calibration:
+    """The calibration of an earlier run's protocol.json (``--rates-from``; checked by ``check_rates_from``): its grids
+    and mean A-bar per rate, so that the chosen rates, the curves and the interior verdicts are the same."""
+    cal = Calibration()
+    for key, c in report["calibration"].items():
+        cal.grids[tuple(key.split("/", 1))] = [float(lr) for lr in c["grid"]]
+        cal.scores[tuple(key.split("/", 1))] = {float(lr): float(s) for lr, s in c["scores"].items()}
+    return cal
+
+
 def at_rate_jobs(out: Path, bases: dict, args, size: dict, overrides: dict, fixed: dict
                  ) -> dict[tuple[str, str, str], Job]:
     """Stage 3 (module docstring): (learner, arm, lambda mode) -> the job of that arm at ``--at-rate`` on the reported
@@ -216,11 +226,15 @@ def main(argv=None) -> int:
     fixed = {ln: (untuned_lambdas({s: json.loads(r.path.read_text()) for s, r in j.results().items()})
                   if ln == "ranpac" and bases[ln].get("use_RP") else None) for ln, j in untuned.items()}
     # 2. calibration
-    cal, calibration_failed = calibrate(out, bases, arms, args, size, overrides, fixed, threads, log)
-    failed += calibration_failed
+    if args.rates_from is not None:
+        cal = calibration_from(json.loads(args.rates_from.read_text()))
+        log(f"calibration: taken from {args.rates_from}, not run")
+    else:
+        cal, calibration_failed = calibrate(out, bases, arms, args, size, overrides, fixed, threads, log)
+        failed += calibration_failed
     chosen: dict[str, dict[str, float]] = {ln: {} for ln in bases}
     for (ln, name) in cal.scores:
-        chosen[ln][name] = cal.chosen((ln, name))
+        chosen.setdefault(ln, {})[name] = cal.chosen((ln, name))  # a learner of --rates-from may have no base
     if args.calibrate_on is not None:
         chosen = {ln: dict(chosen.get(args.calibrate_on, {})) for ln in bases}
     for ln in bases:
@@ -253,6 +267,7 @@ def main(argv=None) -> int:
              f"{args.grid_sgd}, Adam/AdamW {args.grid_adam}, extended by x{args.grid_step:g} up to {args.max_extend} "
              f"times per side; every run with {threads} thread(s), {args.workers} at a time."
              + (f" Rates calibrated on {args.calibrate_on} only, used for every learner." if args.calibrate_on else "")
+            + (f" Calibration taken from `{args.rates_from}` (not run again)." if args.rates_from else "")
             + (f" One-rate stage: {', '.join(args.at_rate_methods)} at lr {args.at_rate:g} on "
                f"{', '.join(args.at_rate_on or sorted(bases))}." if args.at_rate is not None else ""),
              "", "## Calibration (mean A-bar over the calibration seeds)", ""]

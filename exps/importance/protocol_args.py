@@ -4,6 +4,7 @@ their defaults, and the checks that run before any job (exit 2 with one sentence
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -76,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="arms of the one-rate stage, any arm (default: those of --methods)")
     ap.add_argument("--at-rate-on", nargs="+", default=None, metavar="LEARNER",
                     help="learners of the one-rate stage (default: every learner)")
+    ap.add_argument("--rates-from", type=Path, default=None, metavar="PROTOCOL_JSON",
+                    help="skip the calibration stage: take the calibration (grids, curves, chosen rates) from an "
+                         "earlier run's protocol.json, e.g. to run the main stage again on other seeds or learners")
     ap.add_argument("--report-only", action="store_true",
                     help="run nothing: write the report from the runs already finished under --out")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=JSON")
@@ -137,11 +141,31 @@ def check_args(args) -> Optional[str]:
         except ConfigError as exc:
             return str(exc)
         learners.add(LEARNERS.resolve(cfg.model_name))
-    if args.calibrate_on is not None and args.calibrate_on not in learners:
+    if args.rates_from is not None:
+        problem = check_rates_from(args.rates_from, learners, args.calibrate_on)
+        if problem:
+            return problem
+    elif args.calibrate_on is not None and args.calibrate_on not in learners:
         return f"--calibrate-on {args.calibrate_on}: no base config of that learner ({', '.join(sorted(learners))})"
     if args.at_rate is not None and (not finite(args.at_rate) or args.at_rate <= 0):
         return f"--at-rate is {args.at_rate}; expected a finite learning rate > 0"
     stray = [ln for ln in (args.at_rate_on or []) if ln not in learners]
     if stray:
         return f"--at-rate-on: no base config of learner(s) {stray} ({', '.join(sorted(learners))})"
+    return None
+
+
+def check_rates_from(path: Path, learners: set[str], calibrate_on: Optional[str]) -> Optional[str]:
+    """What is wrong with ``--rates-from PATH`` for these learners, or None: the file must be a protocol.json whose
+    ``calibration`` maps ``"learner/arm"`` to its ``grid`` and ``scores``, with a calibrated learner for each base
+    config's learner (or ``--calibrate-on``'s)."""
+    try:
+        report = json.loads(path.read_text())
+        calibrated = {key.split("/")[0] for key, c in report["calibration"].items() if c["grid"] and c["scores"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"--rates-from {path}: not a readable protocol.json with a 'calibration' section ({exc})"
+    needed = {calibrate_on} if calibrate_on is not None else learners
+    if not needed <= calibrated:
+        return (f"--rates-from {path}: no calibration for learner(s) {sorted(needed - calibrated)} (it has "
+                f"{sorted(calibrated) or 'none'}); pass --calibrate-on with one of them")
     return None
