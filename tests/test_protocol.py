@@ -390,3 +390,34 @@ def test_bad_protocol_arguments_are_refused_before_any_run(tmp_path, capsys, ext
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not out.exists()
+
+
+def test_rates_from_reuses_an_earlier_calibration_without_running_it(monkeypatch, tmp_path, capsys):
+    """``--rates-from``: no calibration job runs; every learner takes the rates of the file's calibrated learner
+    (``--calibrate-on``), MIST with random scores takes MIST's, and the report carries the earlier curves and
+    verdicts. A file without the needed learner, or no protocol.json at all, is refused up front (exit 2)."""
+    earlier = {"calibration": {
+        "ranpac/mist": {"grid": [1e-7, 1e-6, 1e-5], "scores": {"1e-07": 80.0, "1e-06": 81.5, "1e-05": 79.0}},
+        "ranpac/ce_finetune": {"grid": [1e-4, 1e-3], "scores": {"0.0001": 70.0, "0.001": 75.0}}}}
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps(earlier))
+    planned = []
+    monkeypatch.setattr(protocol, "run_all", lambda js, *a, **k: planned.extend(js) or [])
+    out = tmp_path / "out"
+    assert protocol.main(["--out", str(out), "--methods", "mist", "mist_random", "ce_finetune", "--calibrate-on",
+                          "ranpac", "--rates-from", str(path), "--no-free-lambda"]) == 0
+    assert {j.stage for j in planned} == {"untuned", "main"}
+    rate, lr_key = {}, {name: protocol.PRESETS.get(name).lr_key for name in ("mist", "mist_random", "ce_finetune")}
+    for j in planned:
+        if j.stage == "main" and j.cfg["spr"] != "none":
+            rate[(j.cfg["model_name"], j.cfg["spr"])] = j.cfg[lr_key[j.cfg["spr"]]]
+    assert rate == {(ln, arm): lr for ln in ("ranpac", "simplecil")
+                    for arm, lr in (("mist", 1e-6), ("mist_random", 1e-6), ("ce_finetune", 1e-3))}
+    report = json.loads((out / "protocol.json").read_text())
+    assert report["calibration"]["ranpac/mist"] == {"grid": [1e-7, 1e-6, 1e-5], "chosen": 1e-6, "interior": True,
+                                                    "scores": {"1e-07": 80.0, "1e-06": 81.5, "1e-05": 79.0}}
+    assert report["calibration"]["ranpac/ce_finetune"]["interior"] is False
+    for extra, message in ((["--rates-from", str(tmp_path / "none.json")], "not a readable protocol.json"),
+                           (["--rates-from", str(path)], "no calibration for learner(s) ['simplecil']")):
+        assert protocol.main(["--out", str(tmp_path / "bad"), "--methods", "mist", *extra]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "bad").exists()
