@@ -398,7 +398,8 @@ def test_rates_from_reuses_an_earlier_calibration_without_running_it(monkeypatch
     verdicts. A file without the needed learner, or no protocol.json at all, is refused up front (exit 2)."""
     earlier = {"calibration": {
         "ranpac/mist": {"grid": [1e-7, 1e-6, 1e-5], "scores": {"1e-07": 80.0, "1e-06": 81.5, "1e-05": 79.0}},
-        "ranpac/ce_finetune": {"grid": [1e-4, 1e-3], "scores": {"0.0001": 70.0, "0.001": 75.0}}}}
+        "ranpac/ce_finetune": {"grid": [1e-4, 1e-3], "scores": {"0.0001": 70.0, "0.001": 75.0}},
+        "ranpac/spu": {"grid": [1e-5, 1e-4], "scores": {"1e-05": 70.0, "0.0001": 60.0}}}}  # an arm not run here
     path = tmp_path / "earlier.json"
     path.write_text(json.dumps(earlier))
     planned = []
@@ -417,6 +418,7 @@ def test_rates_from_reuses_an_earlier_calibration_without_running_it(monkeypatch
     assert report["calibration"]["ranpac/mist"] == {"grid": [1e-7, 1e-6, 1e-5], "chosen": 1e-6, "interior": True,
                                                     "scores": {"1e-07": 80.0, "1e-06": 81.5, "1e-05": 79.0}}
     assert report["calibration"]["ranpac/ce_finetune"]["interior"] is False
+    assert "- ranpac, SPU: **1e-05: 70.00**, 0.0001: 60.00 (**not bracketed**" in (out / "protocol.md").read_text()
     for extra, message in ((["--rates-from", str(tmp_path / "none.json")], "not a readable protocol.json"),
                            (["--rates-from", str(path)], "no calibration for learner(s) ['simplecil']")):
         assert protocol.main(["--out", str(tmp_path / "bad"), "--methods", "mist", *extra]) == 2

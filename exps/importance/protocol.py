@@ -229,6 +229,7 @@ def main(argv=None) -> int:
     if args.rates_from is not None:
         cal = calibration_from(json.loads(args.rates_from.read_text()))
         log(f"calibration: taken from {args.rates_from}, not run")
+        labels.update({name: arm_of(name).label for (_, name) in cal.scores if name not in labels})  # arms not run
     else:
         cal, calibration_failed = calibrate(out, bases, arms, args, size, overrides, fixed, threads, log)
         failed += calibration_failed
