@@ -196,7 +196,9 @@ def test_two_processes_equal_one_process_for_the_rivals(image_folder, tmp_path, 
         # |change_a - change_b| <= |w_a - w_b| / |w_0| (both start from w_0): the backbone bound below
         bound = 1e-3 if spr in ("spu", "gps", "sparcl") else 1e-6
         assert abs(ta["tuning"]["relative_change"] - tb["tuning"]["relative_change"]) <= bound
-        assert ta["tuning"]["epoch_losses"] == pytest.approx(tb["tuning"]["epoch_losses"], rel=1e-4)
+        # relative 1e-4, and an absolute floor for losses near 0: SPU's second epoch loss is about 7e-6, where the
+        # weights' rounding differences (bounded above) gave 8.5e-9 apart (rel 1.2e-3) on an AVX-512 machine
+        assert ta["tuning"]["epoch_losses"] == pytest.approx(tb["tuning"]["epoch_losses"], rel=1e-4, abs=1e-6)
     # What must agree does (above: steps, selections, moved share, losses to 1e-4). The weights cannot agree bit for
     # bit: Adam (SPU, GPS, SparCL) turns a gradient entry that is zero up to rounding, whose sign then depends on the
     # reduction order, into a step of about its lr. Two bounds (issue 26, item 9):
