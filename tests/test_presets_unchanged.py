@@ -15,7 +15,11 @@ official run (scoring batch 4 on un-augmented data in order, clipping at norm 1.
 the ``+legacy`` cases, run with the keys that restore the earlier port, and the defaults were pinned anew. Issue 24
 re-pinned 14 cases on AVX2 only (no AVX512 machine at hand): SPU, GPS, SPG and SparCL on both learners (each
 method's official logit scale or head), SLCA, L2P and DualPrompt with and without MIST (timm's truncated-normal head
-init; the ports' tie order of the batch vote); every other case kept its pins bit for bit.
+init; the ports' tie order of the batch vote); every other case kept its pins bit for bit. Their AVX512 pins came
+with issue 25 (2026-12-07, ``--platform`` on an AVX512 machine, which left the 32 earlier AVX512 pins bit-identical).
+A platform's exact pin carries its own top-1/top-5 curves where they differ from the shared ones: only RanPAC with
+GPS on AVX512 (top-1 58.33 after task 2 against 50.0, one of 12 test images), where GPS's Adam turns the key bias's
+rounding noise into steps of about the learning rate (below).
 
 Float kernels differ in their last bits between CPU capabilities (AVX2, AVX512) and torch builds, so
 ``exact`` holds one pin per platform (AVX2 and AVX512 pin every case): on a pinned platform the tuning reports and
@@ -177,10 +181,11 @@ def test_preset_matches_its_pinned_run(image_root, tmp_path, golden, learner, sp
     case = f"{learner}/{spr}"
     want = golden["cases"][case]
     got = digest(image_root, tmp_path, learner, spr)
-    assert got["top1"] == want["top1"] and got["top5"] == want["top5"]
+    exact = golden["exact"].get(platform(), {}).get(case)
+    curves = exact if exact is not None and "top1" in exact else want
+    assert got["top1"] == curves["top1"] and got["top5"] == curves["top5"]
     assert got["masks"] == want["masks"]
     assert sorted(got["sha"]) == sorted([*want["sums"], *want["masks"]])
-    exact = golden["exact"].get(platform(), {}).get(case)
     if exact is not None:
         assert got["tuning"] == exact["tuning"]
         assert got["sha"] == exact["sha"]
@@ -211,7 +216,10 @@ def main() -> None:
             got = digest(root, Path(tmp) / f"{learner}_{spr}", learner, spr)
             if case not in data["cases"]:
                 data["cases"][case] = {k: got[k] for k in ("top1", "top5", "tuning", "masks", "sums")}
-            data["exact"].setdefault(platform(), {})[case] = {"tuning": got["tuning"], "sha": got["sha"]}
+            pin = {"tuning": got["tuning"], "sha": got["sha"]}
+            if (got["top1"], got["top5"]) != (data["cases"][case]["top1"], data["cases"][case]["top5"]):
+                pin.update(top1=got["top1"], top5=got["top5"])  # this platform's own curves (module docstring)
+            data["exact"].setdefault(platform(), {})[case] = pin
     GOLDEN.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     print(f"pinned {len(todo)} case(s) in {GOLDEN} ({platform()})")
 
