@@ -145,8 +145,9 @@ def calibration_from(report: dict) -> Calibration:
     and mean A-bar per rate, so that the chosen rates, the curves and the interior verdicts are the same."""
     cal = Calibration()
     for key, c in report["calibration"].items():
-        cal.grids[tuple(key.split("/", 1))] = [float(lr) for lr in c["grid"]]
-        cal.scores[tuple(key.split("/", 1))] = {float(lr): float(s) for lr, s in c["scores"].items()}
+        ln, name = key.split("/", 1)
+        cal.grids[(ln, name)] = [float(lr) for lr in c["grid"]]
+        cal.scores[(ln, name)] = {float(lr): float(s) for lr, s in c["scores"].items()}
     return cal
 
 
